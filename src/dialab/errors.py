@@ -1,0 +1,32 @@
+"""Named failure modes.
+
+Every error a user can cause with their input derives from :class:`DialabError`; the CLI turns
+them into one line and exit status 2, and the pipeline records them as the reason a unit failed.
+"""
+
+from __future__ import annotations
+
+
+class DialabError(Exception):
+    """Base class of all dialab errors that describe bad input or an impossible task."""
+
+
+class BadInputError(DialabError):
+    """An input file or value is unusable; the message names the file and the problem."""
+
+    def __init__(self, problem: str, path: object | None = None):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class PsfMeasurementError(DialabError):
+    """Too few usable stars to measure a PSF."""
+
+
+class InsufficientKernelSourcesError(DialabError):
+    """Fewer usable sources than the matching-kernel fit needs."""
+
+
+class NoOverlapError(DialabError):
+    """The template does not cover (enough of) the science image."""

@@ -1,0 +1,430 @@
+"""The Exposure container and its FITS formats (DESIGN section 3).
+
+Two layouts are read: the LSST-style multi-extension file (IMAGE / MASK / VARIANCE / [PSF,
+PSF_GRID]) that dialab also writes, and a *plain* single-image FITS as telescopes write it, whose
+variance and mask are derived from the header (GAIN, RDNOISE, SATURATE) and the pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS
+
+from .background import estimate_background
+from .errors import BadInputError
+from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MASK_PLANES = (
+    "BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "SUSPECT", "NO_DATA",
+    "INJECTED", "INJECTED_TEMPLATE", "SAT_TEMPLATE", "HIGH_VARIANCE",
+)
+#: Planes whose pixels hold no usable data for fitting or measuring.
+UNUSABLE_PLANES = ("BAD", "SAT", "NO_DATA", "EDGE")
+#: AB magnitude of a flux of 1 nJy.
+NJY_ZEROPOINT = 31.4
+
+
+@dataclass
+class MaskPlanes:
+    """Mapping of mask-plane name to bit number; unknown planes get the next free bit."""
+
+    bits: dict[str, int] = field(default_factory=lambda: {n: i for i, n in enumerate(DEFAULT_MASK_PLANES)})
+
+    def bit(self, name: str) -> int:
+        """Integer value (1 << bit) of a plane, adding the plane if it is new."""
+        if name not in self.bits:
+            free = sorted(set(range(31)) - set(self.bits.values()))
+            if not free:
+                raise BadInputError(f"no free mask bit for plane {name}")
+            self.bits[name] = free[0]
+        return 1 << self.bits[name]
+
+    def bitmask(self, *names: str) -> int:
+        value = 0
+        for n in names:
+            value |= self.bit(n)
+        return value
+
+
+@dataclass
+class Exposure:
+    """An image with its mask, variance, PSF, WCS and observation metadata.
+
+    ``magzero`` is the AB magnitude of one count; ``header`` keeps the primary-header cards that
+    have no field of their own, so that they survive a write-then-read.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    variance: np.ndarray
+    psf: Psf | None = None
+    wcs: WCS | None = None
+    mask_planes: MaskPlanes = field(default_factory=MaskPlanes)
+    visit: int = 0
+    detector: int = 0
+    band: str = ""
+    mjd: float = float("nan")
+    exptime: float = float("nan")
+    magzero: float = float("nan")
+    gain: float = float("nan")
+    saturate: float = float("nan")
+    header: fits.Header = field(default_factory=fits.Header)
+    path: str | None = None
+
+    def __post_init__(self):
+        self.image = np.asarray(self.image, dtype=np.float32)
+        self.variance = np.asarray(self.variance, dtype=np.float32)
+        self.mask = np.asarray(self.mask, dtype=np.int32)
+        if self.image.ndim != 2:
+            raise BadInputError(f"image must be 2-d, got shape {self.image.shape}", self.path)
+        for name, arr in (("VARIANCE", self.variance), ("MASK", self.mask)):
+            if arr.shape != self.image.shape:
+                raise BadInputError(
+                    f"{name} shape {arr.shape} differs from IMAGE shape {self.image.shape}", self.path)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.shape
+
+    def plane(self, *names: str) -> np.ndarray:
+        """Boolean array: any of the named planes set."""
+        return (self.mask & self.mask_planes.bitmask(*names)) != 0
+
+    def set_plane(self, name: str, where: np.ndarray) -> None:
+        self.mask[where] |= self.mask_planes.bit(name)
+
+    def clear_plane(self, name: str) -> None:
+        self.mask &= ~np.int32(self.mask_planes.bit(name))
+
+    @property
+    def unusable(self) -> np.ndarray:
+        """Pixels with no usable data (BAD, SAT, NO_DATA, EDGE)."""
+        return self.plane(*UNUSABLE_PLANES)
+
+    @property
+    def njy_per_count(self) -> float:
+        """Calibration: nJy of one count (NaN when MAGZERO is unknown)."""
+        return 10.0 ** (-0.4 * (self.magzero - NJY_ZEROPOINT))
+
+    def copy(self) -> Exposure:
+        return dataclasses.replace(
+            self, image=self.image.copy(), mask=self.mask.copy(), variance=self.variance.copy(),
+            mask_planes=MaskPlanes(dict(self.mask_planes.bits)), header=self.header.copy(),
+            wcs=None if self.wcs is None else self.wcs.deepcopy())
+
+
+# --------------------------------------------------------------------------- reading
+
+_METADATA_CARDS = ("VISIT", "DETECTOR", "BAND", "MJD-OBS", "EXPTIME", "MAGZERO", "GAIN", "SATURATE")
+_STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "EXTNAME",
+               "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION", "CHECKSUM", "DATASUM", "INHERIT"}
+
+
+def _open(path: Path) -> fits.HDUList:
+    if not path.exists():
+        raise BadInputError("file not found", path)
+    if path.is_dir():
+        raise BadInputError("is a directory, not a FITS file", path)
+    try:
+        hdul = fits.open(path, memmap=False)
+        hdul.verify("silentfix")
+        _ = [h.header for h in hdul]
+    except (OSError, ValueError, TypeError) as exc:
+        raise BadInputError(f"not a readable FITS file ({exc})", path) from None
+    return hdul
+
+
+def _read_wcs(header: fits.Header) -> WCS | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        try:
+            w = WCS(header, naxis=2)
+        except Exception:  # astropy raises many types for malformed WCS cards
+            return None
+    return w if w.has_celestial else None
+
+
+def _first_image(hdul: fits.HDUList, path: Path) -> tuple[np.ndarray, fits.Header]:
+    for hdu in hdul:
+        if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)) and hdu.data is not None:
+            data = hdu.data
+            if data.ndim == 2 and data.size > 0:
+                return data, hdu.header
+            if data.ndim > 2 and all(n == 1 for n in data.shape[:-2]):
+                return data.reshape(data.shape[-2:]), hdu.header
+    raise BadInputError("no 2-d image data in any HDU (empty file?)", path)
+
+
+def _number(header: fits.Header, *keys: str, default: float = float("nan")) -> float:
+    for k in keys:
+        v = header.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return default
+
+
+def _integer(header: fits.Header, *keys: str) -> int:
+    for k in keys:
+        v = header.get(k)
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            return int(v)
+    return 0
+
+
+def _band(header: fits.Header) -> str:
+    for k in ("BAND", "FILTER", "FILTER1"):
+        v = header.get(k)
+        if isinstance(v, str) and v.strip():
+            return v.split()[0]
+    return ""
+
+
+def _magzero(header: fits.Header) -> float:
+    mz = _number(header, "MAGZERO", "MAGZPT", "MAGZP", "ZP")
+    if math.isfinite(mz):
+        return mz
+    if str(header.get("BUNIT", "")).strip().lower() == "mjy/sr":
+        pixar = _number(header, "PIXAR_SR")
+        if pixar > 0:  # one MJy/sr over the pixel solid angle, in Jy, on the AB scale
+            return -2.5 * math.log10(1e6 * pixar / 3631.0)
+    return float("nan")
+
+
+def _metadata(primary: fits.Header, image_header: fits.Header) -> dict:
+    h = fits.Header(primary)
+    h.update({k: v for k, v in image_header.items() if k not in h and k not in ("", "COMMENT", "HISTORY")})
+    return dict(
+        visit=_integer(h, "VISIT", "EXPNUM", "EXPID"),
+        detector=_integer(h, "DETECTOR", "CCDNUM"),
+        band=_band(h),
+        mjd=_number(h, "MJD-OBS", "MJD_OBS", "MJD"),
+        exptime=_number(h, "EXPTIME", "EXPOSURE"),
+        magzero=_magzero(h),
+        gain=_number(h, "GAIN", "EGAIN", "GAINA"),
+        saturate=_number(h, "SATURATE", "SATURAT", "SATLEVEL", "SATURATA"),
+    )
+
+
+def _extra_cards(header: fits.Header) -> fits.Header:
+    out = fits.Header()
+    for card in header.cards:
+        if card.keyword in _STRUCTURAL or card.keyword in _METADATA_CARDS or card.keyword == "":
+            continue
+        if card.keyword.startswith(("MP_", "NAXIS")):
+            continue
+        out.append(card, end=True)
+    return out
+
+
+def read_exposure(path: str | Path, psf: str | Path | Psf | None = None, noise: str | Path | None = None,
+                  mask: str | Path | None = None) -> Exposure:
+    """Read an Exposure from a multi-extension dialab/LSST file or a plain single-image FITS.
+
+    ``psf`` (a stamp file or model), ``noise`` (a 1-sigma map) and ``mask`` (non-zero = BAD)
+    override or complete what the file holds.
+    """
+    path = Path(path)
+    with _open(path) as hdul:
+        names = [h.name for h in hdul]
+        exp = _read_layered(hdul, path) if "IMAGE" in names else _read_plain(hdul, path)
+    exp.path = str(path)
+    if noise is not None:
+        _apply_noise_map(exp, Path(noise))
+    if mask is not None:
+        _apply_mask_file(exp, Path(mask))
+    if psf is not None:
+        exp.psf = psf if isinstance(psf, Psf) else read_psf(psf)
+    return exp
+
+
+def _read_layered(hdul: fits.HDUList, path: Path) -> Exposure:
+    def data(name):
+        if name not in hdul or hdul[name].data is None:
+            raise BadInputError(f"HDU {name} is missing or empty", path)
+        return hdul[name].data
+
+    image = np.array(data("IMAGE"), dtype=np.float32)
+    if image.ndim != 2:
+        raise BadInputError(f"IMAGE must be 2-d, got shape {image.shape}", path)
+    variance = np.array(data("VARIANCE"), dtype=np.float32)
+    mask = np.array(data("MASK"), dtype=np.int32)
+    for name, arr in (("VARIANCE", variance), ("MASK", mask)):
+        if arr.shape != image.shape:
+            raise BadInputError(f"{name} shape {arr.shape} differs from IMAGE shape {image.shape}", path)
+    mh = hdul["MASK"].header
+    planes = {k[3:]: int(v) for k, v in mh.items() if k.startswith("MP_")}
+    primary = hdul[0].header
+    if not np.isfinite(image).any():
+        raise BadInputError("all pixels are non-finite", path)
+    psf = _read_psf_hdus(hdul, path) if "PSF" in hdul else None
+    return Exposure(
+        image=image, mask=mask, variance=variance, psf=psf, wcs=_read_wcs(hdul["IMAGE"].header),
+        mask_planes=MaskPlanes(planes) if planes else MaskPlanes(), header=_extra_cards(primary),
+        path=str(path), **_metadata(primary, fits.Header()))
+
+
+def _read_plain(hdul: fits.HDUList, path: Path) -> Exposure:
+    raw, header = _first_image(hdul, path)
+    primary = hdul[0].header
+    image = np.array(raw, dtype=np.float32)
+    finite = np.isfinite(image)
+    if not finite.any():
+        raise BadInputError("all pixels are non-finite", path)
+    meta = _metadata(primary, header)
+    planes = MaskPlanes()
+    mask = np.zeros(image.shape, np.int32)
+    mask[~finite] |= planes.bit("NO_DATA")
+    if math.isfinite(meta["saturate"]):
+        mask[finite & (image >= meta["saturate"])] |= planes.bit("SAT")
+    image[~finite] = 0.0
+    variance = plain_variance(image, ~finite, meta["gain"], _number(header, "RDNOISE", "READNOIS", "RON",
+                                                                        "RDNOISEA", default=0.0), path)
+    extra = _extra_cards(primary)
+    if header is not primary:
+        extra.update(_extra_cards(header))
+    return Exposure(image=image, mask=mask, variance=variance, wcs=_read_wcs(header), mask_planes=planes,
+                    header=extra, path=str(path), **meta)
+
+
+def plain_variance(image: np.ndarray, nodata: np.ndarray, gain: float, read_noise_e: float,
+                   source: object = None) -> np.ndarray:
+    """Per-pixel variance (counts^2) of a plain image.
+
+    Sky variance is predicted from the sky level, GAIN (e-/count) and read noise (e-), and
+    checked against the measured sky scatter; when they disagree by more than 20% (a
+    sky-subtracted or rescaled image) the measured sky variance is used. Sources add
+    their Poisson term (image - sky) / GAIN. Without GAIN the measured sky variance is used alone.
+    """
+    bg = estimate_background(image, nodata)
+    measured = bg.rms.astype(float) ** 2
+    sky = measured
+    source_term = 0.0
+    if gain > 0:
+        predicted = np.maximum(bg.level, 0) / gain + (read_noise_e / gain) ** 2
+        ratio = float(np.median(predicted[~nodata]) / max(np.median(measured[~nodata]), 1e-30))
+        if 0.8 <= ratio <= 1.25:
+            sky = predicted
+        else:
+            log.info("%s: GAIN/RDNOISE predict %.3g of the measured sky variance; using the measured sky "
+                     "variance", source, ratio)
+        source_term = np.maximum(image - bg.level, 0) / gain
+    variance = (sky + source_term).astype(np.float32)
+    usable = ~nodata & np.isfinite(variance) & (variance > 0)
+    fill = float(np.median(variance[usable])) if usable.any() else 1.0  # a noiseless image (e.g. a mask)
+    variance[~usable] = fill
+    return variance
+
+
+def _apply_noise_map(exp: Exposure, path: Path) -> None:
+    with _open(path) as hdul:
+        sigma, _ = _first_image(hdul, path)
+        sigma = np.array(sigma, dtype=np.float32)
+    if sigma.shape != exp.shape:
+        raise BadInputError(f"noise map shape {sigma.shape} differs from image shape {exp.shape}", path)
+    good = np.isfinite(sigma) & (sigma > 0)
+    if not good.any():
+        raise BadInputError("noise map has no positive finite pixel", path)
+    exp.variance = np.where(good, sigma.astype(np.float32) ** 2, np.median(sigma[good]) ** 2).astype(np.float32)
+    exp.set_plane("NO_DATA", ~good)
+
+
+def _apply_mask_file(exp: Exposure, path: Path) -> None:
+    with _open(path) as hdul:
+        m, _ = _first_image(hdul, path)
+    if m.shape != exp.shape:
+        raise BadInputError(f"mask shape {m.shape} differs from image shape {exp.shape}", path)
+    exp.set_plane("BAD", np.asarray(m) != 0)
+
+
+# --------------------------------------------------------------------------- PSF files
+
+
+def read_psf(path: str | Path) -> Psf:
+    """Read a PSF from a FITS file: a 2-d stamp (odd, positive sum) or a dialab PSF HDU."""
+    path = Path(path)
+    with _open(path) as hdul:
+        if "PSF" in hdul:
+            return _read_psf_hdus(hdul, path)
+        data, _ = _first_image(hdul, path)
+        return ImagePsf(np.array(data, dtype=float), source=path)
+
+
+def _read_psf_hdus(hdul: fits.HDUList, path: Path) -> Psf:
+    hdu = hdul["PSF"]
+    h = hdu.header
+    model = h.get("PSFMODEL", "IMAGE")
+    g1, g2 = h.get("PSF_G1", 0.0), h.get("PSF_G2", 0.0)
+    if model == "GAUSSIAN":
+        return GaussianPsf(g1=g1, g2=g2, sigma_pix=h["PSFSIGMA"])
+    if model == "MOFFAT":
+        return MoffatPsf(g1=g1, g2=g2, fwhm_pix=h["PSFFWHM"], beta=h["PSFBETA"])
+    data = np.array(hdu.data, dtype=float)
+    if data.ndim == 3:
+        if "PSF_GRID" not in hdul:
+            raise BadInputError("PSF cube without a PSF_GRID table", path)
+        grid = hdul["PSF_GRID"].data
+        try:
+            return GridPsf(data, np.array(grid["x"]), np.array(grid["y"]))
+        except BadInputError as exc:
+            raise BadInputError(exc.problem, path) from None
+    return ImagePsf(data, source=path)
+
+
+def _psf_hdus(psf: Psf) -> list[fits.hdu.base.ExtensionHDU]:
+    h = fits.Header()
+    if isinstance(psf, GridPsf):
+        h["PSFMODEL"] = "GRID"
+        cols = [fits.Column("x", "D", array=psf.xs), fits.Column("y", "D", array=psf.ys)]
+        return [fits.ImageHDU(psf.stamps, h, name="PSF"),
+                fits.BinTableHDU.from_columns(cols, name="PSF_GRID")]
+    if isinstance(psf, GaussianPsf):
+        h.update(PSFMODEL="GAUSSIAN", PSFSIGMA=psf.sigma_pix, PSF_G1=psf.g1, PSF_G2=psf.g2)
+    elif isinstance(psf, MoffatPsf):
+        h.update(PSFMODEL="MOFFAT", PSFFWHM=psf.fwhm_pix, PSFBETA=psf.beta, PSF_G1=psf.g1, PSF_G2=psf.g2)
+    else:
+        h["PSFMODEL"] = "IMAGE"
+    return [fits.ImageHDU(psf.stamp(), h, name="PSF")]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_exposure(exp: Exposure, path: str | Path, extra_hdus: list | None = None) -> None:
+    """Write the multi-extension layout, atomically (temporary name, then rename)."""
+    path = Path(path)
+    primary = fits.Header()
+    primary.update(exp.header)
+    meta = {"VISIT": exp.visit, "DETECTOR": exp.detector, "BAND": exp.band, "MJD-OBS": exp.mjd,
+            "EXPTIME": exp.exptime, "MAGZERO": exp.magzero, "GAIN": exp.gain, "SATURATE": exp.saturate}
+    for k, v in meta.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            continue  # FITS cannot hold NaN; absent means unknown
+        primary[k] = v
+    wcs_header = exp.wcs.to_header(relax=True) if exp.wcs is not None else fits.Header()
+    mask_header = fits.Header()
+    for name, bit in sorted(exp.mask_planes.bits.items(), key=lambda kv: kv[1]):
+        mask_header[f"MP_{name}"[:8] if len(name) <= 5 else f"HIERARCH MP_{name}"] = bit
+    hdus = [fits.PrimaryHDU(header=primary),
+            fits.ImageHDU(exp.image, wcs_header, name="IMAGE"),
+            fits.ImageHDU(exp.mask, mask_header, name="MASK"),
+            fits.ImageHDU(exp.variance, wcs_header, name="VARIANCE")]
+    if exp.psf is not None:
+        hdus += _psf_hdus(exp.psf)
+    hdus += list(extra_hdus or [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    tmp.replace(path)

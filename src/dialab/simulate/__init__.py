@@ -1,0 +1,1 @@
+"""Simulated data built on GalSim: star fields, image pairs and survey datasets."""

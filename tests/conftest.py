@@ -1,0 +1,42 @@
+"""Shared fixtures: the real-image folder (../shared) and small simulated fields."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dialab.exposure import Exposure, write_exposure
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DIALAB_SHARED", REPO.parent / "shared"))
+REAL = SHARED / "data" / "real"
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The real telescope images; skipped (with the reason) where ../shared is absent, never in CI."""
+    if not REAL.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must have the real images at {REAL}")
+        pytest.skip(f"real images not present at {REAL} (../shared is only beside the project in CI)")
+    return REAL
+
+
+def make_exposure(image: np.ndarray, variance: np.ndarray | float, **kwargs) -> Exposure:
+    """An Exposure with an empty mask and a constant or given variance."""
+    image = np.asarray(image, dtype=np.float32)
+    var = np.broadcast_to(np.asarray(variance, dtype=np.float32), image.shape).copy()
+    return Exposure(image=image, mask=np.zeros(image.shape, np.int32), variance=var, **kwargs)
+
+
+@pytest.fixture
+def write(tmp_path):
+    """Write an Exposure to a temporary file and return its path."""
+    def _write(exp: Exposure, name: str = "exp.fits") -> Path:
+        path = tmp_path / name
+        write_exposure(exp, path)
+        return path
+    return _write
