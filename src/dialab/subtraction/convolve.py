@@ -1,0 +1,90 @@
+"""Convolution of images, variance and masks with a spatially varying kernel.
+
+K(x, y) = sum_k T_k(x, y) K_k, so K * I = sum_k T_k (I * K_k): one forward FFT of the image and
+one inverse per spatial term, never a per-pixel kernel loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from scipy import fft, ndimage
+
+from .kernel_fit import SpatialKernel
+
+#: Planes not spread by convolution: injected-source markers and detections describe positions, not defects.
+NOT_SPREAD = ("INJECTED", "INJECTED_TEMPLATE", "DETECTED", "DETECTED_NEGATIVE")
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+def fft_convolve_many(image: np.ndarray, kernels: np.ndarray, workers: int | None = None) -> np.ndarray:
+    """'same'-size convolutions of ``image`` with each (odd, square) kernel; float32, zero padding."""
+    ny, nx = image.shape
+    if kernels.ndim == 2:
+        kernels = kernels[None]
+    size = kernels.shape[-1]
+    h = size // 2
+    shape = (fft.next_fast_len(ny + size - 1, real=True), fft.next_fast_len(nx + size - 1, real=True))
+    workers = workers or default_workers()
+    fi = fft.rfft2(image.astype(np.float32), s=shape, workers=workers)
+    out = np.empty((len(kernels), ny, nx), dtype=np.float32)
+    for k, ker in enumerate(kernels):
+        fk = fft.rfft2(ker.astype(np.float32), s=shape, workers=workers)
+        full = fft.irfft2(fi * fk, s=shape, workers=workers)
+        out[k] = full[h : h + ny, h : h + nx]
+    return out
+
+
+def _term_weights(kernel: SpatialKernel, shape: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(row, column) factors of each spatial term, so T_k = outer(row_k, col_k) without full arrays."""
+    sp = kernel.spatial
+    ny, nx = shape
+    xs = 2.0 * np.arange(nx) / max(sp.width - 1, 1) - 1.0
+    ys = 2.0 * np.arange(ny) / max(sp.height - 1, 1) - 1.0
+    tx = [np.ones_like(xs), xs]
+    ty = [np.ones_like(ys), ys]
+    for _ in range(2, sp.order + 1):
+        tx.append(2 * xs * tx[-1] - tx[-2])
+        ty.append(2 * ys * ty[-1] - ty[-2])
+    return [(ty[j].astype(np.float32), tx[i].astype(np.float32)) for i, j in sp.powers()]
+
+
+def convolve_image(image: np.ndarray, kernel: SpatialKernel, workers: int | None = None) -> np.ndarray:
+    """K(x, y) * image for the spatially varying kernel."""
+    parts = fft_convolve_many(image, kernel.term_images(), workers)
+    out = np.zeros(image.shape, dtype=np.float32)
+    for part, (row, col) in zip(parts, _term_weights(kernel, image.shape)):
+        out += part * row[:, None] * col[None, :]
+    return out
+
+
+def convolve_variance(variance: np.ndarray, kernel: SpatialKernel, workers: int | None = None) -> np.ndarray:
+    """variance * K^2, with K taken at the image centre (the kernel varies by a few percent at most)."""
+    k2 = kernel.center_image**2
+    return fft_convolve_many(variance, k2[None], workers)[0]
+
+
+def kernel_footprint_radius(kernel_image: np.ndarray, fraction: float = 1e-3) -> int:
+    """Half-width of the box holding every kernel pixel above ``fraction`` of the peak |K|."""
+    h = kernel_image.shape[0] // 2
+    yy, xx = np.nonzero(np.abs(kernel_image) > fraction * np.abs(kernel_image).max())
+    return int(max(np.abs(yy - h).max(), np.abs(xx - h).max())) if len(yy) else 0
+
+
+def convolve_mask(mask: np.ndarray, bits: dict[str, int], radius: int) -> np.ndarray:
+    """Spread every defect plane over the kernel footprint (a (2r+1)^2 box); markers stay put."""
+    out = mask.copy()
+    if radius <= 0:
+        return out
+    for name, bit in bits.items():
+        if name in NOT_SPREAD:
+            continue
+        plane = (mask & (1 << bit)) != 0
+        if plane.any():
+            grown = ndimage.maximum_filter(plane.view(np.uint8), size=2 * radius + 1, mode="constant") > 0
+            out[grown] |= np.int32(1 << bit)
+    return out

@@ -1,0 +1,65 @@
+"""Noise decorrelation of A&L differences (Reiss & Lupton, DMTN-021).
+
+Convolving one input with K correlates its noise; the filter
+phi(f) = sqrt((s1^2 + s2^2 k_s^2) / (s1^2 + s2^2 |K(f)|^2))
+whitens the difference back to variance s1^2 + s2^2 k_s^2. For the preconvolution score
+S = v*N - K*R the filter is phi_S(f) = sqrt((s1^2 + s2^2 k_s^2) |v(f)|^2 / (s1^2 |v(f)|^2 + s2^2 |K(f)|^2)),
+which leaves S with the noise of v * (white noise); DESIGN's phi_S is the same with the square root
+(written there without it), since the noise power spectrum, not its amplitude, is what adds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import fft
+
+from .convolve import default_workers
+
+
+def _centered_ft(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """rFFT of an odd stamp placed with its centre at the origin of a ``shape`` grid."""
+    h = stamp.shape[0] // 2
+    grid = np.zeros(shape, dtype=np.float64)
+    grid[: stamp.shape[0], : stamp.shape[1]] = stamp
+    grid = np.roll(grid, (-h, -h), axis=(0, 1))
+    return fft.rfft2(grid)
+
+
+def decorrelation_filter(kernel: np.ndarray, s1sq: float, s2sq: float, shape: tuple[int, int],
+                         score_psf: np.ndarray | None = None) -> np.ndarray:
+    """phi (or phi_S when ``score_psf`` v is given) on the rfft grid of ``shape``."""
+    kf = _centered_ft(kernel, shape)
+    ks = float(kernel.sum())
+    k2 = np.abs(kf) ** 2
+    total = s1sq + s2sq * ks**2
+    if score_psf is None:
+        return np.sqrt(total / (s1sq + s2sq * k2))
+    v2 = np.abs(_centered_ft(score_psf, shape)) ** 2
+    denom = s1sq * v2 + s2sq * k2
+    tiny = 1e-12 * total
+    return np.sqrt(total * v2 / np.maximum(denom, tiny))
+
+
+def apply_filter(image: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float,
+                 score_psf: np.ndarray | None = None, workers: int | None = None) -> np.ndarray:
+    """Filter ``image`` with phi (or phi_S), zero-padded by the kernel size to avoid wrap-around."""
+    ny, nx = image.shape
+    pad = kernel.shape[0] + (0 if score_psf is None else score_psf.shape[0])
+    shape = (fft.next_fast_len(ny + pad, real=True), fft.next_fast_len(nx + pad, real=True))
+    phi = decorrelation_filter(kernel, s1sq, s2sq, shape, score_psf)
+    workers = workers or default_workers()
+    fi = fft.rfft2(image.astype(np.float32), s=shape, workers=workers)
+    return fft.irfft2(fi * phi.astype(np.complex64), s=shape, workers=workers)[:ny, :nx].astype(np.float32)
+
+
+def filter_stamp(stamp: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float,
+                 score_psf: np.ndarray | None = None) -> np.ndarray:
+    """The same filter applied to a PSF stamp (its output keeps the stamp's size and sum)."""
+    n = stamp.shape[0]
+    m = n + 2 * kernel.shape[0]
+    m += 1 - m % 2
+    pad = (m - n) // 2
+    big = np.pad(stamp, pad)
+    phi = decorrelation_filter(kernel, s1sq, s2sq, (m, m), score_psf)
+    out = np.roll(fft.irfft2(_centered_ft(big, (m, m)) * phi, s=(m, m)), (m // 2, m // 2), axis=(0, 1))
+    return out[pad : pad + n, pad : pad + n]

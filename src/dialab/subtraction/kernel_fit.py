@@ -1,0 +1,266 @@
+"""Fitting the PSF-matching kernel: candidates, per-stamp fits, the spatial model, rejection.
+
+The model for a stamp is  target ~ sum_j a_j(x, y) (B_j * image) + background(x, y),  with
+a_0 (the kernel sum) constant over the image, the other a_j Chebyshev polynomials of the
+stamp position and the differential background a Chebyshev polynomial of the pixel position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..errors import InsufficientKernelSourcesError
+from ..psf import find_stars, stellar_locus
+from .basis import KernelBasis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Chebyshev2D:
+    """Products T_i(x') T_j(y') with i + j <= order, x' and y' scaled to [-1, 1] over the image."""
+
+    order: int
+    width: int
+    height: int
+
+    @property
+    def n_terms(self) -> int:
+        return (self.order + 1) * (self.order + 2) // 2
+
+    def powers(self) -> list[tuple[int, int]]:
+        return [(i, t - i) for t in range(self.order + 1) for i in range(t, -1, -1)]
+
+    def terms(self, x, y) -> np.ndarray:
+        """Array (n_terms, *shape(x)) of the basis evaluated at pixel coordinates."""
+        xs = 2.0 * np.asarray(x, dtype=float) / max(self.width - 1, 1) - 1.0
+        ys = 2.0 * np.asarray(y, dtype=float) / max(self.height - 1, 1) - 1.0
+        tx = [np.ones_like(xs), xs]
+        ty = [np.ones_like(ys), ys]
+        for _ in range(2, self.order + 1):
+            tx.append(2 * xs * tx[-1] - tx[-2])
+            ty.append(2 * ys * ty[-1] - ty[-2])
+        return np.array([tx[i] * ty[j] for i, j in self.powers()])
+
+    def evaluate(self, coeffs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Image of sum_k coeffs[k] T_k over a full (ny, nx) grid, computed separably."""
+        ny, nx = shape
+        xs = 2.0 * np.arange(nx) / max(self.width - 1, 1) - 1.0
+        ys = 2.0 * np.arange(ny) / max(self.height - 1, 1) - 1.0
+        tx = [np.ones_like(xs), xs]
+        ty = [np.ones_like(ys), ys]
+        for _ in range(2, self.order + 1):
+            tx.append(2 * xs * tx[-1] - tx[-2])
+            ty.append(2 * ys * ty[-1] - ty[-2])
+        out = np.zeros(shape, dtype=np.float32)
+        for c, (i, j) in zip(coeffs, self.powers()):
+            out += np.float32(c) * np.outer(ty[j], tx[i]).astype(np.float32)
+        return out
+
+
+@dataclass(frozen=True)
+class SpatialKernel:
+    """The fitted kernel K(x, y) = sum_j a_j(x, y) B_j, evaluable anywhere in the image."""
+
+    basis: KernelBasis
+    coeffs: np.ndarray  # (n_basis, n_spatial_terms); row 0 is non-zero only in term 0
+    spatial: Chebyshev2D
+
+    @property
+    def size(self) -> int:
+        return self.basis.size
+
+    @property
+    def kernel_sum(self) -> float:
+        return float(self.coeffs[0, 0])
+
+    def image_at(self, x: float, y: float) -> np.ndarray:
+        a = self.coeffs @ self.spatial.terms(x, y)
+        return np.tensordot(a, self.basis.images(), axes=1)
+
+    def term_images(self) -> np.ndarray:
+        """K_k = sum_j coeffs[j, k] B_j, so that K(x, y) = sum_k T_k(x, y) K_k."""
+        return np.einsum("jk,jyx->kyx", self.coeffs, self.basis.images())
+
+    @property
+    def center_image(self) -> np.ndarray:
+        return self.image_at((self.spatial.width - 1) / 2, (self.spatial.height - 1) / 2)
+
+
+@dataclass(frozen=True)
+class KernelFit:
+    """A fitted kernel and background, with the bookkeeping of the candidate stamps."""
+
+    kernel: SpatialKernel
+    background: Chebyshev2D
+    background_coeffs: np.ndarray
+    n_candidates: int
+    n_used: int
+    n_rejected: int
+    residual_mean: float
+    residual_rms: float
+    positions: np.ndarray  # (n_used, 2) x, y of the stamps kept
+
+    def background_image(self, shape: tuple[int, int]) -> np.ndarray:
+        return self.background.evaluate(self.background_coeffs, shape)
+
+
+@dataclass
+class _Stamp:
+    x: float
+    y: float
+    columns: np.ndarray  # (n_basis, npix) basis-convolved image
+    target: np.ndarray  # (npix,)
+    weight: np.ndarray  # (npix,)
+    px: np.ndarray  # pixel x of each stamp pixel
+    py: np.ndarray
+
+
+def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0, 500.0),
+                             max_candidates: int = 1000, sigma_pix: float = 2.0) -> np.ndarray:
+    """(n, 2) integer x, y of point sources in the science image usable as kernel stamps.
+
+    Sources with S/N in ``snr_range``, away from the border, with no BAD/SAT/EDGE/NO_DATA pixel of
+    either image inside the stamp; isolated ones preferred, brightest first.
+    """
+    from scipy import ndimage
+
+    stars = find_stars(science, sigma_pix, snr_range[0], radius_pix=max(5, int(math.ceil(3 * sigma_pix))),
+                       max_candidates=4 * max_candidates)
+    keep = stars.snr <= snr_range[1]
+    stars = stars.select(keep)
+    if len(stars) == 0:
+        return np.zeros((0, 2), int)
+    bad = science.plane("BAD", "SAT", "EDGE", "NO_DATA") | template.plane("BAD", "SAT", "EDGE", "NO_DATA")
+    ny, nx = bad.shape
+    near_bad = ndimage.maximum_filter(bad.astype(np.uint8), size=2 * half_stamp + 1, mode="constant") > 0
+    ix = np.round(stars.x).astype(int)
+    iy = np.round(stars.y).astype(int)
+    inside = (ix >= half_stamp) & (iy >= half_stamp) & (ix < nx - half_stamp) & (iy < ny - half_stamp)
+    ok = inside.copy()
+    ok[inside] &= ~near_bad[iy[inside], ix[inside]]
+    if (ok & stars.isolated).sum() >= 10:
+        ok &= stars.isolated
+    if ok.sum() >= 10:
+        ok[ok] &= stellar_locus(stars.sigma[ok], stars.x[ok], stars.y[ok], width=0.3)
+    idx = np.nonzero(ok)[0][:max_candidates]
+    return np.column_stack([ix[idx], iy[idx]])
+
+
+def _convolve_valid(cut: np.ndarray, basis: KernelBasis) -> np.ndarray:
+    """Separable 'valid' convolution of ``cut`` with every raw basis function: (n_raw, m, m)."""
+    L = basis.size
+    fx = basis.factors_x[:, ::-1]
+    fy = basis.factors_y[:, ::-1]
+    along_x = sliding_window_view(cut, L, axis=1) @ fx.T  # (M, m, n_raw)
+    windows = sliding_window_view(along_x, L, axis=0)  # (m, m, n_raw, L)
+    return np.einsum("yxkl,kl->kyx", windows, fy, optimize=True)
+
+
+def _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp) -> list[_Stamp]:
+    h = basis.half
+    stamps = []
+    yy, xx = np.mgrid[-half_stamp : half_stamp + 1, -half_stamp : half_stamp + 1]
+    for x, y in positions:
+        t = target_img[y - half_stamp : y + half_stamp + 1, x - half_stamp : x + half_stamp + 1]
+        c = conv_img[y - half_stamp - h : y + half_stamp + h + 1, x - half_stamp - h : x + half_stamp + h + 1]
+        if c.shape != (2 * (half_stamp + h) + 1,) * 2:
+            continue
+        raw = _convolve_valid(c.astype(float), basis).reshape(len(basis.factors_x), -1)
+        var = (target_var[y - half_stamp : y + half_stamp + 1, x - half_stamp : x + half_stamp + 1]
+               + conv_var[y - half_stamp : y + half_stamp + 1, x - half_stamp : x + half_stamp + 1])
+        stamps.append(_Stamp(float(x), float(y), basis.transform @ raw, t.ravel().astype(float),
+                             1.0 / np.maximum(var.ravel().astype(float), 1e-30),
+                             (xx + x).ravel().astype(float), (yy + y).ravel().astype(float)))
+    return stamps
+
+
+def _solve(m: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve the normal equations after scaling them to unit diagonal (the columns differ by decades)."""
+    scale = np.sqrt(np.maximum(np.diag(m), 1e-300))
+    sol = np.linalg.lstsq(m / np.outer(scale, scale), b / scale, rcond=None)[0]
+    return sol / scale
+
+
+def _single_stamp_fit(s: _Stamp) -> tuple[np.ndarray, float, float]:
+    """Per-stamp fit (constant kernel + constant background): coefficients, residual mean and rms."""
+    a = np.vstack([s.columns, np.ones_like(s.target)]).T
+    w = s.weight
+    sol = _solve(a.T @ (a * w[:, None]), a.T @ (w * s.target))
+    r = (s.target - a @ sol) * np.sqrt(w)
+    return sol, float(r.mean()), float(np.sqrt(np.mean(r * r)))
+
+
+def _spatial_design(s: _Stamp, spatial: Chebyshev2D, bg: Chebyshev2D) -> np.ndarray:
+    t = spatial.terms(s.x, s.y)  # (n_sp,)
+    cols = [s.columns[0][None, :]]
+    cols.append((s.columns[1:, None, :] * t[None, :, None]).reshape(-1, s.columns.shape[1]))
+    cols.append(bg.terms(s.px, s.py))
+    return np.vstack(cols).T
+
+
+def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: np.ndarray, basis: KernelBasis,
+                        half_stamp: int, spatial_order: int = 1, background_order: int = 2,
+                        max_rounds: int = 3, max_mean: float = 0.25, max_rms: float = 1.5,
+                        sum_clip: float = 3.0, min_candidates: int = 3) -> KernelFit:
+    """Fit K and the background so that K * conv_img + background ~ target_img on the stamps."""
+    ny, nx = target_img.shape
+    stamps = _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp)
+    n_candidates = len(stamps)
+    if n_candidates < min_candidates:
+        raise InsufficientKernelSourcesError(
+            f"only {n_candidates} usable kernel sources (need {min_candidates}): too few clean, unsaturated "
+            "point sources with S/N 10-500 in the overlap")
+    singles = [_single_stamp_fit(s) for s in stamps]
+    sums = np.array([sol[0] for sol, _, _ in singles])
+    med = np.median(sums)
+    spread = 1.4826 * np.median(np.abs(sums - med)) + 1e-6 * abs(med)
+    good = np.abs(sums - med) <= sum_clip * spread
+    good &= np.array([abs(m) <= max_mean and r <= max_rms for _, m, r in singles]) | (good.sum() < min_candidates)
+    if good.sum() < min_candidates:
+        good = np.argsort(np.abs(sums - med)) < min_candidates
+    n_basis = basis.n
+    for _ in range(max_rounds + 1):
+        used = [s for s, g in zip(stamps, good) if g]
+        order = spatial_order
+        while order > 0 and len(used) < 3 * Chebyshev2D(order, nx, ny).n_terms:
+            order -= 1
+        spatial = Chebyshev2D(order, nx, ny)
+        bg = Chebyshev2D(background_order if len(used) >= 2 * Chebyshev2D(background_order, nx, ny).n_terms
+                         else 0, nx, ny)
+        n_par = 1 + (n_basis - 1) * spatial.n_terms + bg.n_terms
+        m = np.zeros((n_par, n_par))
+        b = np.zeros(n_par)
+        designs = []
+        for s in used:
+            d = _spatial_design(s, spatial, bg)
+            designs.append(d)
+            dw = d * s.weight[:, None]
+            m += d.T @ dw
+            b += dw.T @ s.target
+        sol = _solve(m, b)
+        stats = []
+        for s in stamps:
+            r = (s.target - _spatial_design(s, spatial, bg) @ sol) * np.sqrt(s.weight)
+            stats.append((float(r.mean()), float(np.sqrt(np.mean(r * r)))))
+        stats = np.array(stats)
+        bad_now = good & ((np.abs(stats[:, 0]) > max_mean) | (stats[:, 1] > max_rms))
+        if not bad_now.any() or (good & ~bad_now).sum() < min_candidates:
+            break
+        good = good & ~bad_now
+    coeffs = np.zeros((n_basis, spatial.n_terms))
+    coeffs[0, 0] = sol[0]
+    coeffs[1:] = sol[1 : 1 + (n_basis - 1) * spatial.n_terms].reshape(n_basis - 1, spatial.n_terms)
+    kernel = SpatialKernel(basis, coeffs, spatial)
+    bg_coeffs = sol[1 + (n_basis - 1) * spatial.n_terms :]
+    kept = stats[good]
+    log.info("kernel fit: %d candidates, %d used, sum %.4f, residual mean %.3f rms %.3f",
+             n_candidates, int(good.sum()), kernel.kernel_sum, kept[:, 0].mean(), kept[:, 1].mean())
+    return KernelFit(kernel, bg, bg_coeffs, n_candidates, int(good.sum()), n_candidates - int(good.sum()),
+                     float(kept[:, 0].mean()), float(kept[:, 1].mean()),
+                     np.array([[s.x, s.y] for s, g in zip(stamps, good) if g]))

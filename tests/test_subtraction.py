@@ -1,0 +1,181 @@
+"""PSF-matched subtraction checked against physics (tolerances: LSST ip_diffim's)."""
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+
+from dialab.errors import InsufficientKernelSourcesError, NoOverlapError
+from dialab.psf import GaussianPsf
+from dialab.subtraction import SubtractConfig, subtract
+from dialab.subtraction.decorrelation import apply_filter
+from dialab.subtraction.kernel_fit import Chebyshev2D
+
+from .simulated_pairs import gaussian_exposure, source_free, star_positions
+
+SHAPE = (512, 512)
+
+
+def _pair(sci_sigma, tpl_sigma, sci_noise, tpl_noise, seed=1, n=300, flux=(1000.0, 4000.0), background=None):
+    rng = np.random.default_rng(seed)
+    stars = star_positions(SHAPE, n, rng, flux)
+    sci = gaussian_exposure(SHAPE, stars, sci_sigma, sci_noise, rng, background)
+    tpl = gaussian_exposure(SHAPE, stars, tpl_sigma, tpl_noise, rng)
+    return sci, tpl, stars
+
+
+def _quadrature_check(sci_noise, tpl_noise, snr_max, seed=7):
+    rng = np.random.default_rng(seed)
+    stars = star_positions(SHAPE, 400, rng, (1000.0, 4000.0))
+    ratio = 1.3  # science taken with 1.3x the template's throughput
+    sci = gaussian_exposure(SHAPE, (stars[0], stars[1], ratio * stars[2]), 2.4, sci_noise, rng)
+    tpl = gaussian_exposure(SHAPE, stars, 2.0, tpl_noise, rng)
+    res = subtract(sci, tpl, SubtractConfig(spatial_order=0, candidate_snr_max=snr_max))
+    k = res.kernel.center_image
+    truth = ratio * GaussianPsf(sigma_pix=np.sqrt(2.4**2 - 2.0**2)).stamp(k.shape[0])
+    return res, k, truth
+
+
+def test_gaussian_psfs_match_with_quadrature_kernel():
+    """Science sigma 2.4, template 2.0, high S/N: K is a Gaussian of sigma sqrt(2.4^2 - 2.0^2) to 2% of
+    its peak in every pixel, and its sum is the flux ratio within 0.5%."""
+    res, k, truth = _quadrature_check(0.01, 0.01, 1e9)
+    assert np.abs(k - truth).max() < 0.02 * truth.max()
+    assert res.diagnostics.kernel_sum == pytest.approx(1.3, rel=0.005)
+
+
+def test_noisy_kernel_matches_in_every_mode_the_data_constrain():
+    """At S/N <= 500 the kernel modes above the template's bandwidth are unconstrained (they multiply
+    ~0 in K * P_template); the matched PSF K * P_template equals the science PSF to 2% of its peak,
+    the kernel's second moments equal sigma_K^2 within 3%, and its sum the flux ratio within 0.5%."""
+    res, k, truth = _quadrature_check(1.0, 0.25, 500.0)
+    matched = fftconvolve(GaussianPsf(sigma_pix=2.0).stamp(41), k, mode="same")
+    science = 1.3 * GaussianPsf(sigma_pix=2.4).stamp(41)
+    assert np.abs(matched - science).max() < 0.02 * science.max()
+    yy, xx = np.mgrid[-10:11, -10:11]
+    c = k.shape[0] // 2
+    sub = k[c - 10 : c + 11, c - 10 : c + 11]
+    second = ((xx**2 + yy**2) * sub).sum() / sub.sum() / 2
+    assert second == pytest.approx(2.4**2 - 2.0**2, rel=0.03)
+    assert res.diagnostics.kernel_sum == pytest.approx(1.3, rel=0.005)
+
+
+def test_equal_psfs_difference_is_pure_noise_of_sqrt2():
+    sci, tpl, stars = _pair(2.0, 2.0, 1.0, 1.0)
+    d = subtract(sci, tpl).difference
+    good = ~d.plane("EDGE")
+    assert np.std(d.image[good]) == pytest.approx(np.sqrt(2), rel=0.10)
+    assert abs(np.mean(d.image[good])) < 5 * np.sqrt(2) / np.sqrt(good.sum())
+
+
+@pytest.mark.parametrize("sci_sigma,tpl_sigma", [(2.4, 2.0), (2.0, 2.4)], ids=["template-better", "science-better"])
+@pytest.mark.parametrize("s1,s2", [(1.0, 1.0), (1.0, 0.1), (0.1, 0.1)])
+def test_decorrelated_variance_equals_sum_of_input_variances(sci_sigma, tpl_sigma, s1, s2):
+    """After decorrelation both the variance plane and the pixel variance are s1^2 + s2^2 (k_s = 1)."""
+    flux = (100 * s1, 400 * s1) if s1 < 1 else (1000.0, 4000.0)
+    sci, tpl, stars = _pair(sci_sigma, tpl_sigma, s1, s2, flux=flux)
+    res = subtract(sci, tpl, SubtractConfig(flavor="auto"))
+    d = res.difference
+    far = source_free(d, stars, 12)
+    expected = s1**2 + s2**2
+    assert np.mean(d.variance[far]) == pytest.approx(expected, rel=0.10)
+    assert np.var(d.image[far]) == pytest.approx(expected, rel=0.10)
+
+
+def _lag_correlation(img, lag):
+    a = img - img.mean()
+    return float((a[:, lag:] * a[:, :-lag]).mean() / a.var())
+
+
+def test_decorrelation_removes_pixel_correlations():
+    """Noise-only pair with s1^2 = 1 and s2^2 = 100, template convolved with a Gaussian kernel:
+    lag 1-3 correlations above 0.2 before decorrelation, within 0.1 of zero after."""
+    rng = np.random.default_rng(3)
+    n1 = rng.normal(0, 1.0, (512, 512))
+    n2 = rng.normal(0, 10.0, (512, 512))
+    kernel = GaussianPsf(sigma_pix=1.5).stamp(21)
+    d = (n1 - fftconvolve(n2, kernel, mode="same"))[20:-20, 20:-20]
+    for lag in (1, 2, 3):
+        assert _lag_correlation(d, lag) > 0.2
+    dd = apply_filter(d, kernel, 1.0, 100.0)[20:-20, 20:-20]
+    for lag in (1, 2, 3):
+        assert abs(_lag_correlation(dd, lag)) < 0.1
+    assert np.var(dd) == pytest.approx(101.0, rel=0.05)
+
+
+def test_auto_is_symmetric_under_swapping_the_images():
+    """Swap which image is 'science': auto convolves the narrower one each time, so the two differences
+    are the same up to sign: their difference has std 2 sqrt(2) sigma and their sum is far smaller."""
+    a, b, stars = _pair(2.4, 2.0, 1.0, 1.0)
+    d1 = subtract(a, b, SubtractConfig(flavor="auto"))
+    d2 = subtract(b, a, SubtractConfig(flavor="auto"))
+    assert d1.diagnostics.convolved == "template" and d2.diagnostics.convolved == "science"
+    good = ~(d1.difference.plane("EDGE") | d2.difference.plane("EDGE"))
+    diff = d1.difference.image - d2.difference.image
+    total = d1.difference.image + d2.difference.image
+    assert np.std(diff[good]) == pytest.approx(2 * np.sqrt(2), rel=0.10)
+    assert np.std(total[good]) < 0.5 * np.std(diff[good])
+
+
+def test_order_two_chebyshev_background_is_recovered():
+    truth = np.array([30.0, 8.0, -5.0, 4.0, 3.0, -6.0])
+    cheb = Chebyshev2D(2, SHAPE[1], SHAPE[0])
+    background = cheb.evaluate(truth, SHAPE)
+    sci, tpl, _ = _pair(2.4, 2.0, 1.0, 0.5, background=background)
+    res = subtract(sci, tpl, SubtractConfig(background_order=2))
+    np.testing.assert_allclose(res.extras["background_coeffs"], truth, rtol=0.3)
+
+
+def test_preconvolution_score_noise_is_sqrt2_sigma_over_sqrt_nea():
+    sci, tpl, stars = _pair(2.0, 2.0, 1.0, 1.0)
+    res = subtract(sci, tpl, SubtractConfig(flavor="preconvolution"))
+    assert res.score is not None
+    far = source_free(res.score, stars, 15)
+    nea = GaussianPsf(sigma_pix=2.0).nea
+    assert np.std(res.score.image[far]) == pytest.approx(np.sqrt(2) / np.sqrt(nea), rel=0.10)
+
+
+def _star_residual(res, stars, radius=6):
+    """Mean |difference| / sqrt(variance) within ``radius`` of the 30 brightest stars."""
+    d = res.difference
+    order = np.argsort(-stars[2])[:30]
+    vals = []
+    for i in order:
+        x, y = int(round(stars[0][i])), int(round(stars[1][i]))
+        cut = (d.image / np.sqrt(d.variance))[y - radius : y + radius + 1, x - radius : x + radius + 1]
+        if not d.plane("EDGE")[y, x]:
+            vals.append(np.mean(np.abs(cut)))
+    return float(np.mean(vals))
+
+
+def test_narrow_science_psf_needs_auto_or_preconvolution():
+    """Science sigma 1.6 vs template 2.4: convolveTemplate would deconvolve. auto and preconvolution
+    give an honest noise ratio and smaller residuals at bright stars."""
+    sci, tpl, stars = _pair(1.6, 2.4, 1.0, 0.5, n=300, flux=(2000.0, 20000.0))
+    results = {f: subtract(sci, tpl, SubtractConfig(flavor=f))
+               for f in ("convolveTemplate", "auto", "preconvolution")}
+    base = _star_residual(results["convolveTemplate"], stars)
+    for flavor in ("auto", "preconvolution"):
+        r = results[flavor]
+        far = source_free(r.difference, stars, 12)
+        z = r.difference.image[far] / np.sqrt(r.difference.variance[far])
+        ratio = 1.4826 * np.median(np.abs(z - np.median(z)))
+        print(f"{flavor}: noise ratio {ratio:.3f}, star residual {_star_residual(r, stars):.2f} vs {base:.2f}")
+        assert 0.9 <= ratio <= 1.15
+        assert _star_residual(r, stars) < base
+
+
+def test_too_few_kernel_sources_is_a_named_error():
+    sci, tpl, _ = _pair(2.4, 2.0, 1.0, 1.0, n=2)
+    with pytest.raises(InsufficientKernelSourcesError):
+        subtract(sci, tpl)
+
+
+def test_template_without_overlap_is_a_named_error():
+    sci, tpl, _ = _pair(2.4, 2.0, 1.0, 1.0)
+    tpl.set_plane("NO_DATA", np.ones(SHAPE, bool))
+    with pytest.raises(NoOverlapError, match="does not overlap"):
+        subtract(sci, tpl)
+    tpl.clear_plane("NO_DATA")
+    tpl.set_plane("NO_DATA", np.broadcast_to(np.arange(SHAPE[1])[None, :] > 60, SHAPE))
+    with pytest.raises(NoOverlapError, match="covers only"):
+        subtract(sci, tpl)
