@@ -37,6 +37,35 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_subtract(args: argparse.Namespace) -> int:
+    from astropy.io import fits
+
+    from .exposure import read_exposure, write_exposure
+    from .subtraction import SubtractConfig, subtract
+    from .warp import align_to
+
+    science = read_exposure(args.science, psf=args.science_psf, noise=args.science_noise)
+    template = read_exposure(args.template, psf=args.template_psf, noise=args.template_noise)
+    template = align_to(template, science)
+    config = SubtractConfig(flavor=args.flavor, decorrelate=not args.no_decorrelate)
+    result = subtract(science, template, config)
+    extra = [fits.ImageHDU(result.kernel.center_image.astype(np.float32), name="KERNEL")]
+    if result.score is not None:
+        extra.append(fits.ImageHDU(result.score.image, name="SCORE"))
+    write_exposure(result.difference, args.output, extra_hdus=extra)
+    d = result.diagnostics
+    print(f"{args.output}: flavor {d.flavor} (convolved {d.convolved}), kernel sum {d.kernel_sum:.4f}, "
+          f"candidates {d.n_used}/{d.n_candidates}, noise ratio {d.noise_ratio:.3f}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dialab", description="Difference image analysis and its evaluation.")
     parser.add_argument("--version", action="version", version=f"dialab {__version__}")
@@ -49,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--noise", help="1-sigma noise map FITS")
     info.add_argument("--mask", help="mask FITS (non-zero = BAD)")
     info.set_defaults(func=_cmd_info)
+
+    from .subtraction import FLAVORS
+
+    sub_p = sub.add_parser("subtract", help="PSF-matched difference of a science image and a template")
+    sub_p.add_argument("science", help="science FITS")
+    sub_p.add_argument("template", help="template FITS (warped onto the science grid when the WCSs differ)")
+    sub_p.add_argument("-o", "--output", required=True, help="difference FITS to write")
+    sub_p.add_argument("--flavor", choices=FLAVORS, default="convolveTemplate")
+    sub_p.add_argument("--science-psf", help="science PSF stamp FITS (else measured)")
+    sub_p.add_argument("--template-psf", help="template PSF stamp FITS (else measured)")
+    sub_p.add_argument("--science-noise", help="science 1-sigma noise map FITS")
+    sub_p.add_argument("--template-noise", help="template 1-sigma noise map FITS")
+    sub_p.add_argument("--no-decorrelate", action="store_true", help="keep the convolved noise correlations")
+    sub_p.set_defaults(func=_cmd_subtract)
+
+    demo = sub.add_parser("demo", help="simulate a small dataset and run every flavor on it")
+    demo.add_argument("-o", "--output", default="demo-output", help="folder for the demo's files")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

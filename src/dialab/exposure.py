@@ -301,10 +301,12 @@ def plain_variance(image: np.ndarray, nodata: np.ndarray, gain: float, read_nois
                    source: object = None) -> np.ndarray:
     """Per-pixel variance (counts^2) of a plain image.
 
-    Sky variance is predicted from the sky level, GAIN (e-/count) and read noise (e-), and
-    checked against the measured sky scatter; when they disagree by more than 20% (a
-    sky-subtracted or rescaled image) the measured sky variance is used. Sources add
-    their Poisson term (image - sky) / GAIN. Without GAIN the measured sky variance is used alone.
+    With GAIN (e-/count) the sky variance is predicted from the sky level and the read noise (e-),
+    and sources add their Poisson term (image - sky) / GAIN. When the image has no sky left (a
+    sky-subtracted or rescaled frame: level below 3x the predicted noise) the prediction cannot
+    hold and the measured sky scatter is used instead; the measured scatter is not trusted when a
+    sky is present because in crowded fields it includes the (static) unresolved stars.
+    Without GAIN the measured sky variance is used alone.
     """
     bg = estimate_background(image, nodata)
     measured = bg.rms.astype(float) ** 2
@@ -312,12 +314,12 @@ def plain_variance(image: np.ndarray, nodata: np.ndarray, gain: float, read_nois
     source_term = 0.0
     if gain > 0:
         predicted = np.maximum(bg.level, 0) / gain + (read_noise_e / gain) ** 2
-        ratio = float(np.median(predicted[~nodata]) / max(np.median(measured[~nodata]), 1e-30))
-        if 0.8 <= ratio <= 1.25:
+        level = float(np.median(bg.level[~nodata]))
+        if level > 3.0 * np.sqrt(np.median(predicted[~nodata])):
             sky = predicted
         else:
-            log.info("%s: GAIN/RDNOISE predict %.3g of the measured sky variance; using the measured sky "
-                     "variance", source, ratio)
+            log.info("%s: sky level %.3g is below 3 sigma of the predicted noise (sky-subtracted?); using the "
+                     "measured sky variance", source, level)
         source_term = np.maximum(image - bg.level, 0) / gain
     variance = (sky + source_term).astype(np.float32)
     usable = ~nodata & np.isfinite(variance) & (variance > 0)

@@ -43,7 +43,8 @@ class SubtractConfig(BaseModel):
     spatial_order: int = Field(1, ge=0, le=2, description="Chebyshev order of the kernel's spatial variation")
     background_order: int = Field(2, ge=0, le=3, description="Chebyshev order of the differential background")
     decorrelate: bool = Field(True, description="whiten the difference's noise (DMTN-021)")
-    rescale_variance: bool = Field(True, description="scale input variances to the measured pixel noise")
+    rescale_variance: bool = Field(True, description="scale input and difference variances to the measured "
+                                   "pixel noise (inputs only where not crowded)")
     max_candidates: int = Field(1000, ge=3, description="most kernel stamps used")
     min_candidates: int = Field(3, ge=1, description="fewest kernel stamps accepted")
     candidate_snr_min: float = Field(10.0, description="lowest S/N of a kernel source")
@@ -69,7 +70,8 @@ class SubtractionDiagnostics:
     residual_rms: float
     variance_scale_science: float
     variance_scale_template: float
-    noise_ratio: float
+    noise_ratio: float  # robust std of D / sqrt(variance) before the difference's variance is rescaled
+    variance_scale_difference: float
 
     def summary(self) -> str:
         return (f"flavor {self.flavor} (convolved {self.convolved}), kernel sum {self.kernel_sum:.4f}, "
@@ -110,8 +112,10 @@ def variance_scale(exp: Exposure) -> float:
     resid = exp.image - bg.level
     snr = gaussian_filtered_snr(resid, bg.rms, 2.0, ~usable)
     sources = ndimage.binary_dilation(np.abs(snr) > 4.0, iterations=4)
-    if (usable & ~sources).sum() > 0.1 * usable.sum():
-        usable &= ~sources
+    if (usable & ~sources).sum() < 0.3 * usable.sum():
+        log.info("%s: too crowded to measure the pixel noise; variance kept", exp.path)
+        return 1.0
+    usable &= ~sources
     z = resid / np.sqrt(np.maximum(exp.variance, 1e-30))
     _, sigma = clipped_stats(z[usable][:: max(1, usable.sum() // 2_000_000)])
     return float(sigma**2) if np.isfinite(sigma) and sigma > 0 else 1.0
@@ -272,11 +276,18 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
                            psf=target_psf if convolved == "template" else tpl_psf, wcs=science.wcs,
                            mask_planes=conv_exp.mask_planes, visit=conv_exp.visit, detector=conv_exp.detector,
                            band=conv_exp.band, mjd=conv_exp.mjd, magzero=science.magzero)
+    if cfg.flavor == "preconvolution":
+        difference.header["SCORE"] = (True, "PSF-filtered difference (preconvolution score)")
+    measured_ratio = noise_ratio(difference)
+    diff_scale = 1.0
+    if cfg.rescale_variance and np.isfinite(measured_ratio) and measured_ratio > 0:
+        diff_scale = measured_ratio**2  # what the inputs' variances missed (e.g. correlated noise)
+        difference.variance *= np.float32(diff_scale)
     diag = SubtractionDiagnostics(
         flavor=flavor_used, convolved=convolved, kernel_sum=ks, n_candidates=fit.n_candidates,
         n_used=fit.n_used, n_rejected=fit.n_rejected, science_fwhm=sci_psf.fwhm, template_fwhm=tpl_psf.fwhm,
         residual_mean=fit.residual_mean, residual_rms=fit.residual_rms, variance_scale_science=s_scale,
-        variance_scale_template=t_scale, noise_ratio=noise_ratio(difference))
+        variance_scale_template=t_scale, noise_ratio=measured_ratio, variance_scale_difference=diff_scale)
     log.info("%s", diag.summary())
     return SubtractionResult(difference, matched_exp, kernel, background,
                              difference if cfg.flavor == "preconvolution" else None, diag,

@@ -1,0 +1,176 @@
+"""Resampling a template onto the science pixel grid.
+
+With WCSs on both images the template is resampled through sky coordinates (cubic-spline
+interpolation, flux kept by the Jacobian of the mapping); frames without a WCS are registered
+by the offset between their star lists. Masks travel with the pixels that contribute (grown by
+one pixel), uncovered pixels become NO_DATA, and the PSF is transformed to the new grid.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage
+from scipy.interpolate import RectBivariateSpline
+
+from .errors import BadInputError, NoOverlapError
+from .exposure import Exposure, MaskPlanes
+from .psf import GridPsf, ImagePsf, Psf, find_stars
+
+log = logging.getLogger(__name__)
+
+#: Coarse-grid spacing (pixels) at which the WCS mapping is evaluated before spline interpolation.
+MAPPING_STEP = 32
+
+
+def same_grid(a: Exposure, b: Exposure, tol_pix: float = 1e-3) -> bool:
+    """True when b's pixels are a's pixels (same shape and, if both have one, the same WCS)."""
+    if a.shape != b.shape:
+        return False
+    if a.wcs is None or b.wcs is None:
+        return True
+    ny, nx = a.shape
+    pts = np.array([[0, 0], [nx - 1, 0], [0, ny - 1], [nx - 1, ny - 1], [nx / 2, ny / 2]], float)
+    back = b.wcs.all_world2pix(a.wcs.all_pix2world(pts, 0), 0)
+    return bool(np.abs(back - pts).max() < tol_pix)
+
+
+def _mapping_from_wcs(src: Exposure, dst_wcs, dst_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Source pixel coordinates (xs, ys) of every destination pixel, via a coarse grid and splines."""
+    ny, nx = dst_shape
+    gx = np.unique(np.r_[np.arange(0, nx, MAPPING_STEP), nx - 1]).astype(float)
+    gy = np.unique(np.r_[np.arange(0, ny, MAPPING_STEP), ny - 1]).astype(float)
+    mx, my = np.meshgrid(gx, gy)
+    world = dst_wcs.all_pix2world(np.column_stack([mx.ravel(), my.ravel()]), 0)
+    src_pix = src.wcs.all_world2pix(world, 0)
+    kx, ky = min(3, len(gx) - 1), min(3, len(gy) - 1)
+    sx = RectBivariateSpline(gy, gx, src_pix[:, 0].reshape(mx.shape), kx=kx, ky=ky)
+    sy = RectBivariateSpline(gy, gx, src_pix[:, 1].reshape(mx.shape), kx=kx, ky=ky)
+    ax, ay = np.arange(nx, dtype=float), np.arange(ny, dtype=float)
+    return sx(ay, ax).astype(np.float64), sy(ay, ax).astype(np.float64)
+
+
+def _resample(src: Exposure, xs: np.ndarray, ys: np.ndarray, psf: Psf | None, wcs) -> Exposure:
+    ny_s, nx_s = src.shape
+    outside = (xs < -0.5) | (xs > nx_s - 0.5) | (ys < -0.5) | (ys > ny_s - 0.5)
+    nodata_src = src.plane("NO_DATA")
+    img = np.where(nodata_src, 0.0, src.image).astype(np.float64)
+    coords = np.array([ys, xs])
+    # Flux per destination pixel = flux per source pixel x (source pixels per destination pixel).
+    jac = np.abs(np.gradient(xs, axis=1) * np.gradient(ys, axis=0) - np.gradient(xs, axis=0) * np.gradient(ys, axis=1))
+    image = ndimage.map_coordinates(img, coords, order=3, mode="constant", cval=0.0) * jac
+    variance = ndimage.map_coordinates(src.variance.astype(np.float64), coords, order=1, mode="nearest") * jac**2
+    near = np.array([np.clip(np.round(ys), 0, ny_s - 1), np.clip(np.round(xs), 0, nx_s - 1)]).astype(int)
+    planes = MaskPlanes(dict(src.mask_planes.bits))
+    mask = np.zeros(xs.shape, np.int32)
+    for name, bit in planes.bits.items():
+        plane = (src.mask & (1 << bit)) != 0
+        if plane.any():
+            grown = ndimage.binary_dilation(plane, structure=np.ones((3, 3), bool))
+            mask[grown[near[0], near[1]]] |= np.int32(1 << bit)
+    mask[outside] |= np.int32(planes.bit("NO_DATA"))
+    image[outside] = 0.0
+    good_var = variance[~outside]
+    variance[outside] = np.median(good_var) if good_var.size else 1.0
+    return Exposure(image=image.astype(np.float32), mask=mask, variance=variance.astype(np.float32), psf=psf,
+                    wcs=wcs, mask_planes=planes, visit=src.visit, detector=src.detector, band=src.band,
+                    mjd=src.mjd, exptime=src.exptime, magzero=src.magzero, gain=src.gain,
+                    saturate=src.saturate, header=src.header.copy(), path=src.path)
+
+
+def _local_jacobian(xs: np.ndarray, ys: np.ndarray, x: int, y: int) -> np.ndarray:
+    """d(source)/d(destination) at destination pixel (x, y)."""
+    x = int(np.clip(x, 1, xs.shape[1] - 2))
+    y = int(np.clip(y, 1, xs.shape[0] - 2))
+    return np.array([[(xs[y, x + 1] - xs[y, x - 1]) / 2, (xs[y + 1, x] - xs[y - 1, x]) / 2],
+                     [(ys[y, x + 1] - ys[y, x - 1]) / 2, (ys[y + 1, x] - ys[y - 1, x]) / 2]])
+
+
+def _transform_stamp(stamp: np.ndarray, jac: np.ndarray) -> np.ndarray:
+    """Stamp in destination pixels: p_dst(u) = p_src(J u), renormalised."""
+    c = (stamp.shape[0] - 1) / 2
+    # affine_transform maps output (row, col) to input (row, col): swap J's axes to (y, x) order.
+    m = np.array([[jac[1, 1], jac[1, 0]], [jac[0, 1], jac[0, 0]]])
+    offset = np.array([c, c]) - m @ np.array([c, c])
+    out = ndimage.affine_transform(stamp, m, offset=offset, order=3, mode="constant")
+    total = out.sum()
+    return out / total if total > 0 else stamp
+
+
+def _transform_psf(psf: Psf | None, xs, ys, dst_shape) -> Psf | None:
+    if psf is None:
+        return None
+    ny, nx = dst_shape
+    if isinstance(psf, GridPsf):
+        gx = np.linspace(0, nx - 1, len(psf.grid_x) + 2)[1:-1]
+        gy = np.linspace(0, ny - 1, len(psf.grid_y) + 2)[1:-1]
+        stamps, cx, cy = [], [], []
+        for y in gy:
+            for x in gx:
+                j = _local_jacobian(xs, ys, int(x), int(y))
+                stamps.append(_transform_stamp(psf.stamp(x=float(xs[int(y), int(x)]), y=float(ys[int(y), int(x)])), j))
+                cx.append(x)
+                cy.append(y)
+        return GridPsf(np.array(stamps), np.array(cx), np.array(cy))
+    j = _local_jacobian(xs, ys, nx // 2, ny // 2)
+    if np.allclose(j, np.eye(2), atol=1e-4):
+        return psf
+    return ImagePsf(_transform_stamp(psf.stamp(), j))
+
+
+def warp_exposure(src: Exposure, dst_wcs, dst_shape: tuple[int, int]) -> Exposure:
+    """Resample ``src`` onto the pixel grid of ``dst_wcs`` (shape ``dst_shape``)."""
+    if src.wcs is None or dst_wcs is None:
+        raise BadInputError("both images need a WCS to warp", src.path)
+    xs, ys = _mapping_from_wcs(src, dst_wcs, dst_shape)
+    return _resample(src, xs, ys, _transform_psf(src.psf, xs, ys, dst_shape), dst_wcs)
+
+
+def shift_exposure(src: Exposure, dx: float, dy: float, dst_shape: tuple[int, int] | None = None) -> Exposure:
+    """Resample ``src`` so that its pixel (x + dx, y + dy) lands on (x, y)."""
+    ny, nx = dst_shape or src.shape
+    xs, ys = np.meshgrid(np.arange(nx, dtype=float) + dx, np.arange(ny, dtype=float) + dy)
+    return _resample(src, xs, ys, src.psf, None)
+
+
+def measure_offset(src: Exposure, dst: Exposure, max_shift_fraction: float = 0.3, n_stars: int = 300) -> tuple[float, float]:
+    """(dx, dy) such that a star at (x, y) in ``dst`` is at (x + dx, y + dy) in ``src``.
+
+    All pairwise offsets of the brightest stars vote in a 2-px histogram; pairs within 1.5 px of the
+    winning offset are then averaged (median) for a sub-pixel answer.
+    """
+    a = find_stars(src, 2.0, 15.0, max_candidates=n_stars)
+    b = find_stars(dst, 2.0, 15.0, max_candidates=n_stars)
+    if len(a) < 3 or len(b) < 3:
+        raise NoOverlapError(f"too few stars to register {src.path or 'template'} to {dst.path or 'science'}")
+    dx = (a.x[:, None] - b.x[None, :]).ravel()
+    dy = (a.y[:, None] - b.y[None, :]).ravel()
+    limit = max_shift_fraction * max(src.shape)
+    keep = (np.abs(dx) < limit) & (np.abs(dy) < limit)
+    dx, dy = dx[keep], dy[keep]
+    bins = np.arange(-limit, limit + 2, 2.0)
+    hist, ex, ey = np.histogram2d(dx, dy, bins=[bins, bins])
+    hist = ndimage.uniform_filter(hist, 2, mode="constant")
+    i, j = np.unravel_index(np.argmax(hist), hist.shape)
+    px, py = ex[i] + 1.0, ey[j] + 1.0
+    near = np.hypot(dx - px, dy - py) < 3.0
+    if near.sum() < 3:
+        raise NoOverlapError(f"could not register {src.path or 'template'} to {dst.path or 'science'}")
+    px, py = np.median(dx[near]), np.median(dy[near])
+    near = np.hypot(dx - px, dy - py) < 1.5
+    return float(np.median(dx[near])), float(np.median(dy[near]))
+
+
+def align_to(template: Exposure, science: Exposure) -> Exposure:
+    """The template on the science grid: warped by WCS, shifted by star registration, or as is."""
+    if template.wcs is not None and science.wcs is not None:
+        if same_grid(science, template):
+            return template
+        log.info("warping %s onto the science WCS", template.path)
+        return warp_exposure(template, science.wcs, science.shape)
+    dx, dy = measure_offset(template, science)
+    if template.shape == science.shape and abs(dx) < 0.05 and abs(dy) < 0.05:
+        return template
+    log.info("registering %s by a shift of (%.2f, %.2f) px", template.path, dx, dy)
+    return shift_exposure(template, dx, dy, science.shape)
