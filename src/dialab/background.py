@@ -27,16 +27,65 @@ class Background:
         return float(np.median(self.rms))
 
 
+class _Truncation(dict):
+    """Half-width of the 15.87-84.13 percentile interval of a unit Gaussian clipped at +-k."""
+
+    def __missing__(self, k):
+        from scipy.special import erf, ndtri
+
+        value = 1.0 if not np.isfinite(k) else float(ndtri(0.5 + 0.3413447 * erf(k / np.sqrt(2)))) / 1.0
+        self[k] = value
+        return value
+
+
+_TRUNCATION = _Truncation()
+
+
+def _quantile(srt: np.ndarray, idx: np.ndarray, a: np.ndarray, width: np.ndarray, q: float) -> np.ndarray:
+    """Linearly interpolated quantile q of each row's kept range srt[a : a + width]."""
+    pos = a + q * np.maximum(width - 1, 0)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, np.maximum(a + width - 1, 0))
+    t = pos - lo
+    return (1 - t) * srt[idx, lo] + t * srt[idx, hi]
+
+
 def clipped_stats(values: np.ndarray, nsigma: float = 3.0, iterations: int = 5,
                   axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Median and MAD-sigma after iterative sigma clipping; NaN entries are ignored."""
-    v = np.array(values, dtype=float, copy=True)
-    for _ in range(iterations):
-        med = np.nanmedian(v, axis=axis, keepdims=True)
-        sig = MAD_TO_SIGMA * np.nanmedian(np.abs(v - med), axis=axis, keepdims=True)
-        v = np.where(np.abs(v - med) > nsigma * np.maximum(sig, 1e-30), np.nan, v)
-    med = np.nanmedian(v, axis=axis)
-    sig = MAD_TO_SIGMA * np.nanmedian(np.abs(v - np.nanmedian(v, axis=axis, keepdims=True)), axis=axis)
+    """Median and sigma after iterative sigma clipping; NaN entries are ignored.
+
+    Works on sorted rows: each clipping round only moves the bounds [a, b) of the kept range,
+    and sigma is the half-width of the kept range's 15.87-84.13 percentile interval (Gaussian).
+    ``axis`` is None (all values) or -1/1 (one result per row of a 2-d array).
+    """
+    v = np.asarray(values, dtype=float)
+    rows = v.reshape(1, -1) if axis is None else v.reshape(-1, v.shape[-1])
+    srt = np.sort(rows, axis=1)  # NaN sort last
+    n = np.sum(np.isfinite(srt), axis=1)
+    idx = np.arange(len(srt))
+    a = np.zeros(len(srt), int)
+    b = n.copy()
+    med = sig = np.full(len(srt), np.nan)
+    for it in range(iterations + 1):
+        width = b - a
+        ok = width > 0
+        take = np.where(ok, a + width // 2, 0)
+        med = np.where(ok, srt[idx, take], np.nan)
+        sig = np.where(ok, 0.5 * (_quantile(srt, idx, a, width, 0.8413) - _quantile(srt, idx, a, width, 0.1587)),
+                       np.nan) / _TRUNCATION[nsigma if it else np.inf]
+        if it == iterations:
+            break
+        lo = med - nsigma * sig
+        hi = med + nsigma * sig
+        a_new = np.array([np.searchsorted(r[:k], l, "left") for r, k, l in zip(srt, n, lo)]) if len(srt) < 8 \
+            else np.sum(srt < lo[:, None], axis=1)
+        b_new = np.array([np.searchsorted(r[:k], h, "right") for r, k, h in zip(srt, n, hi)]) if len(srt) < 8 \
+            else np.minimum(np.sum(srt <= hi[:, None], axis=1), n)
+        if np.array_equal(a_new, a) and np.array_equal(b_new, b):
+            break
+        a, b = a_new, b_new
+    if axis is None:
+        return med[0], sig[0]
     return med, sig
 
 
@@ -75,10 +124,11 @@ def _mesh(image: np.ndarray, bad: np.ndarray, mesh_pix: int) -> Background:
     ex = np.linspace(0, nx, bx + 1).astype(int)
     level = np.full((by, bx), np.nan)
     rms = np.full((by, bx), np.nan)
-    data = np.where(bad, np.nan, image.astype(float))
+    data = np.where(bad, np.nan, image.astype(np.float32))
+    stride = max(1, (mesh_pix * mesh_pix) // 1024)  # ~1000 pixels per box are plenty for a median
     for j in range(by):
         row = data[ey[j] : ey[j + 1]]
-        boxes = [row[:, ex[i] : ex[i + 1]].ravel() for i in range(bx)]
+        boxes = [row[:, ex[i] : ex[i + 1]].ravel()[::stride] for i in range(bx)]
         width = max(len(b) for b in boxes)
         stack = np.full((bx, width), np.nan)
         for i, b in enumerate(boxes):

@@ -459,7 +459,7 @@ def _psf_stars(exposure, sigma_guess: float, snr_cut: float, background, max_sta
 
 
 def measure_psf(exposure, grid: tuple[int, int] | None = None, size: int | None = None,
-                max_stars: int = 300, min_stars: int = 5, min_snr: float = 30.0) -> Psf:
+                max_stars: int = 300, min_stars: int = 5, min_snr: float = 30.0, background=None) -> Psf:
     """Measure the PSF from bright, isolated, unsaturated, star-like sources.
 
     Two passes: the first finds stars with a 2-px filter and estimates the size, the second
@@ -469,7 +469,7 @@ def measure_psf(exposure, grid: tuple[int, int] | None = None, size: int | None 
     from .background import estimate_background
     from .errors import PsfMeasurementError
 
-    bg = estimate_background(exposure.image, exposure.plane("NO_DATA", "BAD"))
+    bg = background or estimate_background(exposure.image, exposure.plane("NO_DATA", "BAD"))
     sigma_guess = 2.0
     chosen = None
     for snr_cut in (min_snr, min_snr / 2):  # lower the cut only when too few stars are bright

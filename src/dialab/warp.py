@@ -64,7 +64,7 @@ def _resample(src: Exposure, xs: np.ndarray, ys: np.ndarray, psf: Psf | None, wc
     near = np.array([np.clip(np.round(ys), 0, ny_s - 1), np.clip(np.round(xs), 0, nx_s - 1)]).astype(int)
     planes = MaskPlanes(dict(src.mask_planes.bits))
     mask = np.zeros(xs.shape, np.int32)
-    for name, bit in planes.bits.items():
+    for bit in planes.bits.values():
         plane = (src.mask & (1 << bit)) != 0
         if plane.any():
             grown = ndimage.binary_dilation(plane, structure=np.ones((3, 3), bool))

@@ -103,12 +103,12 @@ def psf_axes(psf: Psf, x: float | None = None, y: float | None = None) -> tuple[
     return m.ixx, m.iyy
 
 
-def variance_scale(exp: Exposure) -> float:
+def variance_scale(exp: Exposure, bg=None) -> float:
     """(measured / recorded)^2 pixel noise in source-free unmasked pixels."""
     from scipy import ndimage
 
     usable = ~exp.plane("BAD", "SAT", "NO_DATA", "EDGE", "CR")
-    bg = estimate_background(exp.image, ~usable)
+    bg = bg or estimate_background(exp.image, ~usable)
     resid = exp.image - bg.level
     snr = gaussian_filtered_snr(resid, bg.rms, 2.0, ~usable)
     sources = ndimage.binary_dilation(np.abs(snr) > 4.0, iterations=4)
@@ -187,10 +187,12 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     """PSF-matched difference of ``science`` minus ``template`` (same pixel grid)."""
     cfg = config or SubtractConfig()
     _check_inputs(science, template, cfg.min_overlap_fraction)
-    sci_psf = science.psf if science.psf is not None else measure_psf(science)
-    tpl_psf = template.psf if template.psf is not None else measure_psf(template)
-    s_scale = variance_scale(science) if cfg.rescale_variance else 1.0
-    t_scale = variance_scale(template) if cfg.rescale_variance else 1.0
+    sci_bg = estimate_background(science.image, science.plane("NO_DATA", "BAD", "SAT"))
+    tpl_bg = estimate_background(template.image, template.plane("NO_DATA", "BAD", "SAT"))
+    sci_psf = science.psf if science.psf is not None else measure_psf(science, background=sci_bg)
+    tpl_psf = template.psf if template.psf is not None else measure_psf(template, background=tpl_bg)
+    s_scale = variance_scale(science, sci_bg) if cfg.rescale_variance else 1.0
+    t_scale = variance_scale(template, tpl_bg) if cfg.rescale_variance else 1.0
     sci_var = science.variance * np.float32(s_scale)
     tpl_var = template.variance * np.float32(t_scale)
     nodata = science.plane("NO_DATA") | template.plane("NO_DATA")
@@ -218,7 +220,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     half_stamp = basis.size
     positions = select_kernel_candidates(science, template, half_stamp + basis.half,
                                          (cfg.candidate_snr_min, cfg.candidate_snr_max), cfg.max_candidates,
-                                         sigma_pix=max(sci_psf.sigma, 1.0))
+                                         sigma_pix=max(sci_psf.sigma, 1.0), background=sci_bg)
     fit: KernelFit = fit_matching_kernel(
         target_img, target_var, conv_img, conv_var, positions, basis, half_stamp, cfg.spatial_order,
         cfg.background_order, cfg.max_rejection_rounds, cfg.residual_mean_max, cfg.residual_rms_max,
