@@ -39,25 +39,11 @@ def fft_convolve_many(image: np.ndarray, kernels: np.ndarray, workers: int | Non
     return out
 
 
-def _term_weights(kernel: SpatialKernel, shape: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(row, column) factors of each spatial term, so T_k = outer(row_k, col_k) without full arrays."""
-    sp = kernel.spatial
-    ny, nx = shape
-    xs = 2.0 * np.arange(nx) / max(sp.width - 1, 1) - 1.0
-    ys = 2.0 * np.arange(ny) / max(sp.height - 1, 1) - 1.0
-    tx = [np.ones_like(xs), xs]
-    ty = [np.ones_like(ys), ys]
-    for _ in range(2, sp.order + 1):
-        tx.append(2 * xs * tx[-1] - tx[-2])
-        ty.append(2 * ys * ty[-1] - ty[-2])
-    return [(ty[j].astype(np.float32), tx[i].astype(np.float32)) for i, j in sp.powers()]
-
-
 def convolve_image(image: np.ndarray, kernel: SpatialKernel, workers: int | None = None) -> np.ndarray:
     """K(x, y) * image for the spatially varying kernel."""
     parts = fft_convolve_many(image, kernel.term_images(), workers)
     out = np.zeros(image.shape, dtype=np.float32)
-    for part, (row, col) in zip(parts, _term_weights(kernel, image.shape)):
+    for part, (row, col) in zip(parts, kernel.spatial.factors(image.shape)):
         out += part * row[:, None] * col[None, :]
     return out
 

@@ -47,8 +47,8 @@ class Chebyshev2D:
             ty.append(2 * ys * ty[-1] - ty[-2])
         return np.array([tx[i] * ty[j] for i, j in self.powers()])
 
-    def evaluate(self, coeffs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """Image of sum_k coeffs[k] T_k over a full (ny, nx) grid, computed separably."""
+    def factors(self, shape: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per term, the (row, column) vectors whose outer product is T_k over a full (ny, nx) grid."""
         ny, nx = shape
         xs = 2.0 * np.arange(nx) / max(self.width - 1, 1) - 1.0
         ys = 2.0 * np.arange(ny) / max(self.height - 1, 1) - 1.0
@@ -57,9 +57,13 @@ class Chebyshev2D:
         for _ in range(2, self.order + 1):
             tx.append(2 * xs * tx[-1] - tx[-2])
             ty.append(2 * ys * ty[-1] - ty[-2])
+        return [(ty[j].astype(np.float32), tx[i].astype(np.float32)) for i, j in self.powers()]
+
+    def evaluate(self, coeffs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Image of sum_k coeffs[k] T_k over a full (ny, nx) grid, computed separably."""
         out = np.zeros(shape, dtype=np.float32)
-        for c, (i, j) in zip(coeffs, self.powers()):
-            out += np.float32(c) * np.outer(ty[j], tx[i]).astype(np.float32)
+        for c, (row, col) in zip(coeffs, self.factors(shape)):
+            out += np.float32(c) * np.outer(row, col)
         return out
 
 
