@@ -52,8 +52,7 @@ def run_demo(output: str | Path, seed: int = 1) -> None:
     table = Table(title=f"dialab demo: {science.shape[1]}x{science.shape[0]} px pair, "
                         f"PSF FWHM science {PairSpec().science_fwhm} / template {PairSpec().template_fwhm} px, "
                         f"{len(truth)} transients")
-    for col in ("flavor", "convolved", "kernel sum", "stamps used", "noise ratio", "transient flux ratio",
-                "flux pull std", "seconds"):
+    for col in ("flavor", "convolved", "k sum", "stamps", "noise", "flux ratio", "pull std", "s"):
         table.add_column(col)
     for r in rows:
         table.add_row(*r)

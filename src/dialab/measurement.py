@@ -21,6 +21,8 @@ def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | Non
         raise ValueError("forced photometry needs the exposure's PSF")
     size = size or min(psf.default_size, 31)
     h = size // 2
+    full = psf.default_size
+    o = (full - size) // 2 if full > size else 0
     ny, nx = exp.shape
     bad = exp.unusable
     flux = np.full(len(x), np.nan)
@@ -30,14 +32,17 @@ def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | Non
         ix, iy = int(round(xi)), int(round(yi))
         if score:
             if 0 <= ix < nx and 0 <= iy < ny and not bad[iy, ix]:
-                peak = psf.draw(xi - ix, yi - iy, size, x=xi, y=yi)[h, h]
+                peak = psf.draw(xi - ix, yi - iy, None, x=xi, y=yi)[full // 2, full // 2]
                 flux[i] = exp.image[iy, ix] / peak
                 err[i] = np.sqrt(exp.variance[iy, ix]) / peak
             continue
         x0, x1, y0, y1 = max(ix - h, 0), min(ix + h + 1, nx), max(iy - h, 0), min(iy + h + 1, ny)
         if x0 >= x1 or y0 >= y1:
             continue
-        p = psf.draw(xi - ix, yi - iy, size, x=xi, y=yi)[y0 - iy + h : y1 - iy + h, x0 - ix + h : x1 - ix + h]
+        # The fit window is cropped from the full, unit-sum model: fluxes are totals, not window sums.
+        model = psf.draw(xi - ix, yi - iy, None, x=xi, y=yi)
+        model = model[o : o + size, o : o + size] if full > size else np.pad(model, (size - full) // 2)
+        p = model[y0 - iy + h : y1 - iy + h, x0 - ix + h : x1 - ix + h]
         w = np.where(bad[y0:y1, x0:x1], 0.0, 1.0 / np.maximum(exp.variance[y0:y1, x0:x1], 1e-30))
         denom = float((p * p * w).sum())
         if denom > 0:

@@ -15,7 +15,7 @@ import pandas as pd
 from astropy.wcs import WCS
 
 from ..exposure import Exposure
-from ..psf import MoffatPsf
+from ..psf import ImagePsf, MoffatPsf
 from .render import add_noise, draw_point_sources, random_star_field
 
 
@@ -47,6 +47,13 @@ def _wcs(shape, scale_arcsec, ra, dec, rotation_deg=0.0, shift_pix=(0.0, 0.0)) -
     s = scale_arcsec / 3600
     w.wcs.cd = s * np.array([[-np.cos(th), np.sin(th)], [np.sin(th), np.cos(th)]])
     return w
+
+
+def effective_psf(fwhm: float, beta: float) -> ImagePsf:
+    """The Moffat as the pixels see it (GalSim's pixel-integrated drawing), as a stamp."""
+    size = MoffatPsf(fwhm_pix=fwhm, beta=beta).default_size
+    stamp = galsim.Moffat(beta=beta, fwhm=fwhm).drawImage(nx=size, ny=size, scale=1.0).array
+    return ImagePsf(stamp)
 
 
 def simulate_pair(spec: PairSpec = PairSpec(), seed: int = 1) -> tuple[Exposure, Exposure, pd.DataFrame]:
@@ -109,7 +116,7 @@ def simulate_pair(spec: PairSpec = PairSpec(), seed: int = 1) -> tuple[Exposure,
 
     def exposure(f, wcs, fwhm, scale, sky, visit):
         return Exposure(image=(f.image - sky) / scale, mask=np.zeros(spec.shape, np.int32),
-                        variance=f.variance / scale**2, psf=MoffatPsf(fwhm_pix=fwhm, beta=spec.beta), wcs=wcs,
+                        variance=f.variance / scale**2, psf=effective_psf(fwhm, spec.beta), wcs=wcs,
                         visit=visit, detector=0, band="r", mjd=60000.0 + visit / 1000, exptime=30.0 * scale,
                         magzero=spec.magzero, gain=spec.gain * scale)
 
