@@ -100,23 +100,28 @@ def robust_std(values: np.ndarray) -> float:
 
 def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_pix: int = 64,
                         mask_sources_nsigma: float | None = 3.0) -> Background:
-    """Mesh background: clipped median and MAD per box, 3x3 median-filtered, spline-upsampled.
+    """Mesh background: clipped median and sigma per box, 3x3 median-filtered, spline-upsampled.
 
-    ``bad`` marks pixels never used. When ``mask_sources_nsigma`` is set, a first pass finds
-    pixels above that many sigma (grown by 2 px) and masks them for the second pass.
+    ``bad`` marks pixels never used. When ``mask_sources_nsigma`` is set, a first pass (on the
+    blocky mesh values) finds pixels above that many sigma, grown by 2 px, and masks them for
+    the second pass.
     """
     ny, nx = image.shape
-    bad = np.zeros(image.shape, bool) if bad is None else bad | ~np.isfinite(image)
-    bg = _mesh(image, bad, mesh_pix)
+    bad = ~np.isfinite(image) if bad is None else bad | ~np.isfinite(image)
+    level, rms, rows, cols = _mesh(image, bad, mesh_pix)
     if mask_sources_nsigma is not None:
-        sources = (image - bg.level) > mask_sources_nsigma * bg.rms
-        sources = ndimage.binary_dilation(sources, iterations=2)
+        ry, rx = np.bincount(rows), np.bincount(cols)
+        blocky_level = np.repeat(np.repeat(level.astype(np.float32), ry, axis=0), rx, axis=1)
+        blocky_rms = np.repeat(np.repeat((mask_sources_nsigma * rms).astype(np.float32), ry, axis=0), rx, axis=1)
+        sources = (image - blocky_level) > blocky_rms
+        sources = ndimage.maximum_filter(sources.view(np.uint8), size=5, mode="constant") > 0
         if (~(bad | sources)).sum() > 0.2 * image.size:
-            bg = _mesh(image, bad | sources, mesh_pix)
-    return bg
+            level, rms, rows, cols = _mesh(image, bad | sources, mesh_pix)
+    return Background(_upsample(level, ny, nx), _upsample(rms, ny, nx))
 
 
-def _mesh(image: np.ndarray, bad: np.ndarray, mesh_pix: int) -> Background:
+def _mesh(image: np.ndarray, bad: np.ndarray, mesh_pix: int):
+    """Mesh-cell level and sigma grids, and each pixel's cell row and column index."""
     ny, nx = image.shape
     by = max(1, int(round(ny / mesh_pix)))
     bx = max(1, int(round(nx / mesh_pix)))
@@ -146,7 +151,9 @@ def _mesh(image: np.ndarray, bad: np.ndarray, mesh_pix: int) -> Background:
     if min(by, bx) >= 3:
         level = ndimage.median_filter(level, size=3, mode="nearest")
         rms = ndimage.median_filter(rms, size=3, mode="nearest")
-    return Background(_upsample(level, ny, nx), _upsample(rms, ny, nx))
+    rows = np.searchsorted(ey, np.arange(ny), side="right") - 1
+    cols = np.searchsorted(ex, np.arange(nx), side="right") - 1
+    return level, rms, rows, cols
 
 
 def _fill(grid: np.ndarray) -> np.ndarray:

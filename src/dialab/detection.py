@@ -19,10 +19,12 @@ def gaussian_filtered_snr(image: np.ndarray, noise_rms: np.ndarray | float, sigm
     """
     data = np.where(bad, 0.0, image) if bad is not None else image
     smoothed = ndimage.gaussian_filter(data.astype(np.float32), sigma_pix, mode="constant", truncate=4.0)
-    var = np.broadcast_to(np.asarray(noise_rms, dtype=np.float32) ** 2, image.shape)
-    # Convolving the variance with g^2 (a Gaussian of sigma/sqrt(2), scaled) gives the filtered variance.
     g2_scale = 1.0 / (4.0 * np.pi * sigma_pix**2)
-    filt_var = ndimage.gaussian_filter(var, sigma_pix / np.sqrt(2.0), mode="nearest", truncate=4.0) * g2_scale
+    rms = np.asarray(noise_rms, dtype=np.float32)
+    if rms.ndim == 0:
+        return smoothed / (rms * np.float32(np.sqrt(g2_scale)))
+    # Convolving the variance with g^2 (a Gaussian of sigma/sqrt(2), scaled) gives the filtered variance.
+    filt_var = ndimage.gaussian_filter(rms**2, sigma_pix / np.sqrt(2.0), mode="nearest", truncate=3.0) * g2_scale
     return smoothed / np.sqrt(np.maximum(filt_var, 1e-30))
 
 

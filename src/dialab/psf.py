@@ -372,11 +372,11 @@ def find_stars(exposure, sigma_guess_pix: float = 2.0, min_snr: float = 20.0, ra
     peak_value = snr[ys, xs]
     strong = peak_value > min_snr
     ny, nx = image.shape
-    smooth = ndimage.gaussian_filter(sub, sigma_guess_pix)
-    dilated_bad = ndimage.binary_dilation(bad, structure=np.ones((3, 3)), iterations=radius) if bad.any() else bad
+    dilated_bad = (ndimage.maximum_filter(bad.view(np.uint8), size=2 * radius + 1, mode="constant") > 0
+                   if bad.any() else bad)
     rows = []
     all_pos = np.column_stack([xs, ys]).astype(float)
-    all_amp = smooth[ys, xs]
+    all_amp = peak_value  # filtered S/N: relative brightness of neighbours where the noise is even
     for k in np.nonzero(strong)[0][:max_candidates]:
         x0, y0 = int(xs[k]), int(ys[k])
         if x0 < radius or y0 < radius or x0 >= nx - radius or y0 >= ny - radius:

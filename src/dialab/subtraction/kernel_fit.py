@@ -116,13 +116,28 @@ class KernelFit:
 
 @dataclass
 class _Stamp:
+    """A kernel stamp reduced to the sums a least-squares fit needs.
+
+    With A the stamp's columns [basis-convolved image (n), background terms (m)], weights w and
+    target t: G = A^T W A, h = A^T W t, u = A^T sqrt(w), v = sum sqrt(w) t, tt = t^T W t. Any model
+    that is a linear map of these columns is fitted, and its residuals summarised, from them alone.
+    """
+
     x: float
     y: float
-    columns: np.ndarray  # (n_basis, npix) basis-convolved image
-    target: np.ndarray  # (npix,)
-    weight: np.ndarray  # (npix,)
-    px: np.ndarray  # pixel x of each stamp pixel
-    py: np.ndarray
+    G: np.ndarray
+    h: np.ndarray
+    u: np.ndarray
+    v: float
+    tt: float
+    npix: int
+
+    def residual_stats(self, c: np.ndarray) -> tuple[float, float]:
+        """Mean and rms of sqrt(w) (t - A c) for column coefficients c (zero-padded to A's width)."""
+        q = len(c)
+        mean = (self.v - self.u[:q] @ c) / self.npix
+        chi2 = self.tt - 2 * c @ self.h[:q] + c @ self.G[:q, :q] @ c
+        return float(mean), float(np.sqrt(max(chi2, 0.0) / self.npix))
 
 
 def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0, 500.0),
@@ -142,7 +157,8 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
         return np.zeros((0, 2), int)
     bad = science.plane("BAD", "SAT", "EDGE", "NO_DATA") | template.plane("BAD", "SAT", "EDGE", "NO_DATA")
     ny, nx = bad.shape
-    near_bad = ndimage.maximum_filter(bad.astype(np.uint8), size=2 * half_stamp + 1, mode="constant") > 0
+    near_bad = (ndimage.maximum_filter(bad.view(np.uint8), size=2 * half_stamp + 1, mode="constant") > 0
+                if bad.any() else bad)
     ix = np.round(stars.x).astype(int)
     iy = np.round(stars.y).astype(int)
     inside = (ix >= half_stamp) & (iy >= half_stamp) & (ix < nx - half_stamp) & (iy < ny - half_stamp)
@@ -166,7 +182,8 @@ def _convolve_valid(cut: np.ndarray, basis: KernelBasis) -> np.ndarray:
     return np.einsum("yxkl,kl->kyx", windows, fy, optimize=True)
 
 
-def _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp) -> list[_Stamp]:
+def _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp,
+                  bg: Chebyshev2D) -> list[_Stamp]:
     h = basis.half
     stamps = []
     yy, xx = np.mgrid[-half_stamp : half_stamp + 1, -half_stamp : half_stamp + 1]
@@ -178,9 +195,13 @@ def _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, 
         raw = _convolve_valid(c.astype(float), basis).reshape(len(basis.factors_x), -1)
         var = (target_var[y - half_stamp : y + half_stamp + 1, x - half_stamp : x + half_stamp + 1]
                + conv_var[y - half_stamp : y + half_stamp + 1, x - half_stamp : x + half_stamp + 1])
-        stamps.append(_Stamp(float(x), float(y), basis.transform @ raw, t.ravel().astype(float),
-                             1.0 / np.maximum(var.ravel().astype(float), 1e-30),
-                             (xx + x).ravel().astype(float), (yy + y).ravel().astype(float)))
+        w = 1.0 / np.maximum(var.ravel().astype(float), 1e-30)
+        target = t.ravel().astype(float)
+        a = np.vstack([basis.transform @ raw, bg.terms((xx + x).ravel(), (yy + y).ravel())]).T
+        aw = a * w[:, None]
+        sw = np.sqrt(w)
+        stamps.append(_Stamp(float(x), float(y), a.T @ aw, aw.T @ target, a.T @ sw, float(sw @ target),
+                             float(target @ (w * target)), len(target)))
     return stamps
 
 
@@ -191,21 +212,24 @@ def _solve(m: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sol / scale
 
 
-def _single_stamp_fit(s: _Stamp) -> tuple[np.ndarray, float, float]:
+def _single_stamp_fit(s: _Stamp, n_basis: int) -> tuple[np.ndarray, float, float]:
     """Per-stamp fit (constant kernel + constant background): coefficients, residual mean and rms."""
-    a = np.vstack([s.columns, np.ones_like(s.target)]).T
-    w = s.weight
-    sol = _solve(a.T @ (a * w[:, None]), a.T @ (w * s.target))
-    r = (s.target - a @ sol) * np.sqrt(w)
-    return sol, float(r.mean()), float(np.sqrt(np.mean(r * r)))
+    q = n_basis + 1  # the basis columns and the constant background term
+    sol = _solve(s.G[:q, :q], s.h[:q])
+    return sol, *s.residual_stats(sol)
 
 
-def _spatial_design(s: _Stamp, spatial: Chebyshev2D, bg: Chebyshev2D) -> np.ndarray:
-    t = spatial.terms(s.x, s.y)  # (n_sp,)
-    cols = [s.columns[0][None, :]]
-    cols.append((s.columns[1:, None, :] * t[None, :, None]).reshape(-1, s.columns.shape[1]))
-    cols.append(bg.terms(s.px, s.py))
-    return np.vstack(cols).T
+def _expansion(s: _Stamp, n_basis: int, spatial: Chebyshev2D, n_bg: int) -> np.ndarray:
+    """E with (stamp columns) = E (spatial parameters): a_j = sum_k a_jk T_k(x_s, y_s), a_0 constant."""
+    n_sp = spatial.n_terms
+    n_par = 1 + (n_basis - 1) * n_sp + n_bg
+    e = np.zeros((n_basis + n_bg, n_par))
+    e[0, 0] = 1.0
+    t = spatial.terms(s.x, s.y)
+    for j in range(1, n_basis):
+        e[j, 1 + (j - 1) * n_sp : 1 + j * n_sp] = t
+    e[n_basis + np.arange(n_bg), 1 + (n_basis - 1) * n_sp + np.arange(n_bg)] = 1.0
+    return e
 
 
 def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: np.ndarray, basis: KernelBasis,
@@ -214,13 +238,15 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
                         sum_clip: float = 3.0, min_candidates: int = 3) -> KernelFit:
     """Fit K and the background so that K * conv_img + background ~ target_img on the stamps."""
     ny, nx = target_img.shape
-    stamps = _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp)
+    full_bg = Chebyshev2D(background_order, nx, ny)
+    stamps = _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp, full_bg)
     n_candidates = len(stamps)
     if n_candidates < min_candidates:
         raise InsufficientKernelSourcesError(
             f"only {n_candidates} usable kernel sources (need {min_candidates}): too few clean, unsaturated "
             "point sources with S/N 10-500 in the overlap")
-    singles = [_single_stamp_fit(s) for s in stamps]
+    n_basis = basis.n
+    singles = [_single_stamp_fit(s, n_basis) for s in stamps]
     sums = np.array([sol[0] for sol, _, _ in singles])
     med = np.median(sums)
     spread = 1.4826 * np.median(np.abs(sums - med)) + 1e-6 * abs(med)
@@ -228,31 +254,19 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
     good &= np.array([abs(m) <= max_mean and r <= max_rms for _, m, r in singles]) | (good.sum() < min_candidates)
     if good.sum() < min_candidates:
         good = np.argsort(np.abs(sums - med)) < min_candidates
-    n_basis = basis.n
     for _ in range(max_rounds + 1):
         used = [s for s, g in zip(stamps, good) if g]
         order = spatial_order
         while order > 0 and len(used) < 3 * Chebyshev2D(order, nx, ny).n_terms:
             order -= 1
         spatial = Chebyshev2D(order, nx, ny)
-        bg = Chebyshev2D(background_order if len(used) >= 2 * Chebyshev2D(background_order, nx, ny).n_terms
-                         else 0, nx, ny)
-        n_par = 1 + (n_basis - 1) * spatial.n_terms + bg.n_terms
-        m = np.zeros((n_par, n_par))
-        b = np.zeros(n_par)
-        designs = []
-        for s in used:
-            d = _spatial_design(s, spatial, bg)
-            designs.append(d)
-            dw = d * s.weight[:, None]
-            m += d.T @ dw
-            b += dw.T @ s.target
+        bg = Chebyshev2D(background_order if len(used) >= 2 * full_bg.n_terms else 0, nx, ny)
+        q = n_basis + bg.n_terms
+        expansions = [_expansion(s, n_basis, spatial, bg.n_terms) for s in stamps]
+        m = sum(e.T @ s.G[:q, :q] @ e for s, e, g in zip(stamps, expansions, good) if g)
+        b = sum(e.T @ s.h[:q] for s, e, g in zip(stamps, expansions, good) if g)
         sol = _solve(m, b)
-        stats = []
-        for s in stamps:
-            r = (s.target - _spatial_design(s, spatial, bg) @ sol) * np.sqrt(s.weight)
-            stats.append((float(r.mean()), float(np.sqrt(np.mean(r * r)))))
-        stats = np.array(stats)
+        stats = np.array([s.residual_stats(e @ sol) for s, e in zip(stamps, expansions)])
         bad_now = good & ((np.abs(stats[:, 0]) > max_mean) | (stats[:, 1] > max_rms))
         if not bad_now.any() or (good & ~bad_now).sum() < min_candidates:
             break
