@@ -59,6 +59,26 @@ def _cmd_subtract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .detection import DetectConfig
+    from .exposure import read_exposure
+    from .measurement import BAD_FLAGS, detect_and_measure
+
+    diff = read_exposure(args.difference)
+    if diff.psf is None:
+        from .errors import BadInputError
+
+        raise BadInputError("the difference has no PSF HDU (write it with dialab subtract)", args.difference)
+    cat, _, _ = detect_and_measure(diff, detect_config=DetectConfig(threshold=args.threshold))
+    cat.to_parquet(args.output)
+    flagged = int(cat[list(BAD_FLAGS)].any(axis=1).sum()) if len(cat) else 0
+    pos = int((~cat.isNegative & ~cat.isDipole).sum()) if len(cat) else 0
+    neg = int((cat.isNegative & ~cat.isDipole).sum()) if len(cat) else 0
+    print(f"{args.output}: {len(cat)} diaSources ({pos} positive, {neg} negative, {int(cat.isDipole.sum()) if len(cat) else 0}"
+          f" dipoles, {flagged} flagged)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -92,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub_p.add_argument("--template-noise", help="template 1-sigma noise map FITS")
     sub_p.add_argument("--no-decorrelate", action="store_true", help="keep the convolved noise correlations")
     sub_p.set_defaults(func=_cmd_subtract)
+
+    det = sub.add_parser("detect", help="detect and measure diaSources on a difference image")
+    det.add_argument("difference", help="difference FITS written by dialab subtract")
+    det.add_argument("-o", "--output", required=True, help="diaSources Parquet file")
+    det.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
+    det.set_defaults(func=_cmd_detect)
 
     demo = sub.add_parser("demo", help="simulate a small dataset and run every flavor on it")
     demo.add_argument("-o", "--output", default="demo-output", help="folder for the demo's files")

@@ -1,9 +1,11 @@
-"""Measuring sources on images: forced PSF photometry (more measurements come with detection)."""
+"""Measuring sources on images: forced PSF photometry and the diaSource measurements (APDB names)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage
 
 from .exposure import Exposure
 
@@ -49,3 +51,305 @@ def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | Non
             flux[i] = float((p * exp.image[y0:y1, x0:x1] * w).sum()) / denom
             err[i] = 1.0 / np.sqrt(denom)
     return pd.DataFrame({"psfFlux": flux, "psfFluxErr": err})
+
+
+# --------------------------------------------------------------------------- diaSource measurement
+
+#: pixelFlags_<name>: (mask plane, "footprint" or "center") per DESIGN section 4.
+PIXEL_FLAGS = {
+    "bad": ("BAD", "footprint"),
+    "suspect": ("SUSPECT", "footprint"),
+    "suspectCenter": ("SUSPECT", "center"),
+    "saturated": ("SAT", "footprint"),
+    "saturatedCenter": ("SAT", "center"),
+    "interpolated": ("INTRP", "footprint"),
+    "interpolatedCenter": ("INTRP", "center"),
+    "edge": ("EDGE", "footprint"),
+    "cr": ("CR", "footprint"),
+    "crCenter": ("CR", "center"),
+    "nodata": ("NO_DATA", "footprint"),
+    "nodataCenter": ("NO_DATA", "center"),
+    "injected": ("INJECTED", "footprint"),
+    "injectedCenter": ("INJECTED", "center"),
+    "injected_template": ("INJECTED_TEMPLATE", "footprint"),
+    "injected_templateCenter": ("INJECTED_TEMPLATE", "center"),
+}
+#: The standard bad-flag cut of the flavor comparison.
+BAD_FLAGS = ("pixelFlags_bad", "pixelFlags_suspect", "pixelFlags_saturatedCenter", "pixelFlags_interpolated",
+             "pixelFlags_interpolatedCenter", "pixelFlags_edge")
+APERTURE_RADIUS_PIX = 12.0
+
+
+class MeasureConfig(BaseModel):
+    """Measurement of diaSources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aperture_radius_pix: float = Field(APERTURE_RADIUS_PIX, gt=0, description="aperture flux radius, pixels")
+    fit_dipoles: bool = Field(True, description="fit a +/- PSF pair to footprints with peaks of both signs")
+
+
+def _refine_peak(snr: np.ndarray, x: int, y: int) -> tuple[float, float, bool]:
+    """Sub-pixel extremum of the filtered S/N from a quadratic through the 3x3 neighbourhood."""
+    ny, nx = snr.shape
+    if not (0 < x < nx - 1 and 0 < y < ny - 1):
+        return float(x), float(y), True
+    c = snr[y - 1 : y + 2, x - 1 : x + 2].astype(float)
+    dxx = c[1, 2] - 2 * c[1, 1] + c[1, 0]
+    dyy = c[2, 1] - 2 * c[1, 1] + c[0, 1]
+    dxy = 0.25 * (c[2, 2] - c[2, 0] - c[0, 2] + c[0, 0])
+    gx = 0.5 * (c[1, 2] - c[1, 0])
+    gy = 0.5 * (c[2, 1] - c[0, 1])
+    det = dxx * dyy - dxy * dxy
+    if det == 0:
+        return float(x), float(y), True
+    ox = -(dyy * gx - dxy * gy) / det
+    oy = -(dxx * gy - dxy * gx) / det
+    if abs(ox) > 1 or abs(oy) > 1:
+        return float(x), float(y), True
+    return x + ox, y + oy, False
+
+
+def aperture_flux(exp: Exposure, x: float, y: float, radius: float) -> tuple[float, float]:
+    """Sum of pixels whose centres lie within ``radius`` of (x, y), and its error from the variance."""
+    ny, nx = exp.shape
+    r = int(np.ceil(radius))
+    ix, iy = int(round(x)), int(round(y))
+    y0, y1, x0, x1 = max(iy - r, 0), min(iy + r + 1, ny), max(ix - r, 0), min(ix + r + 1, nx)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    inside = (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
+    return float(exp.image[y0:y1, x0:x1][inside].sum()), float(np.sqrt(exp.variance[y0:y1, x0:x1][inside].sum()))
+
+
+def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, float] | None = None) -> dict:
+    """Fit F * [P(x - x+) - P(x - x-)] on the footprint: a shared flux, separation and angle.
+
+    For separations below the PSF width only F x separation is constrained by the difference; as
+    LSST's dipole fit does with the pre-subtraction images, ``flux_prior`` (the star's flux measured on
+    the science image, and its uncertainty) pins F and so the separation.
+    """
+    from scipy.optimize import least_squares
+
+    pos = peaks[peaks[:, 3] > 0][0]
+    neg = peaks[peaks[:, 3] < 0][0]
+    ny, nx = exp.shape
+    size = min(exp.psf.default_size, 31)
+    yy, xx = np.unravel_index(fp.pixels, (ny, nx))
+    near = np.hypot(xx - 0.5 * (pos[0] + neg[0]), yy - 0.5 * (pos[1] + neg[1])) <= 3 * exp.psf.fwhm
+    yy, xx = yy[near], xx[near]
+    data = exp.image[yy, xx].astype(float)
+    w = 1.0 / np.sqrt(np.maximum(exp.variance[yy, xx], 1e-30))
+    xc, yc = 0.5 * (pos[0] + neg[0]), 0.5 * (pos[1] + neg[1])
+    psf_big = exp.psf.at(xc, yc).stamp(2 * size + 1)
+
+    def psf_at(cx, cy):
+        coords = np.array([yy - cy + size, xx - cx + size])
+        return ndimage.map_coordinates(psf_big, coords, order=3, mode="constant")
+
+    def shape(q):
+        xp, yp, xn, yn = q
+        return (psf_at(xp, yp) - psf_at(xn, yn)) * w
+
+    def profile(q):
+        """Residuals with the shared flux solved linearly for the positions q (variable projection)."""
+        m = shape(q)
+        f = float(m @ (data * w)) / max(float(m @ m), 1e-300)
+        return data * w - f * m
+
+    u = np.array([pos[0] - neg[0], pos[1] - neg[1]])
+    u = u / max(np.hypot(*u), 1e-9)
+    best = None
+    for half_sep in (0.25, 1.0, 2.5):  # separation and flux trade off: start from several separations
+        q0 = [xc + half_sep * u[0], yc + half_sep * u[1], xc - half_sep * u[0], yc - half_sep * u[1]]
+        r = least_squares(profile, q0, x_scale=0.3)
+        if best is None or r.cost < best.cost:
+            best = r
+    m = shape(best.x)
+    f0 = float(m @ (data * w)) / max(float(m @ m), 1e-300)
+    def full(p):
+        r = data * w - p[0] * shape(p[1:])
+        if flux_prior is not None:
+            r = np.append(r, (p[0] - flux_prior[0]) / flux_prior[1])
+        return r
+
+    if flux_prior is not None and flux_prior[0] > 0:
+        f0 = flux_prior[0]
+    else:
+        flux_prior = None
+    res = least_squares(full, [f0, *best.x], x_scale=[abs(f0) + 1e-9, 0.3, 0.3, 0.3, 0.3], max_nfev=100)
+    f, xp, yp, xn, yn = res.x
+    if f < 0:  # the same pair with the signs swapped
+        f, xp, yp, xn, yn = -f, xn, yn, xp, yp
+    try:
+        cov = np.linalg.inv(res.jac.T @ res.jac)
+        ferr = float(np.sqrt(cov[0, 0]))
+    except np.linalg.LinAlgError:
+        ferr = float("nan")
+    return {"dipoleMeanFlux": float(f), "dipoleMeanFluxErr": ferr, "dipoleFluxDiff": 0.0,
+            "dipoleLengthPix": float(np.hypot(xp - xn, yp - yn)),
+            "dipoleAngle": float(np.degrees(np.arctan2(yp - yn, xp - xn))),
+            "dipoleChi2": float(2 * res.cost), "dipoleNdata": int(len(data)),
+            "dipoleX": float(0.5 * (xp + xn)), "dipoleY": float(0.5 * (yp + yn))}
+
+
+def split_footprints(footprints: list, fwhm_pix: float, dipole_max_sep_fwhm: float = 2.0) -> list:
+    """(footprint, peaks) per diaSource: a footprint's peaks, strongest first, each start a source;
+    an opposite-sign peak within ``dipole_max_sep_fwhm`` FWHM joins it as a dipole, and same-sign
+    peaks within one FWHM are the same source. Peaks farther apart are separate diaSources."""
+    children = []
+    for fp in footprints:
+        left = list(fp.peaks)
+        while left:
+            best = left.pop(0)
+            d = [np.hypot(p[0] - best[0], p[1] - best[1]) for p in left]
+            partner = next((i for i, p in enumerate(left)
+                            if p[3] != best[3] and d[i] <= dipole_max_sep_fwhm * fwhm_pix), None)
+            group = [best] if partner is None else [best, left[partner]]
+            centre = np.mean([g[:2] for g in group], axis=0)
+            left = [p for i, p in enumerate(left) if i != partner
+                    and not (p[3] == best[3] and np.hypot(p[0] - centre[0], p[1] - centre[1]) <= fwhm_pix)]
+            children.append((fp, np.array(group)))
+    return children
+
+
+def pixel_scale_arcsec(exp: Exposure) -> float:
+    """Mean pixel side in arcsec (1 when there is no WCS: lengths then stay in pixels)."""
+    if exp.wcs is None:
+        return 1.0
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    return float(np.sqrt(np.prod(proj_plane_pixel_scales(exp.wcs.celestial))) * 3600)
+
+
+def measure_sources(exp: Exposure, det, science: Exposure | None = None, template: Exposure | None = None,
+                    config: MeasureConfig | None = None) -> pd.DataFrame:
+    """One row per footprint with the Rubin APDB DiaSource column names (fluxes in image counts)."""
+    cfg = config or MeasureConfig()
+    ny, nx = exp.shape
+    psf = exp.psf
+    scale = pixel_scale_arcsec(exp)
+    children = split_footprints(det.footprints, psf.fwhm)
+    rows = []
+    for fp, peaks in children:
+        best = peaks[0]
+        x, y, cflag = _refine_peak(det.snr * best[3], int(best[0]), int(best[1]))
+        row = {"x": x, "y": y, "centroid_flag": cflag, "isNegative": bool(best[3] < 0),
+               "bboxSize": int(max(fp.bbox[0].stop - fp.bbox[0].start, fp.bbox[1].stop - fp.bbox[1].start)),
+               "peakSnr": float(best[2]), "isDipole": False}
+        if len(peaks) == 2 and cfg.fit_dipoles:
+            prior = None
+            if science is not None and science.psf is not None:
+                cx, cy = peaks[:, 0].mean(), peaks[:, 1].mean()
+                sf = forced_psf_flux(science, np.array([cx]), np.array([cy]))
+                flux, ferr = float(sf.psfFlux.iloc[0]), float(sf.psfFluxErr.iloc[0])
+                if np.isfinite(flux) and flux > 0:
+                    prior = (flux, np.hypot(ferr, 0.05 * flux))
+            dip = fit_dipole(exp, fp, peaks, prior)
+            row.update({k: v for k, v in dip.items() if k not in ("dipoleLengthPix", "dipoleX", "dipoleY")})
+            row["dipoleLength"] = dip["dipoleLengthPix"] * scale
+            row["isDipole"] = True
+            if 0 <= dip["dipoleX"] < nx and 0 <= dip["dipoleY"] < ny:
+                row["x"], row["y"] = dip["dipoleX"], dip["dipoleY"]
+        rows.append(row)
+    base = ["x", "y", "centroid_flag", "isNegative", "bboxSize", "peakSnr", "isDipole"]
+    cat = pd.DataFrame(rows) if rows else pd.DataFrame(columns=base)
+    n = len(cat)
+    xs, ys = cat.x.to_numpy(float), cat.y.to_numpy(float)
+    phot = forced_psf_flux(exp, xs, ys)
+    cat["psfFlux"] = phot.psfFlux.to_numpy()
+    cat["psfFluxErr"] = phot.psfFluxErr.to_numpy()
+    cat["psfFlux_flag"] = ~np.isfinite(cat.psfFlux)
+    cat["snr"] = cat.psfFlux / cat.psfFluxErr
+    sigma = psf.sigma
+    err = np.sqrt(2.0) * sigma / np.maximum(np.abs(cat.snr.to_numpy()), 1e-3)
+    cat["xErr"] = err
+    cat["yErr"] = err
+    ap = [aperture_flux(exp, xi, yi, cfg.aperture_radius_pix) for xi, yi in zip(xs, ys)]
+    cat["apFlux"] = [a for a, _ in ap]
+    cat["apFluxErr"] = [e for _, e in ap]
+    _add_shapes(cat, exp, xs, ys)
+    for name, other in (("science", science), ("template", template)):
+        if other is not None and other.psf is not None:
+            f = forced_psf_flux(other, xs, ys)
+            cat[f"{name}Flux"] = f.psfFlux.to_numpy()
+            cat[f"{name}FluxErr"] = f.psfFluxErr.to_numpy()
+        else:
+            cat[f"{name}Flux"] = np.nan
+            cat[f"{name}FluxErr"] = np.nan
+    _add_pixel_flags(cat, exp, [fp for fp, _ in children])
+    if exp.wcs is not None and n:
+        radec = exp.wcs.all_pix2world(np.column_stack([xs, ys]), 0)
+        cat["ra"], cat["dec"] = radec[:, 0], radec[:, 1]
+        cat["raErr"] = cat.xErr * scale / 3600
+        cat["decErr"] = cat.yErr * scale / 3600
+    else:
+        cat["ra"] = cat["dec"] = cat["raErr"] = cat["decErr"] = np.nan
+    for col in ("dipoleMeanFlux", "dipoleMeanFluxErr", "dipoleFluxDiff", "dipoleLength", "dipoleAngle", "dipoleChi2"):
+        if col not in cat:
+            cat[col] = np.nan
+    cat["dipoleNdata"] = cat.get("dipoleNdata", pd.Series(0, index=cat.index)).fillna(0).astype(int)
+    cat["visit"] = exp.visit
+    cat["detector"] = exp.detector
+    cat["band"] = exp.band
+    cat["midpointMjdTai"] = exp.mjd
+    cat["diaSourceId"] = (np.int64(exp.visit) * 1000 + exp.detector) * 100_000 + np.arange(1, n + 1, dtype=np.int64)
+    return cat
+
+
+def _add_shapes(cat: pd.DataFrame, exp: Exposure, xs: np.ndarray, ys: np.ndarray) -> None:
+    """Adaptive second moments of each source (sign-flipped when negative) and of the PSF there."""
+    from .moments import adaptive_moments
+
+    ny, nx = exp.shape
+    r = int(np.ceil(4 * exp.psf.sigma)) + 2
+    out = {k: np.full(len(xs), np.nan) for k in ("ixx", "iyy", "ixy", "ixxPSF", "iyyPSF", "ixyPSF")}
+    for i, (x, y, negative) in enumerate(zip(xs, ys, cat.isNegative.to_numpy())):
+        ix, iy = int(round(x)), int(round(y))
+        if r <= ix < nx - r and r <= iy < ny - r:
+            cut = exp.image[iy - r : iy + r + 1, ix - r : ix + r + 1] * (-1 if negative else 1)
+            m = adaptive_moments(cut, x - ix + r, y - iy + r, exp.psf.sigma)
+            if m.converged:
+                out["ixx"][i], out["iyy"][i], out["ixy"][i] = m.ixx, m.iyy, m.ixy
+        p = exp.psf.stamp(x=x, y=y)
+        c = p.shape[0] // 2
+        mp = adaptive_moments(p, c, c, exp.psf.sigma)
+        out["ixxPSF"][i], out["iyyPSF"][i], out["ixyPSF"][i] = mp.ixx, mp.iyy, mp.ixy
+    for k, v in out.items():
+        cat[k] = v
+
+
+def _add_pixel_flags(cat: pd.DataFrame, exp: Exposure, footprints: list) -> None:
+    """pixelFlags_*: a plane anywhere in the footprint, or in the 3x3 pixels round the centroid."""
+    ny, nx = exp.shape
+    xs, ys = cat.x.to_numpy(float), cat.y.to_numpy(float)
+    off = ~((xs >= -0.5) & (xs < nx - 0.5) & (ys >= -0.5) & (ys < ny - 0.5))
+    cat["pixelFlags_offimage"] = off
+    flat_mask = exp.mask.ravel()
+    for name, (plane, where) in PIXEL_FLAGS.items():
+        bit = exp.mask_planes.bit(plane)
+        vals = np.zeros(len(cat), bool)
+        for i, fp in enumerate(footprints):
+            if where == "footprint":
+                vals[i] = bool((flat_mask[fp.pixels] & bit).any())
+            elif not off[i]:
+                ix, iy = int(round(xs[i])), int(round(ys[i]))
+                box = exp.mask[max(iy - 1, 0) : iy + 2, max(ix - 1, 0) : ix + 2]
+                vals[i] = bool((box & bit).any())
+        cat[f"pixelFlags_{name}"] = vals
+    cat["pixelFlags_edge"] = cat["pixelFlags_edge"] | off
+
+
+def detect_and_measure(result, science: Exposure | None = None, matched_template: Exposure | None = None,
+                       detect_config=None, measure_config: MeasureConfig | None = None):
+    """Detect diaSources on a SubtractionResult (or a difference Exposure) and measure them.
+
+    Returns (catalog, detections, sky-source photometry).
+    """
+    from .detection import detect_sources
+
+    diff = result.difference if hasattr(result, "difference") else result
+    det = detect_sources(diff, detect_config)
+    cat = measure_sources(diff, det, science, matched_template, measure_config)
+    sky = forced_psf_flux(diff, det.sky_positions[:, 0], det.sky_positions[:, 1]) if len(det.sky_positions) \
+        else pd.DataFrame({"psfFlux": [], "psfFluxErr": []})
+    return cat, det, sky
