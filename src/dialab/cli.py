@@ -74,8 +74,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     flagged = int(cat[list(BAD_FLAGS)].any(axis=1).sum()) if len(cat) else 0
     pos = int((~cat.isNegative & ~cat.isDipole).sum()) if len(cat) else 0
     neg = int((cat.isNegative & ~cat.isDipole).sum()) if len(cat) else 0
-    print(f"{args.output}: {len(cat)} diaSources ({pos} positive, {neg} negative, {int(cat.isDipole.sum()) if len(cat) else 0}"
-          f" dipoles, {flagged} flagged)")
+    dipoles = int(cat.isDipole.sum()) if len(cat) else 0
+    print(f"{args.output}: {len(cat)} diaSources ({pos} positive, {neg} negative, {dipoles} dipoles, {flagged} flagged)")
     return 0
 
 

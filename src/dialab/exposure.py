@@ -285,6 +285,10 @@ def _read_plain(hdul: fits.HDUList, path: Path) -> Exposure:
     planes = MaskPlanes()
     mask = np.zeros(image.shape, np.int32)
     mask[~finite] |= planes.bit("NO_DATA")
+    if not math.isfinite(meta["saturate"]) and np.issubdtype(raw.dtype, np.integer):
+        top = np.iinfo(raw.dtype).max  # an integer frame without SATURATE: the converter's ceiling
+        if (raw == top).any():
+            meta["saturate"] = float(top)
     if math.isfinite(meta["saturate"]):
         mask[finite & (image >= meta["saturate"])] |= planes.bit("SAT")
     image[~finite] = 0.0
@@ -306,7 +310,8 @@ def plain_variance(image: np.ndarray, nodata: np.ndarray, gain: float, read_nois
     sky-subtracted or rescaled frame: level below 3x the predicted noise) the prediction cannot
     hold and the measured sky scatter is used instead; the measured scatter is not trusted when a
     sky is present because in crowded fields it includes the (static) unresolved stars.
-    Without GAIN the measured sky variance is used alone.
+    Without GAIN the measured sky variance is used, plus a source term with the gain estimated
+    as sky level / sky variance when a sky is present.
     """
     bg = estimate_background(image, nodata)
     measured = bg.rms.astype(float) ** 2
@@ -321,6 +326,15 @@ def plain_variance(image: np.ndarray, nodata: np.ndarray, gain: float, read_nois
             log.info("%s: sky level %.3g is below 3 sigma of the predicted noise (sky-subtracted?); using the "
                      "measured sky variance", source, level)
         source_term = np.maximum(image - bg.level, 0) / gain
+    else:
+        level = float(np.median(bg.level[~nodata]))
+        sky_var = float(np.median(measured[~nodata]))
+        if level > 3.0 * np.sqrt(sky_var):
+            # A raw frame with its sky: Poisson statistics give the gain as sky / sky variance (an upper
+            # bound when read noise matters), so sources still get their Poisson variance.
+            gain_est = level / max(sky_var, 1e-30)
+            log.info("%s: no GAIN; estimated %.3g e-/count from the sky level and scatter", source, gain_est)
+            source_term = np.maximum(image - bg.level, 0) / gain_est
     variance = (sky + source_term).astype(np.float32)
     usable = ~nodata & np.isfinite(variance) & (variance > 0)
     fill = float(np.median(variance[usable])) if usable.any() else 1.0  # a noiseless image (e.g. a mask)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
@@ -348,6 +350,8 @@ def detect_and_measure(result, science: Exposure | None = None, matched_template
     from .detection import detect_sources
 
     diff = result.difference if hasattr(result, "difference") else result
+    if science is not None and science.psf is None and hasattr(result, "extras"):
+        science = dataclasses.replace(science, psf=result.extras.get("science_psf"))
     det = detect_sources(diff, detect_config)
     cat = measure_sources(diff, det, science, matched_template, measure_config)
     sky = forced_psf_flux(diff, det.sky_positions[:, 0], det.sky_positions[:, 1]) if len(det.sky_positions) \

@@ -304,5 +304,6 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     log.info("%s", diag.summary())
     return SubtractionResult(difference, matched_exp, kernel, background,
                              difference if cfg.flavor == "preconvolution" else None, diag,
-                             extras={"kernel_positions": fit.positions, "background_coeffs": fit.background_coeffs,
+                             extras={"kernel_positions": fit.positions, "science_psf": sci_psf,
+                                     "template_psf": tpl_psf, "background_coeffs": fit.background_coeffs,
                                      "background_model": fit.background})
