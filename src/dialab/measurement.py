@@ -91,12 +91,12 @@ class MeasureConfig(BaseModel):
     fit_dipoles: bool = Field(True, description="fit a +/- PSF pair to footprints with peaks of both signs")
 
 
-def _refine_peak(snr: np.ndarray, x: int, y: int) -> tuple[float, float, bool]:
+def _refine_peak(snr: np.ndarray, x: int, y: int, sign: float = 1.0) -> tuple[float, float, bool]:
     """Sub-pixel extremum of the filtered S/N from a quadratic through the 3x3 neighbourhood."""
     ny, nx = snr.shape
     if not (0 < x < nx - 1 and 0 < y < ny - 1):
         return float(x), float(y), True
-    c = snr[y - 1 : y + 2, x - 1 : x + 2].astype(float)
+    c = sign * snr[y - 1 : y + 2, x - 1 : x + 2].astype(float)
     dxx = c[1, 2] - 2 * c[1, 1] + c[1, 0]
     dyy = c[2, 1] - 2 * c[1, 1] + c[0, 1]
     dxy = 0.25 * (c[2, 2] - c[2, 0] - c[0, 2] + c[0, 0])
@@ -234,7 +234,7 @@ def measure_sources(exp: Exposure, det, science: Exposure | None = None, templat
     rows = []
     for fp, peaks in children:
         best = peaks[0]
-        x, y, cflag = _refine_peak(det.snr * best[3], int(best[0]), int(best[1]))
+        x, y, cflag = _refine_peak(det.snr, int(best[0]), int(best[1]), best[3])
         row = {"x": x, "y": y, "centroid_flag": cflag, "isNegative": bool(best[3] < 0),
                "bboxSize": int(max(fp.bbox[0].stop - fp.bbox[0].start, fp.bbox[1].stop - fp.bbox[1].start)),
                "peakSnr": float(best[2]), "isDipole": False}
