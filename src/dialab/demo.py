@@ -1,4 +1,4 @@
-"""``dialab demo``: simulate a pair, subtract it with every flavor, report what came out."""
+"""``dialab demo``: simulate a pair, subtract it with every flavor, detect and measure, report."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .exposure import write_exposure
-from .measurement import forced_psf_flux
+from .measurement import BAD_FLAGS, detect_and_measure, forced_psf_flux
 from .simulate.pair import PairSpec, simulate_pair
 from .subtraction import SubtractConfig, subtract
 from .warp import align_to
@@ -37,22 +37,28 @@ def run_demo(output: str | Path, seed: int = 1) -> None:
         warped = align_to(template, science)
         progress.advance(task)
         for flavor in FLAVORS:
-            progress.update(task, description=f"subtracting ({flavor})")
+            progress.update(task, description=f"subtracting and detecting ({flavor})")
             t0 = time.perf_counter()
             res = subtract(science, warped, SubtractConfig(flavor=flavor))
             seconds = time.perf_counter() - t0
+            cat, _, _ = detect_and_measure(res, science, res.matched_image)
             write_exposure(res.difference, out / f"difference_{flavor}.fits")
+            cat.to_parquet(out / f"diaSources_{flavor}.parquet")
+            good = cat[~cat[list(BAD_FLAGS)].any(axis=1)] if len(cat) else cat
+            found = sum(bool(len(cat)) and bool((np.hypot(cat.x - tx, cat.y - ty) < 2.0).any())
+                        for tx, ty in zip(truth.x, truth.y))
             phot = forced_psf_flux(res.difference, truth.x.to_numpy(), truth.y.to_numpy())
             pull = (phot.psfFlux - truth.flux) / phot.psfFluxErr
             d = res.diagnostics
             rows.append((flavor, d.convolved, f"{d.kernel_sum:.4f}", f"{d.n_used}/{d.n_candidates}",
-                         f"{d.noise_ratio:.3f}", f"{np.nanmedian(phot.psfFlux / truth.flux):.3f}",
-                         f"{np.nanstd(pull):.2f}", f"{seconds:.1f}"))
+                         f"{d.noise_ratio:.3f}", f"{len(cat)}/{len(good)}", f"{found}/{len(truth)}",
+                         f"{np.nanmedian(phot.psfFlux / truth.flux):.3f}", f"{np.nanstd(pull):.2f}", f"{seconds:.1f}"))
             progress.advance(task)
     table = Table(title=f"dialab demo: {science.shape[1]}x{science.shape[0]} px pair, "
                         f"PSF FWHM science {PairSpec().science_fwhm} / template {PairSpec().template_fwhm} px, "
                         f"{len(truth)} transients")
-    for col in ("flavor", "convolved", "k sum", "stamps", "noise", "flux ratio", "pull std", "s"):
+    for col in ("flavor", "convolved", "k sum", "stamps", "noise", "diaSrc all/good", "transients found",
+                "flux ratio", "pull std", "s"):
         table.add_column(col)
     for r in rows:
         table.add_row(*r)
