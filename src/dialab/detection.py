@@ -201,7 +201,8 @@ def detect_sources(exp, config: DetectConfig | None = None, is_score: bool | Non
     if cfg.subtract_background:
         from .background import estimate_background
 
-        bg = estimate_background(image, unusable, cfg.background_mesh_pix).level
+        # A difference is mostly empty: per-cell sigma clipping removes its few sources, no masking pass.
+        bg = estimate_background(image, unusable, cfg.background_mesh_pix, mask_sources_nsigma=None).level
     else:
         bg = np.zeros(image.shape, np.float32)
     image = np.where(unusable, 0.0, image - bg).astype(np.float32)
