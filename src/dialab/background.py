@@ -6,7 +6,7 @@ optionally, detected sources) are excluded so that stars do not lift the sky.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -15,16 +15,24 @@ from scipy.interpolate import RectBivariateSpline
 MAD_TO_SIGMA = 1.4826
 
 
-@dataclass(frozen=True)
 class Background:
-    """Sky level and per-pixel noise (same units as the image), full resolution."""
+    """Sky level and per-pixel noise (same units as the image), full resolution.
 
-    level: np.ndarray
-    rms: np.ndarray
+    ``level`` is computed at once; ``rms`` from its mesh only when first asked for (many callers
+    never need it, and a full-resolution spline evaluation is not free).
+    """
+
+    def __init__(self, level: np.ndarray, rms_grid: np.ndarray):
+        self.level = level
+        self.rms_grid = rms_grid
+
+    @cached_property
+    def rms(self) -> np.ndarray:
+        return _upsample(self.rms_grid, *self.level.shape)
 
     @property
     def median_rms(self) -> float:
-        return float(np.median(self.rms))
+        return float(np.median(self.rms_grid))
 
 
 class _Truncation(dict):
@@ -117,7 +125,7 @@ def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_p
         sources = ndimage.maximum_filter(sources.view(np.uint8), size=5, mode="constant") > 0
         if (~(bad | sources)).sum() > 0.2 * image.size:
             level, rms, rows, cols = _mesh(image, bad | sources, mesh_pix)
-    return Background(_upsample(level, ny, nx), _upsample(rms, ny, nx))
+    return Background(_upsample(level, ny, nx), rms)
 
 
 def _mesh(image: np.ndarray, bad: np.ndarray, mesh_pix: int):

@@ -365,7 +365,8 @@ def find_stars(exposure, sigma_guess_pix: float = 2.0, min_snr: float = 20.0, ra
     nodata = exposure.plane("NO_DATA", "BAD")
     bg = estimate_background(image, nodata) if background is None else background
     sub = image - bg.level
-    noise = np.sqrt(np.where(exposure.variance > 0, exposure.variance, bg.rms**2))
+    var = exposure.variance
+    noise = np.sqrt(var) if (var > 0).all() else np.sqrt(np.where(var > 0, var, bg.rms**2))
     snr = gaussian_filtered_snr(sub, noise, sigma_guess_pix, nodata)
     radius = int(radius_pix or max(5, math.ceil(4 * sigma_guess_pix)))
     ys, xs = find_peaks(snr, min(min_snr, 5.0), max(2, int(round(sigma_guess_pix))), exclude=nodata)

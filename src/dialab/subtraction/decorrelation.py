@@ -19,9 +19,10 @@ from .convolve import default_workers
 def _centered_ft(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """rFFT of an odd stamp placed with its centre at the origin of a ``shape`` grid."""
     h = stamp.shape[0] // 2
-    grid = np.zeros(shape, dtype=np.float64)
-    grid[: stamp.shape[0], : stamp.shape[1]] = stamp
-    grid = np.roll(grid, (-h, -h), axis=(0, 1))
+    grid = np.zeros(shape, dtype=np.float32 if shape[0] * shape[1] > 1_000_000 else np.float64)
+    # wrap the stamp round the origin (its centre at [0, 0]) without rolling the whole grid
+    idx = np.arange(-h, h + 1) % np.array(shape)[:, None]
+    grid[np.ix_(idx[0], idx[1])] = stamp
     return fft.rfft2(grid)
 
 
@@ -30,11 +31,12 @@ def decorrelation_filter(kernel: np.ndarray, s1sq: float, s2sq: float, shape: tu
     """phi (or phi_S when ``score_psf`` v is given) on the rfft grid of ``shape``."""
     kf = _centered_ft(kernel, shape)
     ks = float(kernel.sum())
-    k2 = np.abs(kf) ** 2
+    k2 = kf.real**2 + kf.imag**2
     total = s1sq + s2sq * ks**2
     if score_psf is None:
         return np.sqrt(total / (s1sq + s2sq * k2))
-    v2 = np.abs(_centered_ft(score_psf, shape)) ** 2
+    vf = _centered_ft(score_psf, shape)
+    v2 = vf.real**2 + vf.imag**2
     denom = s1sq * v2 + s2sq * k2
     tiny = 1e-12 * total
     return np.sqrt(total * v2 / np.maximum(denom, tiny))
@@ -49,7 +51,7 @@ def apply_filter(image: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float
     phi = decorrelation_filter(kernel, s1sq, s2sq, shape, score_psf)
     workers = workers or default_workers()
     fi = fft.rfft2(image.astype(np.float32), s=shape, workers=workers)
-    return fft.irfft2(fi * phi.astype(np.complex64), s=shape, workers=workers)[:ny, :nx].astype(np.float32)
+    return fft.irfft2(fi * phi.astype(np.float32), s=shape, workers=workers)[:ny, :nx].astype(np.float32)
 
 
 def filter_stamp(stamp: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float,
