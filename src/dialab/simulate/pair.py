@@ -35,7 +35,7 @@ class PairSpec:
     read_noise_e: float = 6.0
     template_depth: float = 4.0  # template exposure time / science exposure time
     pixel_scale_arcsec: float = 0.168
-    magzero: float = 27.0
+    magzero: float = 31.0  # with the 800-count sky: ~19.8 mag per square arcsec
 
 
 def _wcs(shape, scale_arcsec, ra, dec, rotation_deg=0.0, shift_pix=(0.0, 0.0)) -> WCS:
