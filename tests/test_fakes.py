@@ -118,3 +118,31 @@ def test_fakes_end_to_end_on_a_simulated_pair():
     print(efficiency_curve(use.expected_snr, found, np.array([0, 2, 3, 4, 5, 6, 7, 8, 10, 15, 30, 1e4])))
     assert found[bright].mean() >= 0.95
     assert 4.5 <= fit.x50 <= 6.0
+
+
+def test_fakes_recovered_on_a_real_decam_frame(real_data):
+    """DECam DEC-OBS04a (plain FITS, no zeropoint) minus the mean of the DEC-OBS18 frames."""
+    from dialab.exposure import read_exposure
+    from dialab.psf import measure_psf
+
+    from .test_subtraction_real import _decam_reference
+
+    science = read_exposure(real_data / "decam" / "DEC-OBS04a.mini.fits")
+    science.psf = measure_psf(science)
+    template = align_to(_decam_reference(real_data), science)
+    template.psf = measure_psf(template)
+    template.magzero = science.magzero
+    found_all, bright_all = [], []
+    for seed in range(3):  # 20 fakes per 256 x 256 stamp: three draws for a useful count
+        fakes = make_fake_catalog(science, InjectConfig(seed=seed, template_fraction=0.0), template)
+        sci, tpl = inject_catalog(science, template, fakes, seed=seed)
+        res = subtract(sci, tpl)
+        cat, _, _ = detect_and_measure(res, sci, res.matched_image)
+        m = match_fakes(fakes, cat, res.difference, edge_pix=20)
+        m = m[~m.near_edge]
+        found_all.append((m.diaSourceId > 0).to_numpy())
+        bright_all.append((m.expected_snr >= 10).to_numpy())
+    found, bright = np.concatenate(found_all), np.concatenate(bright_all)
+    print(f"DECam: {found[bright].sum()}/{bright.sum()} fakes with expected S/N >= 10 recovered")
+    assert bright.sum() >= 10
+    assert found[bright].mean() >= 0.9

@@ -53,8 +53,15 @@ def make_fake_catalog(science: Exposure, config: InjectConfig | None = None,
                       template: Exposure | None = None) -> pd.DataFrame:
     """Truth table: id, ra, dec, x, y, mag, flux (counts), flux_nJy, target, expected_snr."""
     cfg = config or InjectConfig()
-    if science.psf is None or not math.isfinite(science.magzero):
-        raise ValueError("fakes need the science exposure's PSF and MAGZERO")
+    if science.psf is None:
+        raise ValueError("fakes need the science exposure's PSF (measure it first)")
+    if not math.isfinite(science.magzero):
+        # No calibration: an instrumental zeropoint that puts the 5-sigma limit at magnitude 24, so the
+        # fakes still span 20 to maglim + 1 (fluxes in counts are what the truth table compares).
+        science = science.copy()
+        science.magzero = 0.0
+        science.magzero = 24.0 - limiting_magnitude(science)
+        log.info("%s: no MAGZERO; instrumental zeropoint %.2f for the fakes", science.path, science.magzero)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, science.visit, science.detector]))
     n = max(cfg.min_per_detector, int(round(cfg.density_per_deg2 * _area_deg2(science))))
     ny, nx = science.shape
