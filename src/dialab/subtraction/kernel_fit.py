@@ -145,7 +145,7 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
     """(n, 2) integer x, y of point sources in the science image usable as kernel stamps.
 
     Sources with S/N in ``snr_range``, away from the border, with no BAD/SAT/EDGE/NO_DATA pixel of
-    either image inside the stamp; isolated ones preferred, brightest first.
+    either image inside the stamp and no injected fake within 5 PSF sigma; isolated ones preferred, brightest first.
     """
     from scipy import ndimage
 
@@ -156,6 +156,8 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
     if len(stars) == 0:
         return np.zeros((0, 2), int)
     bad = science.plane("BAD", "SAT", "EDGE", "NO_DATA") | template.plane("BAD", "SAT", "EDGE", "NO_DATA")
+    # injected fakes differ between the images by design: no candidate with one on its core
+    injected = science.plane("INJECTED", "INJECTED_TEMPLATE") | template.plane("INJECTED", "INJECTED_TEMPLATE")
     ny, nx = bad.shape
     near_bad = (ndimage.maximum_filter(bad.view(np.uint8), size=2 * half_stamp + 1, mode="constant") > 0
                 if bad.any() else bad)
@@ -164,6 +166,13 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
     inside = (ix >= half_stamp) & (iy >= half_stamp) & (ix < nx - half_stamp) & (iy < ny - half_stamp)
     ok = inside.copy()
     ok[inside] &= ~near_bad[iy[inside], ix[inside]]
+    if injected.any():
+        core = int(np.ceil(5 * sigma_pix))
+        near_fake = ndimage.maximum_filter(injected.view(np.uint8), size=2 * core + 1, mode="constant") > 0
+        clear = ok.copy()
+        clear[inside] &= ~near_fake[iy[inside], ix[inside]]
+        if clear.sum() >= 10:  # on a small, sparse image keep them all: the rejection loop remains
+            ok = clear
     if (ok & stars.isolated).sum() >= 10:
         ok &= stars.isolated
     if ok.sum() >= 10:
