@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .exposure import write_exposure
 from .efficiency import fit_sigmoid
+from .exposure import write_exposure
 from .injection import InjectConfig, inject_catalog, make_fake_catalog
 from .matching import match_fakes
 from .measurement import BAD_FLAGS, detect_and_measure, forced_psf_flux
@@ -61,11 +61,12 @@ def run_demo(output: str | Path, seed: int = 1) -> None:
             half = fit_sigmoid(usable.expected_snr.to_numpy(), hit).x50
             phot = forced_psf_flux(res.difference, truth.x.to_numpy(), truth.y.to_numpy())
             pull = (phot.psfFlux - truth.flux) / phot.psfFluxErr
+            pull_width = 1.4826 * np.nanmedian(np.abs(pull - np.nanmedian(pull)))
             d = res.diagnostics
             rows.append((flavor, d.convolved, f"{d.kernel_sum:.4f}", f"{d.n_used}/{d.n_candidates}",
                          f"{d.noise_ratio:.3f}", f"{len(cat)}/{len(good)}", f"{found}/{len(truth)}",
                          f"{hit[bright].mean():.3f}", f"{half:.1f}",
-                         f"{np.nanmedian(phot.psfFlux / truth.flux):.3f}", f"{1.4826 * np.nanmedian(np.abs(pull - np.nanmedian(pull))):.2f}", f"{seconds:.1f}"))
+                         f"{np.nanmedian(phot.psfFlux / truth.flux):.3f}", f"{pull_width:.2f}", f"{seconds:.1f}"))
             progress.advance(task)
     table = Table(title=f"dialab demo: {science.shape[1]}x{science.shape[0]} px pair, "
                         f"PSF FWHM science {PairSpec().science_fwhm} / template {PairSpec().template_fwhm} px, "
