@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def run_demo(output: str | Path, seed: int = 1) -> None:
     """Write science/template/difference FITS and a truth table under ``output``; print a summary."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=170)  # logs keep the whole table
     start = time.perf_counter()
     rows = []
     with Progress(console=console, transient=True) as progress:
