@@ -33,6 +33,7 @@ class InjectConfig(BaseModel):
     mag_faint_cap: float = Field(26.0, description="faintest fake magnitude is min(maglim + 1, this)")
     edge_pix: int = Field(50, ge=0, description="fakes kept this far from the detector edges")
     seed: int = Field(0, description="combined with (visit, detector) to seed each catalog")
+    host_fraction: float = Field(0.0, ge=0, le=1, description="fraction placed on host galaxies (needs hosts)")
 
 
 def limiting_magnitude(exp: Exposure, nsigma: float = 5.0) -> float:
@@ -50,8 +51,12 @@ def _area_deg2(exp: Exposure) -> float:
 
 
 def make_fake_catalog(science: Exposure, config: InjectConfig | None = None,
-                      template: Exposure | None = None) -> pd.DataFrame:
-    """Truth table: id, ra, dec, x, y, mag, flux (counts), flux_nJy, target, expected_snr."""
+                      template: Exposure | None = None, hosts: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Truth table: id, ra, dec, x, y, mag, flux (counts), flux_nJy, target, expected_snr, on_host.
+
+    With ``hosts`` (columns x, y, mag) a ``host_fraction`` of the fakes sit on randomly chosen
+    hosts inside the edge margin, at host magnitude + N(1, 1), like supernovae on their galaxies.
+    """
     cfg = config or InjectConfig()
     if science.psf is None:
         raise ValueError("fakes need the science exposure's PSF (measure it first)")
@@ -71,10 +76,19 @@ def make_fake_catalog(science: Exposure, config: InjectConfig | None = None,
     faint = min(limiting_magnitude(science) + 1.0, cfg.mag_faint_cap)
     mag = rng.uniform(cfg.mag_bright, max(faint, cfg.mag_bright + 0.1), n)
     target = np.where(rng.uniform(size=n) < cfg.template_fraction, "template", "visit")
+    on_host = np.zeros(n, bool)
+    if hosts is not None and cfg.host_fraction > 0 and len(hosts):
+        inside = hosts[(hosts.x >= e) & (hosts.x <= nx - 1 - e) & (hosts.y >= e) & (hosts.y <= ny - 1 - e)]
+        if len(inside):
+            on_host = rng.uniform(size=n) < cfg.host_fraction
+            pick = rng.integers(0, len(inside), on_host.sum())
+            x[on_host] = inside.x.to_numpy()[pick]
+            y[on_host] = inside.y.to_numpy()[pick]
+            mag[on_host] = inside.mag.to_numpy()[pick] + rng.normal(1.0, 1.0, on_host.sum())
     flux = 10.0 ** (-0.4 * (mag - science.magzero))
     cat = pd.DataFrame({"id": (np.int64(science.visit) * 1000 + science.detector) * 10_000
                         + np.arange(1, n + 1), "x": x, "y": y, "mag": mag, "flux": flux,
-                        "flux_nJy": flux * science.njy_per_count, "target": target})
+                        "flux_nJy": flux * science.njy_per_count, "target": target, "on_host": on_host})
     if science.wcs is not None:
         radec = science.wcs.all_pix2world(np.column_stack([x, y]), 0)
         cat["ra"], cat["dec"] = radec[:, 0], radec[:, 1]
