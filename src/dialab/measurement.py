@@ -152,11 +152,14 @@ def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, fl
         xp, yp, xn, yn = q
         return (psf_at(xp, yp) - psf_at(xn, yn)) * w
 
+    def best_flux(m):
+        """The shared flux that fits the weighted model shape m best (linear least squares)."""
+        return float(m @ (data * w)) / max(float(m @ m), 1e-300)
+
     def profile(q):
         """Residuals with the shared flux solved linearly for the positions q (variable projection)."""
         m = shape(q)
-        f = float(m @ (data * w)) / max(float(m @ m), 1e-300)
-        return data * w - f * m
+        return data * w - best_flux(m) * m
 
     u = np.array([pos[0] - neg[0], pos[1] - neg[1]])
     u = u / max(np.hypot(*u), 1e-9)
@@ -166,18 +169,14 @@ def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, fl
         r = least_squares(profile, q0, x_scale=0.3)
         if best is None or r.cost < best.cost:
             best = r
-    m = shape(best.x)
-    f0 = float(m @ (data * w)) / max(float(m @ m), 1e-300)
+    if flux_prior is not None and not flux_prior[0] > 0:
+        flux_prior = None
+    f0 = flux_prior[0] if flux_prior is not None else best_flux(shape(best.x))
+
     def full(p):
         r = data * w - p[0] * shape(p[1:])
-        if flux_prior is not None:
-            r = np.append(r, (p[0] - flux_prior[0]) / flux_prior[1])
-        return r
+        return r if flux_prior is None else np.append(r, (p[0] - flux_prior[0]) / flux_prior[1])
 
-    if flux_prior is not None and flux_prior[0] > 0:
-        f0 = flux_prior[0]
-    else:
-        flux_prior = None
     res = least_squares(full, [f0, *best.x], x_scale=[abs(f0) + 1e-9, 0.3, 0.3, 0.3, 0.3], max_nfev=100)
     f, xp, yp, xn, yn = res.x
     if f < 0:  # the same pair with the signs swapped

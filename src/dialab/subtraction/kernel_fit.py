@@ -36,27 +36,29 @@ class Chebyshev2D:
     def powers(self) -> list[tuple[int, int]]:
         return [(i, t - i) for t in range(self.order + 1) for i in range(t, -1, -1)]
 
-    def terms(self, x, y) -> np.ndarray:
-        """Array (n_terms, *shape(x)) of the basis evaluated at pixel coordinates."""
+    def _polys(self, u: np.ndarray) -> list[np.ndarray]:
+        """T_0 .. T_order of u (already scaled to [-1, 1])."""
+        t = [np.ones_like(u), u]
+        for _ in range(2, self.order + 1):
+            t.append(2 * u * t[-1] - t[-2])
+        return t
+
+    def _scaled(self, x, y) -> tuple[np.ndarray, np.ndarray]:
         xs = 2.0 * np.asarray(x, dtype=float) / max(self.width - 1, 1) - 1.0
         ys = 2.0 * np.asarray(y, dtype=float) / max(self.height - 1, 1) - 1.0
-        tx = [np.ones_like(xs), xs]
-        ty = [np.ones_like(ys), ys]
-        for _ in range(2, self.order + 1):
-            tx.append(2 * xs * tx[-1] - tx[-2])
-            ty.append(2 * ys * ty[-1] - ty[-2])
+        return xs, ys
+
+    def terms(self, x, y) -> np.ndarray:
+        """Array (n_terms, *shape(x)) of the basis evaluated at pixel coordinates."""
+        xs, ys = self._scaled(x, y)
+        tx, ty = self._polys(xs), self._polys(ys)
         return np.array([tx[i] * ty[j] for i, j in self.powers()])
 
     def factors(self, shape: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per term, the (row, column) vectors whose outer product is T_k over a full (ny, nx) grid."""
         ny, nx = shape
-        xs = 2.0 * np.arange(nx) / max(self.width - 1, 1) - 1.0
-        ys = 2.0 * np.arange(ny) / max(self.height - 1, 1) - 1.0
-        tx = [np.ones_like(xs), xs]
-        ty = [np.ones_like(ys), ys]
-        for _ in range(2, self.order + 1):
-            tx.append(2 * xs * tx[-1] - tx[-2])
-            ty.append(2 * ys * ty[-1] - ty[-2])
+        xs, ys = self._scaled(np.arange(nx), np.arange(ny))
+        tx, ty = self._polys(xs), self._polys(ys)
         return [(ty[j].astype(np.float32), tx[i].astype(np.float32)) for i, j in self.powers()]
 
     def evaluate(self, coeffs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
