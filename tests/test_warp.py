@@ -6,7 +6,7 @@ import pytest
 
 from dialab.exposure import Exposure
 from dialab.psf import MoffatPsf
-from dialab.simulate.pair import _wcs
+from dialab.simulate.observe import tan_wcs
 from dialab.simulate.render import draw_point_sources
 from dialab.warp import measure_offset, shift_exposure, warp_exposure
 
@@ -21,8 +21,8 @@ def _render(wcs, world, flux):
 
 def test_warp_matches_direct_rendering_and_places_masks():
     rng = np.random.default_rng(2)
-    a = _wcs(SHAPE, 0.2, 150.0, 2.0)
-    b = _wcs(SHAPE, 0.2, 150.0, 2.0, rotation_deg=1.0, shift_pix=(6.4, -3.7))
+    a = tan_wcs(SHAPE, 0.2, 150.0, 2.0)
+    b = tan_wcs(SHAPE, 0.2, 150.0, 2.0, rotation_deg=1.0, shift_pix=(6.4, -3.7))
     xy = rng.uniform(40, 260, (40, 2))
     world = a.all_pix2world(xy, 0)
     flux = rng.uniform(1e3, 1e4, 40)

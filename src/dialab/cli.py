@@ -86,6 +86,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import time
+
+    from .errors import BadInputError
+    from .simulate.specs import get_spec
+    from .simulate.survey import simulate_dataset
+
+    spec = get_spec(args.spec)
+    if args.size is not None:
+        nx, ny = args.size
+        if nx < 128 or ny < 128:
+            raise BadInputError(f"--size {nx} {ny}: the CCD must be at least 128 x 128 pixels")
+        spec = spec.scaled((ny, nx))
+    if args.workers is not None and args.workers < 1:
+        raise BadInputError(f"--workers {args.workers}: need at least one worker")
+    t0 = time.perf_counter()
+    manifest = simulate_dataset(spec, args.output, seed=args.seed, workers=args.workers)
+    print(f"{manifest}: {spec.name}, seed {args.seed}, {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dialab", description="Difference image analysis and its evaluation.")
     parser.add_argument("--version", action="version", version=f"dialab {__version__}")
@@ -118,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("-o", "--output", required=True, help="diaSources Parquet file")
     det.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
     det.set_defaults(func=_cmd_detect)
+
+    from .simulate.specs import SPECS
+
+    sim = sub.add_parser("simulate", help="write a simulated dataset with its manifest and truth tables")
+    sim.add_argument("spec", help=f"dataset spec: {', '.join(SPECS)}")
+    sim.add_argument("-o", "--output", required=True, help="folder to write the dataset into")
+    sim.add_argument("--seed", type=int, default=1, help="same spec and seed give identical files")
+    sim.add_argument("--workers", type=int, help="processes rendering in parallel (default: the core count)")
+    sim.add_argument("--size", type=int, nargs=2, metavar=("NX", "NY"), help="CCD size instead of the spec's")
+    sim.set_defaults(func=_cmd_simulate)
 
     demo = sub.add_parser("demo", help="simulate a small dataset and run every flavor on it")
     demo.add_argument("-o", "--output", default="demo-output", help="folder for the demo's files")

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import galsim
 import numpy as np
 import pandas as pd
-from astropy.wcs import WCS
 
 from ..exposure import Exposure
 from ..psf import ImagePsf, MoffatPsf
+from .observe import tan_wcs
 from .render import add_noise, draw_point_sources, random_star_field
 
 
@@ -38,17 +38,6 @@ class PairSpec:
     magzero: float = 31.0  # with the 800-count sky: ~19.8 mag per square arcsec
 
 
-def _wcs(shape, scale_arcsec, ra, dec, rotation_deg=0.0, shift_pix=(0.0, 0.0)) -> WCS:
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [ra, dec]
-    w.wcs.crpix = [shape[1] / 2 + 0.5 + shift_pix[0], shape[0] / 2 + 0.5 + shift_pix[1]]
-    th = np.deg2rad(rotation_deg)
-    s = scale_arcsec / 3600
-    w.wcs.cd = s * np.array([[-np.cos(th), np.sin(th)], [np.sin(th), np.cos(th)]])
-    return w
-
-
 def effective_psf(fwhm: float, beta: float) -> ImagePsf:
     """The Moffat as the pixels see it (GalSim's pixel-integrated drawing), as a stamp."""
     size = MoffatPsf(fwhm_pix=fwhm, beta=beta).default_size
@@ -67,9 +56,9 @@ def simulate_pair(spec: PairSpec = PairSpec(), seed: int = 1) -> tuple[Exposure,
     galaxies = [galsim.Exponential(half_light_radius=rng.uniform(0.8, 3.0))
                 .shear(g1=rng.normal(0, 0.2), g2=rng.normal(0, 0.2)) for _ in range(len(gx))]
     ra, dec = 150.1, 2.2
-    sci_wcs = _wcs(spec.shape, spec.pixel_scale_arcsec, ra, dec)
-    tpl_wcs = _wcs(spec.shape, spec.pixel_scale_arcsec, ra, dec, rotation_deg=0.4, shift_pix=(7.3, -4.6))
-    big_wcs = _wcs(big, spec.pixel_scale_arcsec, ra, dec)
+    sci_wcs = tan_wcs(spec.shape, spec.pixel_scale_arcsec, ra, dec)
+    tpl_wcs = tan_wcs(spec.shape, spec.pixel_scale_arcsec, ra, dec, rotation_deg=0.4, shift_pix=(7.3, -4.6))
+    big_wcs = tan_wcs(big, spec.pixel_scale_arcsec, ra, dec)
     world = big_wcs.all_pix2world(np.column_stack([x, y]), 0)
     gworld = big_wcs.all_pix2world(np.column_stack([gx, gy]), 0)
 
