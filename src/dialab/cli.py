@@ -107,6 +107,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_apdb(args: argparse.Namespace) -> int:
+    from .apdb import create_apdb, open_apdb
+
+    if args.apdb_command == "create":
+        path = create_apdb(args.url, args.config, namespace=args.namespace)
+        print(f"{path}: APDB created")
+        return 0
+    counts = open_apdb(args.config).counts()
+    width = max(len(t) for t in counts.table)
+    print(f"{'table':<{width}}  {'band':>4}  {'rows':>9}")
+    for row in counts.itertuples():
+        print(f"{row.table:<{width}}  {row.band:>4}  {row.rows:>9}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dialab", description="Difference image analysis and its evaluation.")
     parser.add_argument("--version", action="version", version=f"dialab {__version__}")
@@ -149,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--workers", type=int, help="processes rendering in parallel (default: the core count)")
     sim.add_argument("--size", type=int, nargs=2, metavar=("NX", "NY"), help="CCD size instead of the spec's")
     sim.set_defaults(func=_cmd_simulate)
+
+    apdb = sub.add_parser("apdb", help="create an APDB or summarise one")
+    apdb_sub = apdb.add_subparsers(dest="apdb_command", required=True)
+    create = apdb_sub.add_parser("create", help="make the APDB tables and write the config file")
+    create.add_argument("url", help="SQLite file path, or a database URL (postgresql://user@host:port/db)")
+    create.add_argument("-c", "--config", default="apdb.yaml", help="APDB config file to write")
+    create.add_argument("--namespace", help="PostgreSQL schema to hold the tables (one per run)")
+    summary = apdb_sub.add_parser("summary", help="rows per table and band")
+    summary.add_argument("config", help="APDB config file (apdb.yaml)")
+    apdb.set_defaults(func=_cmd_apdb)
 
     demo = sub.add_parser("demo", help="simulate a small dataset and run every flavor on it")
     demo.add_argument("-o", "--output", default="demo-output", help="folder for the demo's files")

@@ -1,0 +1,260 @@
+"""A thin layer over Rubin's Alert Production Database (``lsst-dax-apdb``).
+
+The APDB holds the real DiaObject / DiaSource / DiaForcedSource schema in SQLite (default: one
+file per run and flavor) or PostgreSQL (concurrent writers, large runs; one schema namespace per
+run). This module turns dialab catalogs (fluxes in counts) into schema rows (nJy, NOT NULL
+columns filled), stores one (visit, detector) at a time, never twice, and reads back regions or
+whole tables for analysis. Passwords never appear in errors or logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import BadInputError, DialabError
+
+log = logging.getLogger(__name__)
+
+#: Bands with per-band columns in the DiaObject table.
+APDB_BANDS = ("u", "g", "r", "i", "z", "y")
+#: Catalog columns in image counts that the APDB holds in nJy.
+FLUX_COLUMNS = ("psfFlux", "psfFluxErr", "apFlux", "apFluxErr", "scienceFlux", "scienceFluxErr", "templateFlux",
+                "templateFluxErr", "dipoleMeanFlux", "dipoleMeanFluxErr", "dipoleFluxDiff", "dipoleFluxDiffErr",
+                "trailFlux", "trailFluxErr")
+REQUIRED_SOURCE_COLUMNS = ("diaSourceId", "visit", "detector", "band", "midpointMjdTai", "ra", "dec", "x", "y",
+                           "psfFlux", "psfFluxErr")
+
+
+class ApdbError(DialabError):
+    """The database cannot be reached or used (message names host/database, never the password)."""
+
+
+def database_url(url: str | Path) -> str:
+    """An SQLAlchemy URL from a URL or a plain SQLite file path (made absolute so configs travel).
+
+    ``postgresql://`` URLs get the psycopg2 driver (psycopg 3 sends all-null columns as VARCHAR,
+    which the DiaObject insert rejects).
+    """
+    import sqlalchemy
+
+    text = str(url)
+    if "://" not in text:
+        return f"sqlite:///{Path(text).expanduser().resolve()}"
+    try:
+        parsed = sqlalchemy.engine.make_url(text)
+    except sqlalchemy.exc.ArgumentError:
+        raise BadInputError(f"not a database URL: {_redact(text)!r}") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    if parsed.drivername.startswith("sqlite") and parsed.database:
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser().resolve()))
+    return parsed.render_as_string(hide_password=False)
+
+
+def _redact(url: str) -> str:
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL may still hold a password: keep only the scheme
+        return url.split("://", 1)[0] + "://..."
+
+
+def _describe(url: str) -> str:
+    import sqlalchemy
+
+    u = sqlalchemy.engine.make_url(url)
+    if u.drivername.startswith("sqlite"):
+        return f"SQLite file {u.database}"
+    return f"database {u.database!r} on {u.host or 'localhost'}:{u.port or 5432}"
+
+
+def _database_error(url: str, exc: Exception) -> ApdbError:
+    reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0]
+    return ApdbError(f"cannot use {_describe(url)}: {reason}")
+
+
+def create_apdb(url: str | Path, config_path: str | Path, namespace: str | None = None) -> Path:
+    """Make the APDB tables at ``url`` and write the APDB config file (``apdb.yaml``)."""
+    import sqlalchemy
+    from lsst.dax.apdb.sql import ApdbSql
+
+    db = database_url(url)
+    config_path = Path(config_path)
+    if db.startswith("sqlite"):
+        Path(sqlalchemy.engine.make_url(db).database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        config = ApdbSql.init_database(db, namespace=namespace, connection_timeout=10)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise _database_error(db, exc) from None
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config.save(str(config_path))
+    log.info("created APDB (%s), config %s", _describe(db), config_path)
+    return config_path
+
+
+@dataclass
+class ApdbHandle:
+    """An open APDB and its config path."""
+
+    apdb: object
+    config_path: Path
+
+    @property
+    def url(self) -> str:
+        return self.apdb.getConfig().db_url
+
+    @property
+    def namespace(self) -> str | None:
+        return self.apdb.getConfig().namespace
+
+    def engine(self):
+        import sqlalchemy
+
+        return sqlalchemy.create_engine(self.url)
+
+    def contains(self, visit: int, detector: int) -> bool:
+        return bool(self.apdb.containsVisitDetector(int(visit), int(detector)))
+
+    def objects_in_region(self, ra: np.ndarray, dec: np.ndarray, pad_arcsec: float = 10.0) -> pd.DataFrame:
+        """Latest versions of the diaObjects inside the polygon of sky points (ra, dec), padded."""
+        region = sky_polygon(ra, dec, pad_arcsec)
+        try:
+            objects = self.apdb.getDiaObjects(region)
+        except Exception as exc:
+            raise _database_error(self.url, exc) from None
+        return objects
+
+    def store(self, mjd: float, objects: pd.DataFrame, sources: pd.DataFrame,
+              forced_sources: pd.DataFrame | None = None) -> bool:
+        """Store one (visit, detector) unless the APDB already has it; True when written."""
+        import astropy.time
+
+        if len(sources):
+            visit, detector = int(sources.visit.iloc[0]), int(sources.detector.iloc[0])
+        elif forced_sources is not None and len(forced_sources):
+            visit, detector = int(forced_sources.visit.iloc[0]), int(forced_sources.detector.iloc[0])
+        else:
+            return False
+        if self.contains(visit, detector):
+            log.info("APDB already holds visit %d detector %d: not stored again", visit, detector)
+            return False
+        visit_time = astropy.time.Time(mjd, format="mjd", scale="tai")
+        try:
+            self.apdb.store(visit_time, objects, sources, forced_sources)
+        except Exception as exc:
+            raise _database_error(self.url, exc) from None
+        return True
+
+    def table(self, name: str, latest: bool = True) -> pd.DataFrame:
+        """A whole table as a DataFrame (for DiaObject only the latest version of each object)."""
+        import sqlalchemy
+
+        engine = self.engine()
+        try:
+            with engine.connect() as conn:
+                meta = sqlalchemy.MetaData(schema=self.namespace)
+                table = sqlalchemy.Table(name, meta, autoload_with=conn)
+                query = sqlalchemy.select(table)
+                if name == "DiaObject" and latest:
+                    query = query.where(table.c.validityEndMjdTai.is_(None))
+                return pd.read_sql(query, conn)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            raise _database_error(self.url, exc) from None
+        finally:
+            engine.dispose()
+
+    def counts(self) -> pd.DataFrame:
+        """Rows per table and band (DiaObject: objects with data in that band)."""
+        rows = []
+        for name in ("DiaSource", "DiaForcedSource"):
+            t = self.table(name)
+            for band, n in (t.groupby("band").size().items() if len(t) else []):
+                rows.append((name, band, int(n)))
+            rows.append((name, "all", len(t)))
+        objects = self.table("DiaObject")
+        for band in APDB_BANDS:
+            n = int((objects[f"{band}_psfFluxNdata"] > 0).sum()) if len(objects) else 0
+            if n:
+                rows.append(("DiaObject", band, n))
+        rows.append(("DiaObject", "all", len(objects)))
+        return pd.DataFrame(rows, columns=["table", "band", "rows"])
+
+
+def open_apdb(config_path: str | Path) -> ApdbHandle:
+    """Open an APDB from its config file, checking that the database answers."""
+    from lsst.dax.apdb import Apdb
+
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise BadInputError("APDB config file not found (make one with `dialab apdb create`)", config_path)
+    try:
+        apdb = Apdb.from_uri(str(config_path.resolve()))
+    except Exception as exc:
+        raise BadInputError(f"not an APDB config ({str(exc).splitlines()[0]})", config_path) from None
+    handle = ApdbHandle(apdb, config_path)
+    for attempt in range(3):
+        try:
+            with handle.engine().connect():
+                break
+        except Exception as exc:
+            if attempt == 2:
+                raise _database_error(handle.url, exc) from None
+            time.sleep(0.5)
+    return handle
+
+
+def sky_polygon(ra: np.ndarray, dec: np.ndarray, pad_arcsec: float):
+    """A convex sky polygon through points (ordered round the region), pushed out by ``pad_arcsec``."""
+    from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d
+
+    ra, dec = np.asarray(ra, float), np.asarray(dec, float)
+    cra, cdec = _circular_mean(ra), float(np.mean(dec))
+    cos = np.cos(np.deg2rad(cdec))
+    dx, dy = _wrap(ra - cra) * cos, dec - cdec
+    r = np.hypot(dx, dy)
+    grow = 1 + pad_arcsec / 3600 / np.maximum(r, 1e-9)
+    pra, pdec = cra + dx * grow / cos, cdec + dy * grow
+    return ConvexPolygon([UnitVector3d(LonLat.fromDegrees(float(a), float(d))) for a, d in zip(pra, pdec)])
+
+
+def _wrap(dra: np.ndarray) -> np.ndarray:
+    return (np.asarray(dra) + 180.0) % 360.0 - 180.0
+
+
+def _circular_mean(ra: np.ndarray) -> float:
+    return float(ra[0] + np.mean(_wrap(ra - ra[0])))
+
+
+def schema_columns(handle: ApdbHandle, table: str) -> list[str]:
+    from lsst.dax.apdb import ApdbTables
+
+    return [c.name for c in handle.apdb.tableDef(ApdbTables[table]).columns]
+
+
+def check_columns(catalog: pd.DataFrame, required: tuple[str, ...], what: str) -> None:
+    missing = [c for c in required if c not in catalog.columns]
+    if missing:
+        raise BadInputError(f"{what} lacks required column(s): {', '.join(missing)}")
+
+
+def to_dia_sources(catalog: pd.DataFrame, njy_per_count: float, columns: list[str]) -> pd.DataFrame:
+    """Schema rows from a dialab catalog: fluxes to nJy, NOT NULL columns filled, extras dropped."""
+    check_columns(catalog, REQUIRED_SOURCE_COLUMNS, "diaSource catalog")
+    out = catalog.copy()
+    for col in FLUX_COLUMNS:
+        if col in out:
+            out[col] = out[col].astype(float) * njy_per_count
+    now = float(pd.Timestamp.now("UTC").to_julian_date() - 2400000.5)
+    defaults = {"psfNdata": 0, "trailNdata": 0, "dipoleNdata": 0, "bboxSize": 0, "timeProcessedMjdTai": now}
+    for col, value in defaults.items():
+        out[col] = out[col].fillna(value) if col in out else value
+    for col in ("psfNdata", "trailNdata", "dipoleNdata", "bboxSize"):
+        out[col] = out[col].astype(np.int64)
+    return out[[c for c in columns if c in out.columns]]

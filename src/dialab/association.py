@@ -1,0 +1,238 @@
+"""Association of diaSources into diaObjects, object summaries, and forced photometry at objects.
+
+Each (visit, detector) is matched against the latest diaObjects of its region: one-to-one by
+smallest total distance (an optimal assignment that first pairs as many as it can), within 1 arcsec; the rest start new
+objects. Summaries are updated incrementally from the stored statistics (exact: sums are recovered
+from mean, sigma and count), so no source history has to be read back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial import cKDTree
+
+from .apdb import APDB_BANDS, _wrap
+from .exposure import Exposure
+from .measurement import forced_psf_flux
+
+
+class AssociateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    radius_arcsec: float = Field(1.0, gt=0, description="largest source-object distance that joins them")
+    region_pad_arcsec: float = Field(10.0, ge=0, description="margin round the image when loading objects")
+    forced_photometry: bool = True
+
+
+def _tangent(ra, dec, ra0, dec0) -> np.ndarray:
+    """Small-angle offsets (arcsec) from (ra0, dec0)."""
+    return np.column_stack([_wrap(np.asarray(ra) - ra0) * np.cos(np.deg2rad(dec0)) * 3600,
+                            (np.asarray(dec) - dec0) * 3600])
+
+
+def match_one_to_one(src_ra, src_dec, obj_ra, obj_dec, radius_arcsec: float) -> np.ndarray:
+    """For each source the index of its object (-1: none); an object takes at most one source.
+
+    Among pairs closer than ``radius_arcsec`` the assignment makes as many as possible and, among
+    those, the set with the smallest summed distance (optimal, not greedy).
+    """
+    n_src, n_obj = len(src_ra), len(obj_ra)
+    out = np.full(n_src, -1, dtype=np.int64)
+    if n_src == 0 or n_obj == 0:
+        return out
+    ra0, dec0 = float(src_ra[0]), float(np.mean(src_dec))
+    s = _tangent(src_ra, src_dec, ra0, dec0)
+    o = _tangent(obj_ra, obj_dec, ra0, dec0)
+    pairs = cKDTree(s).sparse_distance_matrix(cKDTree(o), radius_arcsec, output_type="coo_matrix")
+    if pairs.nnz == 0:
+        return out
+    rows, row_index = np.unique(pairs.row, return_inverse=True)
+    cols, col_index = np.unique(pairs.col, return_inverse=True)
+    # Pairs beyond the radius cost so much that the assignment first makes as many pairs within it
+    # as possible, then among those choices the smallest summed distance; forced far pairs are dropped.
+    big = 1e6 * radius_arcsec
+    cost = np.full((len(rows), len(cols)), big)
+    cost[row_index, col_index] = pairs.data
+    r, c = linear_sum_assignment(cost)
+    real = cost[r, c] < big
+    out[rows[r[real]]] = cols[c[real]]
+    return out
+
+
+def _band_columns(band: str) -> dict[str, str]:
+    keys = ("psfFluxMean", "psfFluxMeanErr", "psfFluxSigma", "psfFluxNdata", "psfFluxMin", "psfFluxMax",
+            "psfFluxErrMean", "scienceFluxMean", "scienceFluxMeanErr")
+    return {k: f"{band}_{k}" for k in keys}
+
+
+def _updated_stats(old: pd.DataFrame, src: pd.DataFrame, band: str) -> pd.DataFrame:
+    """Per-band flux statistics after adding one source to each object (rows aligned)."""
+    c = _band_columns(band)
+    n0 = old[c["psfFluxNdata"]].fillna(0).to_numpy(np.int64)
+    mean0 = np.nan_to_num(old[c["psfFluxMean"]].to_numpy(float))
+    sig0 = np.nan_to_num(old[c["psfFluxSigma"]].to_numpy(float))
+    s1 = mean0 * n0
+    s2 = np.where(n0 >= 2, sig0**2 * (n0 - 1), 0.0) + n0 * mean0**2
+    e2 = (np.nan_to_num(old[c["psfFluxMeanErr"]].to_numpy(float)) * n0) ** 2
+    esum = np.nan_to_num(old[c["psfFluxErrMean"]].to_numpy(float)) * n0
+    f, ferr = src.psfFlux.to_numpy(float), src.psfFluxErr.to_numpy(float)
+    ok = np.isfinite(f) & np.isfinite(ferr)
+    n = n0 + ok
+    s1 = s1 + np.where(ok, f, 0)
+    s2 = s2 + np.where(ok, f * f, 0)
+    e2 = e2 + np.where(ok, ferr**2, 0)
+    esum = esum + np.where(ok, ferr, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, s1 / n, np.nan)
+        sigma = np.where(n >= 2, np.sqrt(np.maximum(s2 - n * mean**2, 0) / (n - 1)), np.nan)
+        out = {c["psfFluxNdata"]: n, c["psfFluxMean"]: mean, c["psfFluxSigma"]: sigma,
+               c["psfFluxMeanErr"]: np.where(n > 0, np.sqrt(e2) / n, np.nan),
+               c["psfFluxErrMean"]: np.where(n > 0, esum / n, np.nan),
+               c["psfFluxMin"]: np.where(ok, np.fmin(old[c["psfFluxMin"]].to_numpy(float), f),
+                                         old[c["psfFluxMin"]].to_numpy(float)),
+               c["psfFluxMax"]: np.where(ok, np.fmax(old[c["psfFluxMax"]].to_numpy(float), f),
+                                         old[c["psfFluxMax"]].to_numpy(float))}
+        if "scienceFlux" in src:
+            sf, sferr = src.scienceFlux.to_numpy(float), src.scienceFluxErr.to_numpy(float)
+            sok = np.isfinite(sf) & np.isfinite(sferr)
+            # science-flux mean over the sources that have one, its error from the summed variances
+            sn0 = np.where(np.isfinite(old[c["scienceFluxMean"]].to_numpy(float)), n0, 0)
+            ssum = np.nan_to_num(old[c["scienceFluxMean"]].to_numpy(float)) * sn0 + np.where(sok, sf, 0)
+            se2 = (np.nan_to_num(old[c["scienceFluxMeanErr"]].to_numpy(float)) * sn0) ** 2 + np.where(sok, sferr**2, 0)
+            sn = sn0 + sok
+            out[c["scienceFluxMean"]] = np.where(sn > 0, ssum / sn, np.nan)
+            out[c["scienceFluxMeanErr"]] = np.where(sn > 0, np.sqrt(se2) / sn, np.nan)
+    return pd.DataFrame(out, index=old.index)
+
+
+def empty_objects(n: int) -> pd.DataFrame:
+    """n blank DiaObject rows: counts zero, every statistic unknown."""
+    data = {"diaObjectId": np.zeros(n, np.int64), "ra": np.full(n, np.nan), "dec": np.full(n, np.nan),
+            "nDiaSources": np.zeros(n, np.int64), "firstDiaSourceMjdTai": np.full(n, np.nan),
+            "lastDiaSourceMjdTai": np.full(n, np.nan)}
+    for band in APDB_BANDS:
+        for key, col in _band_columns(band).items():
+            data[col] = np.zeros(n, np.int64) if key == "psfFluxNdata" else np.full(n, np.nan)
+    return pd.DataFrame(data)
+
+
+def associate(sources: pd.DataFrame, objects: pd.DataFrame, config: AssociateConfig | None = None
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(sources with ``diaObjectId``, DiaObject rows to store: the updated and the new objects).
+
+    ``sources`` are schema rows of one (visit, detector) (fluxes in nJy); ``objects`` the latest
+    versions of the diaObjects that may overlap it.
+    """
+    cfg = config or AssociateConfig()
+    sources = sources.reset_index(drop=True).copy()
+    n = len(sources)
+    if n == 0:
+        sources["diaObjectId"] = pd.Series(dtype=np.int64)
+        return sources, empty_objects(0)
+    objects = objects.reset_index(drop=True)
+    match = match_one_to_one(sources.ra.to_numpy(), sources.dec.to_numpy(), objects.ra.to_numpy(float),
+                             objects.dec.to_numpy(float), cfg.radius_arcsec) if len(objects) else np.full(n, -1)
+    joined = match >= 0
+    # The object before this visit: the stored row, or a blank one that the source starts.
+    before = empty_objects(n)
+    if joined.any():
+        stored = objects.iloc[match[joined]].reset_index(drop=True)
+        for col in before.columns:
+            if col in stored:
+                before.loc[joined, col] = stored[col].to_numpy()
+    before.loc[~joined, "diaObjectId"] = sources.diaSourceId.to_numpy()[~joined]
+    before.loc[~joined, "ra"] = sources.ra.to_numpy()[~joined]
+    before.loc[~joined, "dec"] = sources.dec.to_numpy()[~joined]
+    after = before.copy()
+    n0 = before.nDiaSources.to_numpy(np.int64)
+    after["nDiaSources"] = n0 + 1
+    after["ra"] = (before.ra + _wrap(sources.ra - before.ra) / (n0 + 1)) % 360.0
+    after["dec"] = before.dec + (sources.dec - before.dec) / (n0 + 1)
+    t = sources.midpointMjdTai.to_numpy(float)
+    after["firstDiaSourceMjdTai"] = np.fmin(before.firstDiaSourceMjdTai.to_numpy(float), t)
+    after["lastDiaSourceMjdTai"] = np.fmax(before.lastDiaSourceMjdTai.to_numpy(float), t)
+    for band in sources.band.unique():
+        rows = (sources.band == band).to_numpy()
+        stats = _updated_stats(before[rows], sources[rows], band)
+        for col in stats:
+            after.loc[rows, col] = stats[col].to_numpy()
+    # Keep the stored row's other columns (e.g. those another tool filled) on the new version.
+    if joined.any():
+        stored = objects.iloc[match[joined]].reset_index(drop=True)
+        extra = [c for c in stored.columns if c not in after.columns and not c.startswith("validity")
+                 and c != "pixelId"]
+        for col in extra:
+            after[col] = np.nan
+            after.loc[joined, col] = stored[col].to_numpy()
+    sources["diaObjectId"] = after.diaObjectId.to_numpy(np.int64)
+    after["diaObjectId"] = after.diaObjectId.astype(np.int64)
+    after["nDiaSources"] = after.nDiaSources.astype(np.int64)
+    for band in APDB_BANDS:
+        after[f"{band}_psfFluxNdata"] = after[f"{band}_psfFluxNdata"].astype(np.int64)
+    return sources, after
+
+
+def forced_sources(objects: pd.DataFrame, difference: Exposure, science: Exposure | None, visit: int,
+                   detector: int, band: str, mjd: float, processed_mjd: float) -> pd.DataFrame:
+    """DiaForcedSource rows: PSF fluxes (nJy) on the difference and science at every object in the image."""
+    cols = ["diaForcedSourceId", "diaObjectId", "ra", "dec", "visit", "detector", "psfFlux", "psfFluxErr",
+            "scienceFlux", "scienceFluxErr", "midpointMjdTai", "band", "timeProcessedMjdTai"]
+    if len(objects) == 0 or difference.wcs is None:
+        return pd.DataFrame(columns=cols)
+    xy = difference.wcs.all_world2pix(np.column_stack([objects.ra, objects.dec]), 0)
+    ny, nx = difference.shape
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] <= nx - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= ny - 1)
+    obj, xy = objects[inside], xy[inside]
+    scale = difference.njy_per_count
+    diff = forced_psf_flux(difference, xy[:, 0], xy[:, 1])
+    out = pd.DataFrame({
+        "diaForcedSourceId": (np.int64(visit) * 1000 + detector) * 100_000 + np.arange(1, len(obj) + 1),
+        "diaObjectId": obj.diaObjectId.to_numpy(np.int64), "ra": obj.ra.to_numpy(float),
+        "dec": obj.dec.to_numpy(float), "visit": visit, "detector": detector,
+        "psfFlux": diff.psfFlux.to_numpy() * scale, "psfFluxErr": diff.psfFluxErr.to_numpy() * scale})
+    if science is not None and science.psf is not None:
+        sci = forced_psf_flux(science, xy[:, 0], xy[:, 1])
+        out["scienceFlux"] = sci.psfFlux.to_numpy() * science.njy_per_count
+        out["scienceFluxErr"] = sci.psfFluxErr.to_numpy() * science.njy_per_count
+    else:
+        out["scienceFlux"] = out["scienceFluxErr"] = np.nan
+    out["midpointMjdTai"] = mjd
+    out["band"] = band
+    out["timeProcessedMjdTai"] = processed_mjd
+    return out[cols]
+
+
+def store_visit_detector(handle, catalog: pd.DataFrame, difference: Exposure, science: Exposure | None = None,
+                         config: AssociateConfig | None = None) -> dict:
+    """Associate one (visit, detector) catalog (fluxes in counts) with the APDB and store it, once.
+
+    Returns counts: sources stored, objects new/updated, forced sources; ``stored`` False when the
+    APDB already held this (visit, detector).
+    """
+    from .apdb import schema_columns, to_dia_sources
+
+    cfg = config or AssociateConfig()
+    visit, detector, band, mjd = difference.visit, difference.detector, difference.band, difference.mjd
+    summary = {"visit": visit, "detector": detector, "stored": False, "sources": 0, "new_objects": 0,
+               "updated_objects": 0, "forced_sources": 0}
+    if handle.contains(visit, detector):
+        return summary
+    rows = to_dia_sources(catalog, difference.njy_per_count, schema_columns(handle, "DiaSource"))
+    ny, nx = difference.shape
+    corners = np.array([[0, 0], [nx - 1, 0], [nx - 1, ny - 1], [0, ny - 1]], float)
+    ra, dec = difference.wcs.all_pix2world(corners, 0).T
+    existing = handle.objects_in_region(ra, dec, cfg.region_pad_arcsec)
+    rows, objects = associate(rows, existing, cfg)
+    processed = float(rows.timeProcessedMjdTai.iloc[0]) if len(rows) else float(
+        pd.Timestamp.now("UTC").to_julian_date() - 2400000.5)
+    known = pd.concat([existing[~existing.diaObjectId.isin(objects.diaObjectId)], objects], ignore_index=True)
+    forced = forced_sources(known, difference, science, visit, detector, band, mjd, processed) \
+        if cfg.forced_photometry else None
+    if handle.store(mjd, objects, rows, forced):
+        new = int((objects.nDiaSources == 1).sum())
+        summary.update(stored=True, sources=len(rows), new_objects=new, updated_objects=len(objects) - new,
+                       forced_sources=0 if forced is None else len(forced))
+    return summary
