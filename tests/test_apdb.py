@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from dialab.apdb import create_apdb, open_apdb
-from dialab.association import AssociateConfig, associate, match_one_to_one, store_visit_detector
+from dialab.association import AssociateConfig, associate, match_to_objects, store_visit_detector
 from dialab.cli import main
 from dialab.exposure import Exposure
 from dialab.psf import GaussianPsf
@@ -67,7 +67,7 @@ def test_optimal_assignment_beats_greedy():
     src_ra = np.array([0.0, -0.7]) * ARCSEC
     obj_ra = np.array([-0.1, 0.8]) * ARCSEC
     zeros = np.zeros(2)
-    match = match_one_to_one(src_ra + 10, zeros, obj_ra + 10, zeros, 1.0)
+    match = match_to_objects(src_ra + 10, zeros, obj_ra + 10, zeros, 1.0)
     assert list(match) == [1, 0]
 
 

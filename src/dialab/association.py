@@ -11,11 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.optimize import linear_sum_assignment
-from scipy.spatial import cKDTree
 
 from .apdb import APDB_BANDS, _wrap
 from .exposure import Exposure
+from .matching import match_one_to_one
 from .measurement import forced_psf_flux
 
 
@@ -33,33 +32,15 @@ def _tangent(ra, dec, ra0, dec0) -> np.ndarray:
                             (np.asarray(dec) - dec0) * 3600])
 
 
-def match_one_to_one(src_ra, src_dec, obj_ra, obj_dec, radius_arcsec: float) -> np.ndarray:
-    """For each source the index of its object (-1: none); an object takes at most one source.
-
-    Among pairs closer than ``radius_arcsec`` the assignment makes as many as possible and, among
-    those, the set with the smallest summed distance (optimal, not greedy).
-    """
-    n_src, n_obj = len(src_ra), len(obj_ra)
-    out = np.full(n_src, -1, dtype=np.int64)
-    if n_src == 0 or n_obj == 0:
-        return out
+def match_to_objects(src_ra, src_dec, obj_ra, obj_dec, radius_arcsec: float) -> np.ndarray:
+    """For each source the index of its object (-1: none), one-to-one within ``radius_arcsec``
+    (the optimal assignment of :func:`dialab.matching.match_one_to_one`, on the tangent plane)."""
+    if len(src_ra) == 0 or len(obj_ra) == 0:
+        return np.full(len(src_ra), -1, dtype=np.int64)
     ra0, dec0 = float(src_ra[0]), float(np.mean(src_dec))
     s = _tangent(src_ra, src_dec, ra0, dec0)
     o = _tangent(obj_ra, obj_dec, ra0, dec0)
-    pairs = cKDTree(s).sparse_distance_matrix(cKDTree(o), radius_arcsec, output_type="coo_matrix")
-    if pairs.nnz == 0:
-        return out
-    rows, row_index = np.unique(pairs.row, return_inverse=True)
-    cols, col_index = np.unique(pairs.col, return_inverse=True)
-    # Pairs beyond the radius cost so much that the assignment first makes as many pairs within it
-    # as possible, then among those choices the smallest summed distance; forced far pairs are dropped.
-    big = 1e6 * radius_arcsec
-    cost = np.full((len(rows), len(cols)), big)
-    cost[row_index, col_index] = pairs.data
-    r, c = linear_sum_assignment(cost)
-    real = cost[r, c] < big
-    out[rows[r[real]]] = cols[c[real]]
-    return out
+    return match_one_to_one(s[:, 0], s[:, 1], o[:, 0], o[:, 1], radius_arcsec)[0]
 
 
 def _band_columns(band: str) -> dict[str, str]:
@@ -133,7 +114,7 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame, config: AssociateCon
         sources["diaObjectId"] = pd.Series(dtype=np.int64)
         return sources, empty_objects(0)
     objects = objects.reset_index(drop=True)
-    match = match_one_to_one(sources.ra.to_numpy(), sources.dec.to_numpy(), objects.ra.to_numpy(float),
+    match = match_to_objects(sources.ra.to_numpy(), sources.dec.to_numpy(), objects.ra.to_numpy(float),
                              objects.dec.to_numpy(float), cfg.radius_arcsec) if len(objects) else np.full(n, -1)
     joined = match >= 0
     # The object before this visit: the stored row, or a blank one that the source starts.

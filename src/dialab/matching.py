@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
+from scipy.spatial import cKDTree
 
 from .exposure import Exposure
 from .measurement import forced_psf_flux, pixel_scale_arcsec
@@ -12,23 +13,31 @@ from .measurement import forced_psf_flux, pixel_scale_arcsec
 
 def match_one_to_one(ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.ndarray,
                      radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """Index into b (or -1) and distance for every a: one-to-one, minimising the summed distance
-    of pairs closer than ``radius`` (an optimal assignment, not greedy)."""
-    n, m = len(ax), len(bx)
-    idx = np.full(n, -1)
+    """Index into b (or -1) and distance for every a, one-to-one, among pairs closer than ``radius``.
+
+    An optimal assignment, not greedy: it makes as many pairs as it can and, among those choices,
+    the one with the smallest summed distance. Only pairs within the radius are ever considered
+    (a k-d tree), so large catalogs stay cheap.
+    """
+    n = len(ax)
+    idx = np.full(n, -1, dtype=np.int64)
     dist = np.full(n, np.nan)
-    if n == 0 or m == 0:
+    if n == 0 or len(bx) == 0:
         return idx, dist
-    d = np.hypot(ax[:, None] - bx[None, :], ay[:, None] - by[None, :])
+    pairs = cKDTree(np.column_stack([ax, ay])).sparse_distance_matrix(
+        cKDTree(np.column_stack([bx, by])), radius, output_type="coo_matrix")
+    if pairs.nnz == 0:
+        return idx, dist
+    rows, row_index = np.unique(pairs.row, return_inverse=True)
+    cols, col_index = np.unique(pairs.col, return_inverse=True)
+    # Pairs beyond the radius cost so much that the most pairs within it are made first.
     big = 1e6 * (radius + 1)
-    cost = np.where(d <= radius, d, big)
-    # a dummy column per a lets it stay unmatched at a cost above any real pair
-    cost = np.hstack([cost, np.full((n, n), radius * 1.0001 + 1e-9)])
-    rows, cols = linear_sum_assignment(cost)
-    for r, c in zip(rows, cols):
-        if c < m and d[r, c] <= radius:
-            idx[r] = c
-            dist[r] = d[r, c]
+    cost = np.full((len(rows), len(cols)), big)
+    cost[row_index, col_index] = pairs.data
+    r, c = linear_sum_assignment(cost)
+    real = cost[r, c] < big
+    idx[rows[r[real]]] = cols[c[real]]
+    dist[rows[r[real]]] = cost[r[real], c[real]]
     return idx, dist
 
 
