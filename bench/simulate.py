@@ -23,7 +23,7 @@ def timed(spec, workers: int) -> float:
 def main() -> None:
     cores = os.cpu_count() or 1
     mini = get_spec("hsc-sprint-mini")
-    n_mini = sum(len(v) + 1 for v in mini.written_visits().values()) * len(mini.detectors)
+    n_mini = (mini.science_per_band + 1) * len(mini.visit_pool) * len(mini.detectors)
     print(f"hsc-sprint-mini: {n_mini} exposures of 1024 x 1024, {timed(mini, cores):.1f} s on {cores} cores")
     full = get_spec("hsc-sprint")
     n_full = sum(len(v) + 1 for v in full.written_visits().values()) * len(full.detectors)

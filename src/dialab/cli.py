@@ -38,9 +38,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_subtract(args: argparse.Namespace) -> int:
-    from astropy.io import fits
-
-    from .exposure import read_exposure, write_exposure
+    from .exposure import read_exposure
+    from .pipeline.repository import write_difference
     from .subtraction import SubtractConfig, subtract
     from .warp import align_to
 
@@ -49,10 +48,7 @@ def _cmd_subtract(args: argparse.Namespace) -> int:
     template = align_to(template, science)
     config = SubtractConfig(flavor=args.flavor, decorrelate=not args.no_decorrelate)
     result = subtract(science, template, config)
-    extra = [fits.ImageHDU(result.kernel.center_image.astype(np.float32), name="KERNEL")]
-    if result.score is not None:
-        extra.append(fits.ImageHDU(result.score.image, name="SCORE"))
-    write_exposure(result.difference, args.output, extra_hdus=extra)
+    write_difference(result, args.output)
     d = result.diagnostics
     print(f"{args.output}: flavor {d.flavor} (convolved {d.convolved}), kernel sum {d.kernel_sum:.4f}, "
           f"candidates {d.n_used}/{d.n_candidates}, noise ratio {d.noise_ratio:.3f}")
@@ -122,6 +118,32 @@ def _cmd_apdb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline.config import load_pipeline
+    from .pipeline.runner import run_pipeline
+
+    overrides: dict = {"execution": {}}
+    if args.executor:
+        overrides["execution"]["executor"] = args.executor
+    if args.workers is not None:
+        overrides["execution"]["workers"] = args.workers
+    if args.scheduler:
+        overrides["execution"]["scheduler"] = args.scheduler
+    if args.fakes:
+        overrides["inject"] = {"enabled": True}
+    config = load_pipeline(args.pipeline, overrides)
+    result = run_pipeline(args.manifest, config, args.output, flavors=args.flavor, resume=args.resume,
+                          apdb_url=args.apdb)
+    stored = ", ".join(f"{f} {n}" for f, n in result.stored.items())
+    print(f"{args.output}: {result.done} units done, {result.skipped} skipped (done before), "
+          f"{len(result.failures)} failed; (visit, detector)s stored in the APDB: {stored}; {result.seconds:.0f} s")
+    for label, reason in result.failures:
+        print(f"  failed {label}: {reason}")
+    if result.association_stopped:
+        print("  association waits for: " + ", ".join(f"{f} visit {v}" for f, v in result.association_stopped.items()))
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dialab", description="Difference image analysis and its evaluation.")
     parser.add_argument("--version", action="version", version=f"dialab {__version__}")
@@ -174,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     summary = apdb_sub.add_parser("summary", help="rows per table and band")
     summary.add_argument("config", help="APDB config file (apdb.yaml)")
     apdb.set_defaults(func=_cmd_apdb)
+
+    run = sub.add_parser("run", help="run a pipeline over a dataset manifest (every unit, then the APDB)")
+    run.add_argument("manifest", help="dataset.yaml")
+    run.add_argument("-p", "--pipeline", action="append", default=[],
+                     help="pipeline YAML (repeat to layer, e.g. pipelines/default.yaml pipelines/with_fakes.yaml)")
+    run.add_argument("-o", "--output", required=True, help="output repository folder")
+    run.add_argument("--flavor", action="append", choices=FLAVORS, help="flavor(s) to run (default: the config's)")
+    run.add_argument("--executor", choices=("local", "dask"))
+    run.add_argument("--workers", type=int, help="parallel units (default: the core count)")
+    run.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
+    run.add_argument("--apdb", help="APDB database URL (default: a SQLite file per flavor in the output)")
+    run.add_argument("--fakes", action="store_true", help="inject fakes (same as inject.enabled: true)")
+    run.add_argument("--resume", action="store_true", help="continue a run: skip done units, store nothing twice")
+    run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", help="simulate a small dataset and run every flavor on it")
     demo.add_argument("-o", "--output", default="demo-output", help="folder for the demo's files")

@@ -7,6 +7,7 @@ steps the science seeing through the template's, the regime where the flavors di
 
 from __future__ import annotations
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import BadInputError
@@ -33,8 +34,11 @@ class SurveySpec(BaseModel):
     detectors: list[int] = Field(default_factory=lambda: list(HSC_SPRINT_DETECTORS), min_length=1)
     #: Visits per band whose seeing is drawn; the template of a band is the coadd of the best third.
     visit_pool: dict[str, list[int]] = Field(default_factory=lambda: dict(HSC_SPRINT_VISITS))
-    #: Visits written as science exposures (default: the whole pool).
+    #: Visits written as science exposures (default: the whole pool) ...
     science_visits: dict[str, list[int]] | None = None
+    #: ... or this many per band, spanning the drawn seeing from the best to the worst visit (so a
+    #: small dataset still has science PSFs both narrower and wider than the template's).
+    science_per_band: int | None = Field(None, ge=1)
     seeing_range: tuple[float, float] = (0.5, 1.1)
     #: For a PSF sweep: science FWHM = ratio x template FWHM, one visit per ratio (overrides seeing).
     psf_ratios: list[float] | None = None
@@ -82,8 +86,20 @@ class SurveySpec(BaseModel):
             raise ValueError("psf_ratios needs one ratio per visit")
         return self
 
-    def written_visits(self) -> dict[str, list[int]]:
-        return dict(self.science_visits) if self.science_visits is not None else dict(self.visit_pool)
+    def written_visits(self, fwhm: dict[int, float] | None = None) -> dict[str, list[int]]:
+        """Science visits per band; ``fwhm`` (visit -> seeing) is needed for ``science_per_band``."""
+        if self.science_visits is not None:
+            return dict(self.science_visits)
+        if self.science_per_band is None:
+            return dict(self.visit_pool)
+        if fwhm is None:
+            raise ValueError("choosing science visits by seeing needs the visits' seeing")
+        out = {}
+        for band, pool in self.visit_pool.items():
+            ranked = sorted(pool, key=lambda v: fwhm[v])
+            picks = np.unique(np.round(np.linspace(0, len(ranked) - 1, min(self.science_per_band, len(ranked)))))
+            out[band] = sorted(ranked[int(i)] for i in picks)
+        return out
 
     def scaled(self, shape: tuple[int, int]) -> SurveySpec:
         """The same design on another CCD size (ny, nx)."""
@@ -102,7 +118,7 @@ SPECS: dict[str, SurveySpec] = {
     "hsc-sprint": SurveySpec(name="hsc-sprint"),
     "hsc-sprint-mini": SurveySpec(
         name="hsc-sprint-mini", shape=(1024, 1024), detectors=[49, 50],
-        science_visits={"g": [11690, 11692, 29324], "r": [1202, 1204, 23692]},
+        science_per_band=3,
         template_offset_pix=(9.4, -6.1), psf_grid=(3, 3)),
     "psf-sweep": SurveySpec(
         name="psf-sweep", shape=(1024, 1024), detectors=[50],

@@ -78,7 +78,7 @@ def epoch_truth(spec: SurveySpec, scene: Scene, conditions: dict[int, VisitCondi
     rows = []
     changing = scene.objects.kind.isin(["variable", "supernova"]).to_numpy()
     objects = scene.objects[changing]
-    for band, visits in spec.written_visits().items():
+    for band, visits in spec.written_visits({v: c.fwhm for v, c in conditions.items()}).items():
         tpl = template_conditions(spec, conditions, band)
         tpl_flux = np.mean([scene.flux_njy(band, c.mjd)[changing] for c in tpl], axis=0)
         for visit in visits:
@@ -117,11 +117,12 @@ def simulate_dataset(spec: SurveySpec, output: str | Path, seed: int = 1, worker
     conditions = draw_conditions(spec, seed)
     scene = build_scene(spec, conditions, seed)
     entries, tasks = [], []
-    for band in spec.written_visits():
+    written = spec.written_visits({v: c.fwhm for v, c in conditions.items()})
+    for band in written:
         for detector in spec.detectors:
             tpl_path = f"templates/{band}/{detector}.fits"
             tasks.append(("template", band, 0, detector, tpl_path))
-            for visit in spec.written_visits()[band]:
+            for visit in written[band]:
                 sci_path = f"science/{band}/{visit}/{detector}.fits"
                 tasks.append(("science", band, visit, detector, sci_path))
                 entries.append({"visit": visit, "detector": detector, "band": band,

@@ -1,0 +1,1 @@
+"""Running dialab over a dataset: configuration, manifest, output repository, units and executors."""

@@ -1,0 +1,102 @@
+"""The pipeline configuration: one YAML file (or several, merged in order), validated by pydantic.
+
+Each stage has its section, with the defaults of DESIGN; unknown keys and wrong types are errors
+naming the key path. ``flavors`` lists the subtraction flavors to run (default: ``subtract.flavor``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..association import AssociateConfig
+from ..detection import DetectConfig
+from ..errors import BadInputError
+from ..injection import InjectConfig
+from ..measurement import MeasureConfig
+from ..subtraction import FLAVORS, SubtractConfig
+
+Flavor = Literal[FLAVORS]  # type: ignore[valid-type]
+
+
+class MatchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    radius_arcsec: float = Field(0.5, gt=0, description="a fake is found if a diaSource lies this close")
+    edge_pix: int = Field(50, ge=0, description="fakes this near an edge are left out of efficiencies")
+
+
+class ApdbSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(None, description="database URL; default a SQLite file per flavor in the output")
+    namespace_prefix: str = Field("dialab", description="PostgreSQL schema name prefix (one schema per run+flavor)")
+
+
+class ExecutionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    executor: Literal["local", "dask"] = "local"
+    workers: int | None = Field(None, ge=1, description="parallel units (default: the core count)")
+    scheduler: str | None = Field(None, description="Dask scheduler address (default: a LocalCluster)")
+    threads_per_unit: int = Field(1, ge=1, description="FFT threads inside one unit")
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    flavors: list[Flavor] | None = None
+    subtract: SubtractConfig = SubtractConfig()
+    detect: DetectConfig = DetectConfig()
+    measure: MeasureConfig = MeasureConfig()
+    inject: InjectConfig = InjectConfig(enabled=False)
+    match: MatchConfig = MatchConfig()
+    associate: AssociateConfig = AssociateConfig()
+    apdb: ApdbSection = ApdbSection()
+    execution: ExecutionConfig = ExecutionConfig()
+
+    def flavors_to_run(self) -> list[str]:
+        return list(self.flavors) if self.flavors else [self.subtract.flavor]
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _format(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_pipeline(paths: list[str | Path] | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """Merge the YAML files in order, then ``overrides``; validate. Errors name the file and key path."""
+    data: dict = {}
+    for path in paths or []:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise BadInputError("pipeline file not found", path) from None
+        except yaml.YAMLError as exc:
+            raise BadInputError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+        if not isinstance(loaded, dict):
+            raise BadInputError("a pipeline file must be a mapping of sections", path)
+        try:
+            PipelineConfig.model_validate(loaded)
+        except ValidationError as exc:
+            raise BadInputError(_format(exc), path) from None
+        data = _merge(data, loaded)
+    data = _merge(data, overrides or {})
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise BadInputError(_format(exc)) from None

@@ -1,0 +1,68 @@
+"""Executors: the same unit function on a local process pool or on a Dask cluster.
+
+Results stream back as units finish, so the driver only ever holds small summaries. For a
+cluster, start a scheduler and workers (e.g. with dask-jobqueue's SLURMCluster or
+HTCondorCluster) and pass the scheduler address; without one a LocalCluster is started.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+from .config import PipelineConfig
+from .manifest import Entry
+from .repository import Unit
+from .unit import run_unit
+
+Task = tuple[Unit, Entry]
+
+
+def worker_count(config: PipelineConfig) -> int:
+    return config.execution.workers or os.cpu_count() or 1
+
+
+def _local(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> Iterator[tuple[Unit, dict]]:
+    workers = min(worker_count(config), max(len(tasks), 1))
+    if workers == 1:
+        for unit, entry in tasks:
+            yield unit, run_unit(unit, entry, root, config, out)
+        return
+    # forkserver: workers start clean, not as forks of a driver that runs a progress-bar thread
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(run_unit, unit, entry, root, config, out): unit for unit, entry in tasks}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+
+
+def _dask(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> Iterator[tuple[Unit, dict]]:
+    from distributed import Client, LocalCluster
+    from distributed import as_completed as dask_completed
+
+    cluster = None
+    if config.execution.scheduler:
+        client = Client(config.execution.scheduler)
+    else:
+        cluster = LocalCluster(n_workers=worker_count(config), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = {client.submit(run_unit, unit, entry, root, config, out, pure=False,
+                                 key=f"unit-{unit.label.replace('/', '-')}"): unit for unit, entry in tasks}
+        for fut in dask_completed(futures):
+            yield futures[fut], fut.result()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def execute(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> Iterator[tuple[Unit, dict]]:
+    """(unit, summary) for every task, in completion order."""
+    if not tasks:
+        return iter(())
+    run = _dask if config.execution.executor == "dask" else _local
+    return run(tasks, root, config, out)

@@ -1,0 +1,88 @@
+"""Processing one unit: load, inject fakes, warp, subtract, detect and measure, match fakes, write.
+
+This is the function every executor runs (in a process pool or on Dask workers): it reads its own
+inputs and writes its own outputs, so the driver never holds images. Failures come back as a
+one-line reason (full traceback in the unit's ``error.log``) instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+
+from ..errors import DialabError
+from ..exposure import read_exposure
+from .config import PipelineConfig
+from .manifest import Entry
+from .repository import Unit, mark_done, unit_dir, write_difference, write_parquet, write_text
+
+log = logging.getLogger(__name__)
+
+
+def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: str) -> dict:
+    from ..injection import inject_catalog, make_fake_catalog
+    from ..matching import match_fakes
+    from ..measurement import BAD_FLAGS, detect_and_measure
+    from ..subtraction import subtract
+    from ..warp import align_to
+
+    def path(rel):
+        return None if rel is None else f"{root}/{rel}"
+
+    t0 = time.perf_counter()
+    science = read_exposure(path(entry.science), psf=path(entry.science_psf), noise=path(entry.science_noise))
+    template = read_exposure(path(entry.template), psf=path(entry.template_psf), noise=path(entry.template_noise))
+    template = align_to(template, science)
+    fakes = None
+    if config.inject.enabled:
+        if science.psf is None:
+            from ..psf import measure_psf
+
+            science.psf = measure_psf(science)
+        fakes = make_fake_catalog(science, config.inject, template)
+        science, template = inject_catalog(science, template, fakes, seed=config.inject.seed)
+    sub_cfg = config.subtract.model_copy(update={"flavor": unit.flavor, "workers": config.execution.threads_per_unit})
+    result = subtract(science, template, sub_cfg)
+    cat, _, _ = detect_and_measure(result, science, result.matched_image, config.detect, config.measure)
+    where = unit_dir(out, unit)
+    where.mkdir(parents=True, exist_ok=True)
+    write_difference(result, where / "difference.fits")
+    write_parquet(cat, where / "diaSources.parquet")
+    d = result.diagnostics
+    summary = {"status": "done", "n_diaSources": len(cat),
+               "n_good": int((~cat[list(BAD_FLAGS)].any(axis=1)).sum()) if len(cat) else 0,
+               "convolved": d.convolved, "kernel_sum": d.kernel_sum, "n_kernel_candidates": d.n_candidates,
+               "n_kernel_used": d.n_used, "noise_ratio": d.noise_ratio,
+               "science_fwhm": float(result.extras["science_psf"].fwhm),
+               "template_fwhm": float(result.extras["template_psf"].fwhm),
+               "njy_per_count": float(science.njy_per_count)}
+    if fakes is not None:
+        matched = match_fakes(fakes, cat, result.difference, config.match.radius_arcsec, config.match.edge_pix)
+        write_parquet(fakes, where / "fakes.parquet")
+        write_parquet(matched, where / "fakes_matched.parquet")
+        summary.update(n_fakes=len(fakes), n_fakes_found=int((matched.diaSourceId > 0).sum()))
+    summary["seconds"] = time.perf_counter() - t0
+    mark_done(out, unit, summary)
+    return summary
+
+
+def run_unit(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: str) -> dict:
+    """Process a unit; returns its summary, or {"status": "failed", "reason": one line}.
+
+    Linear algebra runs on ``threads_per_unit`` threads whatever the executor, so that results
+    do not depend on where a unit ran (summation order) and workers do not oversubscribe cores.
+    """
+    from threadpoolctl import threadpool_limits
+
+    try:
+        with threadpool_limits(config.execution.threads_per_unit):
+            return _process(unit, entry, root, config, out)
+    except Exception as exc:  # one failed unit must not stop the run
+        reason = str(exc) if isinstance(exc, DialabError) else f"{type(exc).__name__}: {exc}"
+        reason = " ".join(reason.split())
+        try:
+            write_text(traceback.format_exc(), unit_dir(out, unit) / "error.log")
+        except OSError:
+            pass
+        return {"status": "failed", "reason": reason}

@@ -1,0 +1,143 @@
+"""The pipeline runner end to end on hsc-sprint-mini: every flavor, Dask = local, resume, config errors."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from dialab.apdb import open_apdb
+from dialab.cli import main
+from dialab.pipeline.config import load_pipeline
+from dialab.pipeline.runner import run_pipeline
+from dialab.simulate.specs import get_spec
+from dialab.simulate.survey import simulate_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = REPO / "pipelines"
+FLAVORS = ["convolveTemplate", "auto", "preconvolution"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return simulate_dataset(get_spec("hsc-sprint-mini"), tmp_path_factory.mktemp("mini"), seed=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_pipeline([PIPELINES / "default.yaml", PIPELINES / "all_flavors.yaml"], {"execution": {"workers": 2}})
+
+
+@pytest.fixture(scope="module")
+def local_run(dataset, config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run-local")
+    return run_pipeline(dataset, config, out, progress=False)
+
+
+def _catalogs(out: Path, flavor: str) -> dict[str, pd.DataFrame]:
+    return {str(p.relative_to(out)): pd.read_parquet(p) for p in sorted((out / flavor).glob("*/*/*/diaSources.parquet"))}
+
+
+def _apdb_rows(out: Path, flavor: str) -> dict[str, pd.DataFrame]:
+    handle = open_apdb(out / flavor / "apdb.yaml")
+    tables = {}
+    for name, key in (("DiaSource", "diaSourceId"), ("DiaObject", "diaObjectId"), ("DiaForcedSource", "diaForcedSourceId")):
+        t = handle.table(name).drop(columns=["timeProcessedMjdTai"], errors="ignore")
+        tables[name] = t.sort_values(key).reset_index(drop=True)
+    return tables
+
+
+def test_every_flavor_runs_end_to_end(local_run, dataset):
+    out = local_run.out
+    n_entries = len(yaml.safe_load(dataset.read_text())["entries"])
+    assert local_run.ok and local_run.done == 3 * n_entries
+    for flavor in FLAVORS:
+        units = sorted((out / flavor).glob("*/*/*/unit.json"))
+        assert len(units) == n_entries
+        for u in units:
+            for name in ("difference.fits", "diaSources.parquet", "fakes.parquet", "fakes_matched.parquet"):
+                assert (u.parent / name).is_file(), (u.parent, name)
+        tables = _apdb_rows(out, flavor)
+        assert len(tables["DiaSource"]) > 0
+        assert len(tables["DiaObject"]) <= len(tables["DiaSource"])
+        assert tables["DiaSource"].diaSourceId.is_unique and tables["DiaSource"].diaObjectId.notna().all()
+        found = sum(int((pd.read_parquet(u.parent / "fakes_matched.parquet").diaSourceId > 0).sum()) for u in units)
+        assert found > 0.3 * sum(len(pd.read_parquet(u.parent / "fakes.parquet")) for u in units)
+    run = yaml.safe_load((out / "run.yaml").read_text())
+    assert run["status"] == "complete" and run["manifest_sha256"] and "lsst-dax-apdb" in run["versions"]
+    # the flavors differ where the science PSF is narrower than the template's
+    convolved = {f: {u.parent: yaml.safe_load(u.read_text())["convolved"] for u in (out / f).glob("*/*/*/unit.json")}
+                 for f in ("convolveTemplate", "auto")}
+    assert set(convolved["convolveTemplate"].values()) == {"template"}
+    assert "science" in set(convolved["auto"].values())
+
+
+def test_dask_executor_gives_the_same_catalogs(local_run, dataset, config, tmp_path):
+    dask_config = config.model_copy(update={"flavors": ["convolveTemplate"],
+                                            "execution": config.execution.model_copy(update={"executor": "dask"})})
+    result = run_pipeline(dataset, dask_config, tmp_path, progress=False)
+    assert result.ok
+    local, remote = _catalogs(local_run.out, "convolveTemplate"), _catalogs(tmp_path, "convolveTemplate")
+    assert local.keys() == remote.keys() and local
+    for key in local:
+        pd.testing.assert_frame_equal(local[key], remote[key])
+
+
+def test_resume_after_a_failed_unit_ends_like_an_uninterrupted_run(local_run, dataset, config, tmp_path):
+    # a manifest whose middle entry reads a file that is broken on the first run and repaired before the resume
+    manifest = yaml.safe_load(dataset.read_text())
+    victim = sorted(manifest["entries"], key=lambda e: e["mjd"])[len(manifest["entries"]) // 2]
+    original = dataset.parent / victim["science"]
+    broken = dataset.parent / "resume-test" / original.name
+    broken.parent.mkdir(exist_ok=True)
+    broken.write_bytes(original.read_bytes()[:5000])
+    victim["science"] = str(broken.relative_to(dataset.parent))
+    resumed_manifest = dataset.parent / "dataset-resume.yaml"
+    resumed_manifest.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    one = config.model_copy(update={"flavors": ["convolveTemplate"]})
+
+    first = run_pipeline(resumed_manifest, one, tmp_path, progress=False)
+    assert len(first.failures) == 1 and str(victim["visit"]) in first.failures[0][0]
+    assert (tmp_path / "failures.csv").is_file() and "convolveTemplate" in first.association_stopped
+    assert main(["run", str(resumed_manifest), "-o", str(tmp_path)]) == 2  # a second run needs --resume
+
+    broken.write_bytes(original.read_bytes())
+    second = run_pipeline(resumed_manifest, one, tmp_path, resume=True, progress=False)
+    assert second.ok and second.done == 1 and second.skipped == len(manifest["entries"]) - 1
+    assert not (tmp_path / "failures.csv").exists()
+    again = run_pipeline(resumed_manifest, one, tmp_path, resume=True, progress=False)
+    assert again.done == 0 and sum(again.stored.values()) == 0
+
+    for key, cat in _catalogs(local_run.out, "convolveTemplate").items():
+        pd.testing.assert_frame_equal(cat, pd.read_parquet(tmp_path / key))
+    expected, got = _apdb_rows(local_run.out, "convolveTemplate"), _apdb_rows(tmp_path, "convolveTemplate")
+    for name in expected:
+        pd.testing.assert_frame_equal(expected[name], got[name], check_dtype=False)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("subtract:\n  flavr: auto\n", "subtract.flavr"),
+    ("detect:\n  threshold: high\n", "detect.threshold"),
+    ("execution:\n  workers: 0\n", "execution.workers"),
+])
+def test_config_errors_are_one_line_naming_the_key(dataset, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(content)
+    assert main(["run", str(dataset), "-p", str(bad), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and str(bad) in err and len(err.splitlines()) == 1
+
+
+def test_missing_manifest_files_are_listed_in_one_error(dataset, tmp_path, capsys):
+    manifest = yaml.safe_load(dataset.read_text())
+    manifest["entries"][0]["science"] = "nowhere/a.fits"
+    manifest["entries"][1]["template"] = "nowhere/b.fits"
+    for entry in manifest["entries"]:
+        for key in ("science", "template"):
+            if not entry[key].startswith("nowhere"):
+                entry[key] = str(dataset.parent / entry[key])
+    path = tmp_path / "dataset.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert main(["run", str(path), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nowhere/a.fits" in err and "nowhere/b.fits" in err and len(err.splitlines()) == 1
