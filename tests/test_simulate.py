@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from dialab.cli import main
+from dialab.detection import repair_cosmic_rays
 from dialab.exposure import read_exposure
 from dialab.simulate.observe import PsfField, draw_conditions, render_exposure, saturate_and_bleed, template_conditions
 from dialab.simulate.specs import get_spec
@@ -73,14 +74,39 @@ def test_science_has_the_defects_of_raw_data(small_world):
     bad_cols = np.flatnonzero(exp.plane("BAD").sum(axis=0) > 0)
     assert len(bad_cols) == SMALL.n_bad_columns
     # cosmic rays: sharp unmasked excesses in the model that no PSF-convolved source makes
-    cr = (r.model - render_exposure(SMALL.model_copy(update={"cosmic_ray_rate": 0.0}), scene,
-                                    [conditions[1202]], 49, 5).model)
+    cr = _cosmic_ray_deposit(scene, conditions[1202])[1]
     assert (cr > 100).sum() > 0 and not exp.plane("CR").any()
     # the sky gradient survives the constant background subtraction
     free = ~exp.unusable & (np.abs(r.model) < 50)
     left = np.median(exp.image[:, 60:100][free[:, 60:100]])
     right = np.median(exp.image[:, -40:][free[:, -40:]])
     assert left != pytest.approx(right, abs=0.5)
+
+
+def _cosmic_ray_deposit(scene, cond):
+    """A science exposure with many cosmic rays, and the charge they deposited (model difference)."""
+    r = render_exposure(SMALL.model_copy(update={"cosmic_ray_rate": 2e-4}), scene, [cond], 49, 5)
+    clean = render_exposure(SMALL.model_copy(update={"cosmic_ray_rate": 0.0}), scene, [cond], 49, 5)
+    return r, r.model - clean.model
+
+
+def test_cosmic_ray_repair_finds_the_simulated_hits_and_spares_stars(small_world):
+    conditions, scene = small_world
+    r, deposit = _cosmic_ray_deposit(scene, conditions[1202])
+    exp = r.exposure
+    strong = (deposit > 8 * np.sqrt(exp.variance)) & ~exp.unusable
+    n = repair_cosmic_rays(exp)
+    flagged = exp.plane("CR")
+    assert n > 0 and exp.plane("INTRP").sum() == n
+    assert flagged[strong].mean() > 0.9
+    stars = r.sources[(r.sources.kind != "supernova") & (r.sources.flux > 1000)]
+    peaks = [(int(round(y)), int(round(x))) for x, y in zip(stars.x, stars.y)
+             if 0 <= round(x) < exp.shape[1] and 0 <= round(y) < exp.shape[0]]
+    hit = [flagged[p] and deposit[p] < 1 for p in peaks]
+    assert len(peaks) >= 3 and not any(hit)
+    # repaired pixels sit near the sky-plus-sources model again
+    resid = (exp.image - (r.model - deposit))[flagged & strong] / np.sqrt(exp.variance[flagged & strong])
+    assert np.median(np.abs(resid)) < 3
 
 
 def test_bleed_trails_conserve_the_excess_charge():

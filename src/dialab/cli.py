@@ -38,6 +38,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_subtract(args: argparse.Namespace) -> int:
+    from .detection import repair_cosmic_rays
     from .exposure import read_exposure
     from .pipeline.repository import write_difference
     from .subtraction import SubtractConfig, subtract
@@ -45,6 +46,8 @@ def _cmd_subtract(args: argparse.Namespace) -> int:
 
     science = read_exposure(args.science, psf=args.science_psf, noise=args.science_noise)
     template = read_exposure(args.template, psf=args.template_psf, noise=args.template_noise)
+    if not args.keep_cosmic_rays:
+        repair_cosmic_rays(science)
     template = align_to(template, science)
     config = SubtractConfig(flavor=args.flavor, decorrelate=not args.no_decorrelate)
     result = subtract(science, template, config)
@@ -78,7 +81,16 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, seed=args.seed)
+    index = run_demo(args.output, seed=args.seed, workers=args.workers)
+    print(f"report: {index.resolve()}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .analysis.report import build_report
+
+    index = build_report(args.runs, args.output)
+    print(f"report: {index.resolve()}")
     return 0
 
 
@@ -169,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub_p.add_argument("--science-noise", help="science 1-sigma noise map FITS")
     sub_p.add_argument("--template-noise", help="template 1-sigma noise map FITS")
     sub_p.add_argument("--no-decorrelate", action="store_true", help="keep the convolved noise correlations")
+    sub_p.add_argument("--keep-cosmic-rays", action="store_true",
+                       help="do not find and interpolate over cosmic rays in the science image first")
     sub_p.set_defaults(func=_cmd_subtract)
 
     det = sub.add_parser("detect", help="detect and measure diaSources on a difference image")
@@ -211,9 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue a run: skip done units, store nothing twice")
     run.set_defaults(func=_cmd_run)
 
-    demo = sub.add_parser("demo", help="simulate a small dataset and run every flavor on it")
+    rep = sub.add_parser("report", help="compare the flavors of one or more runs: tables, figures, index.html")
+    rep.add_argument("runs", nargs="+", help="run folders written by dialab run")
+    rep.add_argument("-o", "--output", required=True, help="report folder")
+    rep.set_defaults(func=_cmd_report)
+
+    demo = sub.add_parser("demo", help="simulate hsc-sprint-mini, run every flavor with fakes, write the report")
     demo.add_argument("-o", "--output", default="demo-output", help="folder for the demo's files")
     demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--workers", type=int, help="parallel units (default: the core count)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

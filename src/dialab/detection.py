@@ -162,6 +162,30 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndar
     return _grow(out, np.ones((3, 3), bool))
 
 
+def repair_cosmic_rays(exp, nsigma: float = 6.0, margin: float = 3.0) -> int:
+    """Find cosmic rays in a science exposure, mark them CR and INTRP and interpolate over them, in place.
+
+    Raw visits carry cosmic rays; a convolution (preconvolution, convolveScience) would turn each
+    into a PSF-like blob, so they are repaired before subtraction, as LSST's calibration does.
+    Returns the number of CR pixels.
+    """
+    from .background import estimate_background
+    from .psf import measure_psf
+    from .subtraction.convolve import interpolate_masked
+
+    unusable = exp.plane("BAD", "SAT", "NO_DATA")
+    background = estimate_background(exp.image, unusable)
+    psf = exp.psf if exp.psf is not None else measure_psf(exp, background=background)
+    residual = (exp.image - background.level).astype(np.float32)
+    cr = find_cosmic_rays(residual, exp.variance, psf.stamp(), nsigma, margin, ~unusable)
+    if cr.any():
+        exp.set_plane("CR", cr)
+        exp.set_plane("INTRP", cr)
+        filled = interpolate_masked(residual, cr | unusable, max(psf.sigma, 1.0)) + background.level
+        exp.image = np.where(cr, filled, exp.image).astype(np.float32)
+    return int(cr.sum())
+
+
 def _grow(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     """Binary dilation done object by object inside padded bounding boxes (sparse masks are cheap)."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))

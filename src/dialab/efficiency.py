@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
+from scipy.special import expit
 
 
 def wilson_interval(k: np.ndarray, n: np.ndarray, z: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +58,7 @@ def fit_sigmoid(values: np.ndarray, found: np.ndarray, decreasing: bool = False)
     def nll(p):
         x50, logw, top_logit = p
         top = 1 / (1 + np.exp(-top_logit))
-        e = top / (1 + np.exp(-sign * (v - x50) / np.exp(logw)))
+        e = top * expit(sign * (v - x50) / np.exp(logw))
         e = np.clip(e, 1e-9, 1 - 1e-9)
         return -np.sum(np.where(f, np.log(e), np.log(1 - e)))
 

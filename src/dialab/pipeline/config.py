@@ -22,6 +22,16 @@ from ..subtraction import FLAVORS, SubtractConfig
 Flavor = Literal[FLAVORS]  # type: ignore[valid-type]
 
 
+class RepairConfig(BaseModel):
+    """Cleaning the science exposure before anything else (raw visits carry cosmic rays)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cosmic_rays: bool = Field(True, description="find, mask (CR, INTRP) and interpolate over cosmic rays")
+    nsigma: float = Field(6.0, gt=0, description="significance of a cosmic-ray pixel")
+    margin: float = Field(3.0, ge=0, description="noise sigmas a CR must be sharper than the PSF by")
+
+
 class MatchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -49,6 +59,7 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     flavors: list[Flavor] | None = None
+    repair: RepairConfig = RepairConfig()
     subtract: SubtractConfig = SubtractConfig()
     detect: DetectConfig = DetectConfig()
     measure: MeasureConfig = MeasureConfig()

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: str) -> dict:
+    from ..detection import repair_cosmic_rays
     from ..injection import inject_catalog, make_fake_catalog
     from ..matching import match_fakes
     from ..measurement import BAD_FLAGS, detect_and_measure
@@ -33,6 +34,8 @@ def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: s
     t0 = time.perf_counter()
     science = read_exposure(path(entry.science), psf=path(entry.science_psf), noise=path(entry.science_noise))
     template = read_exposure(path(entry.template), psf=path(entry.template_psf), noise=path(entry.template_noise))
+    if config.repair.cosmic_rays:
+        repair_cosmic_rays(science, config.repair.nsigma, config.repair.margin)
     template = align_to(template, science)
     fakes = None
     if config.inject.enabled:

@@ -60,7 +60,7 @@ class SurveySpec(BaseModel):
     galaxy_mag_range: tuple[float, float] = (18.0, 26.0)
     variable_fraction: float = Field(0.05, ge=0, le=1)
     supernova_density: float = Field(3000.0, ge=0, description="supernovae per deg^2 over the survey")
-    cosmic_ray_rate: float = Field(1e-4, ge=0, description="cosmic rays per pixel per science visit")
+    cosmic_ray_rate: float = Field(1.5e-5, ge=0, description="cosmic rays per pixel per science visit")
     n_bad_columns: int = Field(3, ge=0)
     nodata_strip: tuple[int, int] = Field((16, 48), description="width range of the NO_DATA strip (px)")
     dither_pix: float = Field(20.0, ge=0, description="per-visit pointing offset scale")

@@ -23,7 +23,8 @@ from ..exposure import Exposure, MaskPlanes
 from ..moments import adaptive_moments
 from ..psf import GridPsf, ImagePsf, Psf, measure_psf
 from .basis import alard_lupton_basis
-from .convolve import convolve_image, convolve_mask, convolve_variance, fft_convolve_many, kernel_footprint_radius
+from .convolve import (convolve_image, convolve_mask, convolve_variance, fft_convolve_many, interpolate_masked,
+                       kernel_footprint_radius)
 from .decorrelation import apply_filter, filter_stamp
 from .kernel_fit import KernelFit, SpatialKernel, fit_matching_kernel, select_kernel_candidates
 
@@ -194,6 +195,15 @@ def _merge_masks(science: Exposure, template_mask: np.ndarray, template_planes: 
     return out
 
 
+def _prepared(exp: Exposure, nodata: np.ndarray, background, psf, convolved: bool) -> np.ndarray:
+    """The image as the subtraction uses it: NO_DATA at the sky level, and when it is to be
+    convolved, BAD/SAT/CR pixels interpolated over."""
+    if not convolved:
+        return np.where(nodata, background.level, exp.image).astype(np.float32)
+    defects = exp.plane("BAD", "SAT", "CR") | nodata
+    return interpolate_masked(np.where(nodata, background.level, exp.image), defects & ~nodata, max(psf.sigma, 1.0))
+
+
 def subtract(science: Exposure, template: Exposure, config: SubtractConfig | None = None) -> SubtractionResult:
     """PSF-matched difference of ``science`` minus ``template`` (same pixel grid)."""
     cfg = config or SubtractConfig()
@@ -207,10 +217,11 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     sci_var = science.variance * np.float32(s_scale)
     tpl_var = template.variance * np.float32(t_scale)
     nodata = science.plane("NO_DATA") | template.plane("NO_DATA")
-    sci_img = np.where(nodata, 0, science.image).astype(np.float32)
-    tpl_img = np.where(nodata, 0, template.image).astype(np.float32)
-
     convolved = choose_convolved(sci_psf, tpl_psf, cfg.flavor)
+    # An image that gets convolved must not smear its defects: fill them from their surroundings.
+    sci_img = _prepared(science, nodata, sci_bg, sci_psf, convolved == "science" or cfg.flavor == "preconvolution")
+    tpl_img = _prepared(template, nodata, tpl_bg, tpl_psf, convolved == "template")
+
     flavor_used = cfg.flavor if cfg.flavor != "auto" else ("convolveScience" if convolved == "science"
                                                             else "convolveTemplate")
     v = None

@@ -1,0 +1,1 @@
+"""The flavor comparison: metrics from run folders, figures, and the HTML report."""
