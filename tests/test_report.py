@@ -7,8 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dialab.analysis.metrics import (count_metrics, efficiency, fakes_with_sources, flag_counts, good_sources,
-                                     photometry, sources_per_object)
+from dialab.analysis.metrics import (
+    count_metrics,
+    efficiency,
+    fakes_with_sources,
+    flag_counts,
+    good_sources,
+    photometry,
+    sources_per_object,
+)
 from dialab.analysis.report import build_report
 from dialab.cli import main
 from dialab.pipeline.config import load_pipeline

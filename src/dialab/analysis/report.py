@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +12,19 @@ import pandas as pd
 
 from ..errors import BadInputError
 from . import figures
-from .metrics import (SNR_BINS, count_metrics, efficiency, fakes_with_sources, flag_counts, magnitude_bins,
-                      per_detector, photometry, positional_scatter, real_variable_sources, sources_per_object)
+from .metrics import (
+    SNR_BINS,
+    count_metrics,
+    efficiency,
+    fakes_with_sources,
+    flag_counts,
+    magnitude_bins,
+    per_detector,
+    photometry,
+    positional_scatter,
+    real_variable_sources,
+    sources_per_object,
+)
 from .runs import FlavorRun, load_runs
 
 log = logging.getLogger(__name__)
@@ -126,7 +137,8 @@ def _table_html(df: pd.DataFrame, name: str, out: Path, caption: str) -> str:
 def _figure_html(path: Path | None, caption: str) -> str:
     if path is None:
         return ""
-    return f'<figure><img src="{path.name}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    text = html.escape(caption)
+    return f'<figure><img src="{path.name}" alt="{text}"><figcaption>{text}</figcaption></figure>'
 
 
 def _pick_units(fr: FlavorRun, units: pd.DataFrame) -> list[tuple[str, pd.Series]]:
@@ -199,7 +211,7 @@ def build_report(folders: list[str | Path], output: str | Path) -> Path:
                 log.warning("no images for %s: %s", title, exc)
 
     parts = [f"<h1>dialab flavor comparison</h1><p>Runs: {', '.join(html.escape(str(f)) for f in folders)}. "
-             f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Bad-flag cut: "
+             f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Bad-flag cut: "
              "pixelFlags_bad, _suspect, _saturatedCenter, _interpolated, _interpolatedCenter, _edge.</p>",
              "<h2>Summary</h2><ul>" + "".join(f"<li>{line}</li>" for line in winners(summary, eff, quality)) + "</ul>",
              _table_html(summary, "summary", out, "Counts per flavor and band"),

@@ -23,8 +23,14 @@ from ..exposure import Exposure, MaskPlanes
 from ..moments import adaptive_moments
 from ..psf import GridPsf, ImagePsf, Psf, measure_psf
 from .basis import alard_lupton_basis
-from .convolve import (convolve_image, convolve_mask, convolve_variance, fft_convolve_many, interpolate_masked,
-                       kernel_footprint_radius)
+from .convolve import (
+    convolve_image,
+    convolve_mask,
+    convolve_variance,
+    fft_convolve_many,
+    interpolate_masked,
+    kernel_footprint_radius,
+)
 from .decorrelation import apply_filter, filter_stamp
 from .kernel_fit import KernelFit, SpatialKernel, fit_matching_kernel, select_kernel_candidates
 
