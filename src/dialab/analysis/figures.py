@@ -151,7 +151,7 @@ def sky_scatter(runs: list[FlavorRun], path: Path) -> Path:
 
 
 def psf_ratio_plot(table: pd.DataFrame, path: Path) -> Path:
-    """Per unit: 50% S/N point and false detections vs science/template FWHM ratio, one line per flavor."""
+    """50% S/N point and false detections per unit vs science/template FWHM ratio, one line per flavor."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (label, t) in enumerate(table.groupby("flavor")):
         t = t.sort_values("psf_ratio")

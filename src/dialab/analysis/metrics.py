@@ -100,6 +100,8 @@ def efficiency(fakes: pd.DataFrame, column: str, bins: np.ndarray, found: str = 
     if len(usable) < 10 or hit.all() or not hit.any():
         return curve, np.nan, np.nan
     fit = fit_sigmoid(values, hit, decreasing=decreasing)
+    if not np.nanmin(values) <= fit.x50 <= np.nanmax(values):
+        return curve, np.nan, np.nan  # too few fakes round the threshold to place it
     return curve, fit.x50, fit.x50_err
 
 

@@ -134,8 +134,10 @@ def variance_scale(exp: Exposure, bg=None, block: int = 4) -> float:
         log.info("%s: too crowded to measure the pixel noise; variance kept", exp.path)
         return 1.0
     usable &= ~sources
-    z = resid / np.sqrt(np.maximum(var, 1e-30))
-    _, sigma = clipped_stats(z[usable][:: max(1, usable.sum() // 2_000_000)])
+    idx = np.flatnonzero(usable)
+    idx = idx[:: max(1, len(idx) // 2_000_000)]
+    z = resid.ravel()[idx] / np.sqrt(np.maximum(var.ravel()[idx], 1e-30))
+    _, sigma = clipped_stats(z)
     return float(sigma**2) if np.isfinite(sigma) and sigma > 0 else 1.0
 
 

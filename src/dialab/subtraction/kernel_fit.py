@@ -15,7 +15,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import InsufficientKernelSourcesError
-from ..psf import find_stars, stellar_locus
+from ..psf import find_stars, stellar_locus, window_any
 from .basis import KernelBasis
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,6 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
     Sources with S/N in ``snr_range``, away from the border, with no BAD/SAT/EDGE/NO_DATA pixel of
     either image inside the stamp and no injected fake within 5 PSF sigma; isolated ones preferred, brightest first.
     """
-    from scipy import ndimage
-
     stars = find_stars(science, sigma_pix, snr_range[0], radius_pix=max(5, int(math.ceil(3 * sigma_pix))),
                        max_candidates=int(1.5 * max_candidates), background=background)
     keep = stars.snr <= snr_range[1]
@@ -161,18 +159,14 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
     # injected fakes differ between the images by design: no candidate with one on its core
     injected = science.plane("INJECTED", "INJECTED_TEMPLATE") | template.plane("INJECTED", "INJECTED_TEMPLATE")
     ny, nx = bad.shape
-    near_bad = (ndimage.maximum_filter(bad.view(np.uint8), size=2 * half_stamp + 1, mode="constant") > 0
-                if bad.any() else bad)
     ix = np.round(stars.x).astype(int)
     iy = np.round(stars.y).astype(int)
     inside = (ix >= half_stamp) & (iy >= half_stamp) & (ix < nx - half_stamp) & (iy < ny - half_stamp)
     ok = inside.copy()
-    ok[inside] &= ~near_bad[iy[inside], ix[inside]]
+    ok[inside] &= ~window_any(bad, ix[inside], iy[inside], half_stamp)
     if injected.any():
-        core = int(np.ceil(5 * sigma_pix))
-        near_fake = ndimage.maximum_filter(injected.view(np.uint8), size=2 * core + 1, mode="constant") > 0
         clear = ok.copy()
-        clear[inside] &= ~near_fake[iy[inside], ix[inside]]
+        clear[inside] &= ~window_any(injected, ix[inside], iy[inside], int(np.ceil(5 * sigma_pix)))
         if clear.sum() >= 10:  # on a small, sparse image keep them all: the rejection loop remains
             ok = clear
     if (ok & stars.isolated).sum() >= 10:
