@@ -244,10 +244,22 @@ def check_columns(catalog: pd.DataFrame, required: tuple[str, ...], what: str) -
         raise BadInputError(f"{what} lacks required column(s): {', '.join(missing)}")
 
 
+def apdb_band(band: str | None) -> str | None:
+    """The schema's one-letter band (u, g, r, i, z, y) for a filter name, or None when it has none
+    (e.g. JWST F200W): such sources are stored without a band and without per-band summaries."""
+    import re
+
+    for token in re.split(r"[\s._\-/]+", (band or "").strip().lower()):
+        if token in APDB_BANDS:
+            return token
+    return None
+
+
 def to_dia_sources(catalog: pd.DataFrame, njy_per_count: float, columns: list[str]) -> pd.DataFrame:
     """Schema rows from a dialab catalog: fluxes to nJy, NOT NULL columns filled, extras dropped."""
     check_columns(catalog, REQUIRED_SOURCE_COLUMNS, "diaSource catalog")
     out = catalog.copy()
+    out["band"] = out["band"].map(apdb_band)
     for col in FLUX_COLUMNS:
         if col in out:
             out[col] = out[col].astype(float) * njy_per_count

@@ -8,14 +8,19 @@ from mean, sigma and count), so no source history has to be read back.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from .apdb import APDB_BANDS, _wrap
+from .apdb import APDB_BANDS, _wrap, apdb_band
+from .errors import BadInputError
 from .exposure import Exposure
 from .matching import match_one_to_one
 from .measurement import forced_psf_flux
+
+log = logging.getLogger(__name__)
 
 
 class AssociateConfig(BaseModel):
@@ -135,7 +140,9 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame, config: AssociateCon
     t = sources.midpointMjdTai.to_numpy(float)
     after["firstDiaSourceMjdTai"] = np.fmin(before.firstDiaSourceMjdTai.to_numpy(float), t)
     after["lastDiaSourceMjdTai"] = np.fmax(before.lastDiaSourceMjdTai.to_numpy(float), t)
-    for band in sources.band.unique():
+    for band in sources.band.dropna().unique():
+        if band not in APDB_BANDS:
+            continue
         rows = (sources.band == band).to_numpy()
         stats = _updated_stats(before[rows], sources[rows], band)
         for col in stats:
@@ -156,6 +163,14 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame, config: AssociateCon
     return sources, after
 
 
+def flux_scale(exp: Exposure | None) -> float:
+    """nJy per count of an exposure; 1 (fluxes stay in counts) when it has no MAGZERO."""
+    if exp is None:
+        return 1.0
+    scale = exp.njy_per_count
+    return float(scale) if np.isfinite(scale) else 1.0
+
+
 def forced_sources(objects: pd.DataFrame, difference: Exposure, science: Exposure | None, visit: int,
                    detector: int, band: str, mjd: float, processed_mjd: float) -> pd.DataFrame:
     """DiaForcedSource rows: PSF fluxes (nJy) on the difference and science at every object in the image."""
@@ -167,7 +182,7 @@ def forced_sources(objects: pd.DataFrame, difference: Exposure, science: Exposur
     ny, nx = difference.shape
     inside = (xy[:, 0] >= 0) & (xy[:, 0] <= nx - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= ny - 1)
     obj, xy = objects[inside], xy[inside]
-    scale = difference.njy_per_count
+    scale = flux_scale(difference)
     diff = forced_psf_flux(difference, xy[:, 0], xy[:, 1])
     out = pd.DataFrame({
         "diaForcedSourceId": (np.int64(visit) * 1000 + detector) * 100_000 + np.arange(1, len(obj) + 1),
@@ -176,12 +191,12 @@ def forced_sources(objects: pd.DataFrame, difference: Exposure, science: Exposur
         "psfFlux": diff.psfFlux.to_numpy() * scale, "psfFluxErr": diff.psfFluxErr.to_numpy() * scale})
     if science is not None and science.psf is not None:
         sci = forced_psf_flux(science, xy[:, 0], xy[:, 1])
-        out["scienceFlux"] = sci.psfFlux.to_numpy() * science.njy_per_count
-        out["scienceFluxErr"] = sci.psfFluxErr.to_numpy() * science.njy_per_count
+        out["scienceFlux"] = sci.psfFlux.to_numpy() * flux_scale(science)
+        out["scienceFluxErr"] = sci.psfFluxErr.to_numpy() * flux_scale(science)
     else:
         out["scienceFlux"] = out["scienceFluxErr"] = np.nan
     out["midpointMjdTai"] = mjd
-    out["band"] = band
+    out["band"] = apdb_band(band)
     out["timeProcessedMjdTai"] = processed_mjd
     return out[cols]
 
@@ -201,7 +216,12 @@ def store_visit_detector(handle, catalog: pd.DataFrame, difference: Exposure, sc
                "updated_objects": 0, "forced_sources": 0}
     if handle.contains(visit, detector):
         return summary
-    rows = to_dia_sources(catalog, difference.njy_per_count, schema_columns(handle, "DiaSource"))
+    if difference.wcs is None:
+        raise BadInputError(f"visit {visit} detector {detector} has no WCS: its diaSources cannot be placed on the "
+                            "sky, so they are not associated or stored in the APDB", difference.path)
+    if not np.isfinite(difference.njy_per_count):
+        log.warning("visit %s detector %s has no MAGZERO: its APDB fluxes are in counts", visit, detector)
+    rows = to_dia_sources(catalog, flux_scale(difference), schema_columns(handle, "DiaSource"))
     ny, nx = difference.shape
     corners = np.array([[0, 0], [nx - 1, 0], [nx - 1, ny - 1], [0, ny - 1]], float)
     ra, dec = difference.wcs.all_pix2world(corners, 0).T

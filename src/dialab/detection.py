@@ -127,13 +127,16 @@ def matched_filter_snr(image: np.ndarray, variance: np.ndarray, psf_stamp: np.nd
 
 
 def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndarray, nsigma: float = 6.0,
-                     margin: float = 3.0, usable: np.ndarray | None = None) -> np.ndarray:
+                     margin: float = 3.0, usable: np.ndarray | None = None, psf_tolerance: float = 0.25
+                     ) -> np.ndarray:
     """Pixels sharper than the PSF allows, of either sign (grown by one pixel).
 
     A pixel is a cosmic ray when it is ``nsigma`` significant and, along at least one of the
     four directions, the mean of its two neighbours is below what the PSF would give
-    (value x P(d)/P(0)) by more than ``margin`` noise sigmas: streaks along any direction
-    and single hot pixels qualify, while a point source of any brightness does not.
+    (value x P(d)/P(0), less ``psf_tolerance`` of it for the PSF model's own error) by more than
+    ``margin`` noise sigmas: streaks along any direction and single hot pixels qualify, while a
+    point source of any brightness does not (without the tolerance, the core of a very bright
+    star a few per cent sharper than the measured PSF was taken for a cosmic ray).
     """
     c = psf_stamp.shape[0] // 2
     p0 = psf_stamp[c, c]
@@ -153,7 +156,7 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndar
         sig = sigma_img[y, x]
         sharp = np.zeros(len(y), bool)
         for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-            ratio = 0.5 * (psf_stamp[c + dy, c + dx] + psf_stamp[c - dy, c - dx]) / p0
+            ratio = (1 - psf_tolerance) * 0.5 * (psf_stamp[c + dy, c + dx] + psf_stamp[c - dy, c - dx]) / p0
             mean = 0.5 * sign * (image[y + dy, x + dx] + image[y - dy, x - dx])
             sharp |= (v - margin * sig) * ratio > mean + margin * sig / np.sqrt(2)
         out[y[sharp], x[sharp]] = True

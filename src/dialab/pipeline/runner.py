@@ -24,7 +24,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..errors import BadInputError
+from ..errors import BadInputError, DialabError
 from .config import PipelineConfig
 from .executors import execute, worker_count
 from .manifest import Entry, Manifest, read_manifest
@@ -113,8 +113,12 @@ def _flavor_apdb(out: Path, flavor: str, config: PipelineConfig, apdb_url: str |
 
 
 def associate_flavor(out: Path, manifest: Manifest, flavor: str, units: list[Unit], config: PipelineConfig,
-                     apdb_url: str | None) -> tuple[int, int | None]:
-    """Store the flavor's done units visit by visit in time order; (units stored, visit it stopped at)."""
+                     apdb_url: str | None) -> tuple[int, int | None, list[tuple[str, str]]]:
+    """Store the flavor's done units visit by visit in time order.
+
+    Returns (units stored, the visit it stopped at or None, failures). A unit that cannot be stored
+    (e.g. no WCS) stops the flavor's association there, so that a later resume keeps the order.
+    """
     from ..association import store_visit_detector
     from ..exposure import read_exposure
 
@@ -127,17 +131,21 @@ def associate_flavor(out: Path, manifest: Manifest, flavor: str, units: list[Uni
     for visit in sorted(by_visit, key=lambda v: (min(u.mjd for u in by_visit[v]), v)):
         group = sorted(by_visit[visit], key=lambda u: u.detector)
         if not all(is_done(out, u) for u in group):
-            return stored, visit
+            return stored, visit, []
         for u in group:
             where = unit_dir(out, u)
-            catalog = pd.read_parquet(where / "diaSources.parquet")
-            difference = read_exposure(where / "difference.fits")
-            entry = entries[(u.visit, u.detector)]
-            science = read_exposure(manifest.resolve(entry.science), psf=manifest.resolve(entry.science_psf))
-            if science.psf is None:
-                science = None  # no forced science photometry without a PSF
-            stored += store_visit_detector(handle, catalog, difference, science, config.associate)["stored"]
-    return stored, None
+            try:
+                catalog = pd.read_parquet(where / "diaSources.parquet")
+                difference = read_exposure(where / "difference.fits")
+                entry = entries[(u.visit, u.detector)]
+                science = read_exposure(manifest.resolve(entry.science), psf=manifest.resolve(entry.science_psf),
+                                        noise=manifest.resolve(entry.science_noise))
+                if science.psf is None:
+                    science = None  # no forced science photometry without a PSF
+                stored += store_visit_detector(handle, catalog, difference, science, config.associate)["stored"]
+            except DialabError as exc:
+                return stored, visit, [(f"APDB {u.label}", str(exc))]
+    return stored, None, []
 
 
 def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | Path, flavors: list[str] | None = None,
@@ -177,8 +185,11 @@ def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | P
         for flavor in flavors:
             units = [u for u, _ in planned if u.flavor == flavor]
             assoc = bar.add_task(f"APDB {flavor}", total=None, failed=0)
-            n, stopped = associate_flavor(out, manifest, flavor, units, config, apdb_url)
+            n, stopped, failed = associate_flavor(out, manifest, flavor, units, config, apdb_url)
             result.stored[flavor] = n
+            for label, reason in failed:
+                result.failures.append((label, reason))
+                bar.console.log(f"FAILED {label}: {reason}")
             if stopped is not None:
                 result.association_stopped[flavor] = stopped
                 bar.console.log(f"{flavor}: association stopped at visit {stopped} (a unit is not done; "

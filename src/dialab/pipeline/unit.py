@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from pathlib import Path
 
 from ..errors import DialabError
 from ..exposure import read_exposure
@@ -28,12 +29,14 @@ def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: s
     from ..subtraction import subtract
     from ..warp import align_to
 
-    def path(rel):
-        return None if rel is None else f"{root}/{rel}"
+    def path(rel):  # relative to the manifest's folder; absolute paths stay as they are
+        return None if rel is None else str(Path(root) / rel)
 
     t0 = time.perf_counter()
     science = read_exposure(path(entry.science), psf=path(entry.science_psf), noise=path(entry.science_noise))
     template = read_exposure(path(entry.template), psf=path(entry.template_psf), noise=path(entry.template_noise))
+    # The manifest says which visit, detector, band and epoch this is (plain FITS often do not).
+    science.visit, science.detector, science.band, science.mjd = entry.visit, entry.detector, entry.band, entry.mjd
     if config.repair.cosmic_rays:
         repair_cosmic_rays(science, config.repair.nsigma, config.repair.margin)
     template = align_to(template, science)
