@@ -179,3 +179,17 @@ def test_template_without_overlap_is_a_named_error():
     tpl.set_plane("NO_DATA", np.broadcast_to(np.arange(SHAPE[1])[None, :] > 60, SHAPE))
     with pytest.raises(NoOverlapError, match="covers only"):
         subtract(sci, tpl)
+
+
+def test_noise_ratio_ignores_a_smooth_residual_background():
+    """On a PSF-filtered score image a leftover sky gradient can be many times the pixel noise: the
+    noise ratio (which rescales the variance plane) must still measure the noise, not the gradient."""
+    from dialab.subtraction.flavors import noise_ratio
+
+    from .conftest import make_exposure
+
+    rng = np.random.default_rng(3)
+    ny, nx = 512, 384
+    gradient = 20.0 * np.linspace(-1, 1, nx)[None, :] * np.ones((ny, 1))
+    exp = make_exposure(rng.normal(0, 1.3, (ny, nx)) + gradient, 1.0)
+    assert noise_ratio(exp) == pytest.approx(1.3, rel=0.05)
