@@ -44,10 +44,6 @@ def is_done(out: str | Path, unit: Unit) -> bool:
     return (unit_dir(out, unit) / "unit.json").is_file()
 
 
-def read_unit_summary(out: str | Path, unit: Unit) -> dict:
-    return json.loads((unit_dir(out, unit) / "unit.json").read_text())
-
-
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     df.to_parquet(tmp, index=False)

@@ -217,12 +217,3 @@ def _write_failures(out: Path, failures: list[tuple[str, str]]) -> None:
         writer.writerow(["unit", "reason"])
         writer.writerows(failures)
     tmp.replace(path)
-
-
-def unit_summaries(out: str | Path) -> pd.DataFrame:
-    """The done units' summaries of a run as a table (for reports and benchmarks)."""
-    rows = []
-    for path in sorted(Path(out).glob("*/*/*/*/unit.json")):
-        rows.append(json.loads(path.read_text()))
-    return pd.DataFrame(rows)
-
