@@ -101,6 +101,13 @@ def test_association_across_three_visits(apdb_config):
     assert a.r_psfFluxSigma == pytest.approx(flux_njy.std(ddof=1))
     assert a.r_psfFluxMin == pytest.approx(flux_njy.min()) and a.r_psfFluxMax == pytest.approx(flux_njy.max())
     assert a.firstDiaSourceMjdTai == pytest.approx(60001.0) and a.lastDiaSourceMjdTai == pytest.approx(60003.0)
+    # region reads: round the field centre all eight sources, far away none
+    box = np.array([-10, 10]) * ARCSEC
+    ra_c = RA0 + np.array([box[0], box[1], box[1], box[0]]) / np.cos(np.deg2rad(DEC0))
+    dec_c = DEC0 + np.array([box[0], box[0], box[1], box[1]])
+    assert len(handle.sources_in_region(ra_c, dec_c, pad_arcsec=1.0)) == 8
+    assert len(handle.sources_in_region(ra_c + 1.0, dec_c, pad_arcsec=1.0)) == 0
+    assert len(handle.objects_in_region(ra_c, dec_c, pad_arcsec=1.0)) >= 4
     # the 0.7" source of visit 3 went to a new object, not to A
     far = sources[(sources.visit == 3) & (np.abs(sources.ra - (RA0 - 0.7 * ARCSEC / np.cos(np.deg2rad(DEC0)))) < 1e-9)]
     assert int(far.diaObjectId.iloc[0]) != a_id

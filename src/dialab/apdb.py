@@ -131,6 +131,26 @@ class ApdbHandle:
             raise _database_error(self.url, exc) from None
         return objects
 
+    def sources_in_region(self, ra: np.ndarray, dec: np.ndarray, pad_arcsec: float = 10.0,
+                          since_mjd: float = 0.0) -> pd.DataFrame:
+        """diaSources inside the polygon of sky points (ra, dec), padded, observed since ``since_mjd``."""
+        import astropy.time
+
+        region = sky_polygon(ra, dec, pad_arcsec)
+        start = astropy.time.Time(max(since_mjd, 1.0), format="mjd", scale="tai")
+        try:
+            found = self.apdb.getDiaSources(region, None, astropy.time.Time.now(), start_time=start)
+        except Exception as exc:
+            raise _database_error(self.url, exc) from None
+        if found is None or found.empty:
+            return found if found is not None else pd.DataFrame()
+        # the APDB returns whole index pixels: keep what is inside the padded polygon
+        from lsst.sphgeom import LonLat, UnitVector3d
+
+        inside = [region.contains(UnitVector3d(LonLat.fromDegrees(float(a), float(d))))
+                  for a, d in zip(found.ra, found.dec)]
+        return found[np.asarray(inside, bool)].reset_index(drop=True)
+
     def store(self, mjd: float, objects: pd.DataFrame, sources: pd.DataFrame,
               forced_sources: pd.DataFrame | None = None) -> bool:
         """Store one (visit, detector) unless the APDB already has it; True when written."""
