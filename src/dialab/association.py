@@ -124,8 +124,8 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame, config: AssociateCon
     joined = match >= 0
     # The object before this visit: the stored row, or a blank one that the source starts.
     before = empty_objects(n)
+    stored = objects.iloc[match[joined]].reset_index(drop=True)
     if joined.any():
-        stored = objects.iloc[match[joined]].reset_index(drop=True)
         for col in before.columns:
             if col in stored:
                 before.loc[joined, col] = stored[col].to_numpy()
@@ -149,7 +149,6 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame, config: AssociateCon
             after.loc[rows, col] = stats[col].to_numpy()
     # Keep the stored row's other columns (e.g. those another tool filled) on the new version.
     if joined.any():
-        stored = objects.iloc[match[joined]].reset_index(drop=True)
         extra = [c for c in stored.columns if c not in after.columns and not c.startswith("validity")
                  and c != "pixelId"]
         for col in extra:

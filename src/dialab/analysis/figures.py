@@ -47,9 +47,10 @@ def unit_images(fr: FlavorRun, unit: pd.Series):
     return science, template, read_exposure(where / "difference.fits"), where
 
 
-def triplet(fr: FlavorRun, unit: pd.Series, path: Path, title: str) -> Path:
-    """Template, science and difference (zscale) with detections and fakes overlaid."""
-    science, template, diff, where = unit_images(fr, unit)
+def triplet(fr: FlavorRun, unit: pd.Series, images, path: Path, title: str) -> Path:
+    """Template, science and difference (zscale) with detections and fakes overlaid; ``images``
+    from :func:`unit_images`."""
+    science, template, diff, where = images
     src = fr.sources[(fr.sources.visit == unit.visit) & (fr.sources.detector == unit.detector)]
     good = good_sources(src)
     fakes = pd.read_parquet(where / "fakes_matched.parquet") if (where / "fakes_matched.parquet").is_file() \
@@ -74,9 +75,9 @@ def triplet(fr: FlavorRun, unit: pd.Series, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def psf_and_variance(fr: FlavorRun, unit: pd.Series, path: Path, title: str) -> Path:
+def psf_and_variance(images, path: Path, title: str) -> Path:
     """Science and template PSF stamps (NEA radius in the titles) and the difference's variance plane."""
-    science, template, diff, _ = unit_images(fr, unit)
+    science, template, diff, _ = images
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     for ax, (name, exp) in zip(axes[:2], (("science PSF", science), ("template PSF", template))):
         if exp.psf is None:

@@ -218,8 +218,9 @@ def build_report(folders: list[str | Path], output: str | Path) -> Path:
             stem = f"{fr.label.replace(':', '_')}_{kind}_{unit.visit}_{unit.detector}"
             title = f"{fr.label}: {kind} unit, visit {unit.visit} detector {unit.detector} ({unit.band})"
             try:
-                image_figs.append((figures.triplet(fr, unit, out / f"triplet_{stem}.png", title), title))
-                image_figs.append((figures.psf_and_variance(fr, unit, out / f"psf_{stem}.png", title),
+                images = figures.unit_images(fr, unit)
+                image_figs.append((figures.triplet(fr, unit, images, out / f"triplet_{stem}.png", title), title))
+                image_figs.append((figures.psf_and_variance(images, out / f"psf_{stem}.png", title),
                                    f"{title}: PSFs and variance"))
             except (OSError, BadInputError) as exc:
                 log.warning("no images for %s: %s", title, exc)
