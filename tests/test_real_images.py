@@ -8,7 +8,8 @@ from scipy.optimize import curve_fit
 from dialab.background import estimate_background
 from dialab.cli import main
 from dialab.exposure import read_exposure
-from dialab.psf import FWHM_PER_SIGMA, find_stars, measure_psf
+from dialab.psf import FWHM_PER_SIGMA, measure_psf
+from dialab.stars import find_stars
 
 IMAGES = ("decam", "pydia", "properimage", "nircam")
 

@@ -13,64 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from .errors import BadInputError
-
-
-def gaussian_filtered_snr(image: np.ndarray, noise_rms: np.ndarray | float, sigma_pix: float,
-                          bad: np.ndarray | None = None) -> np.ndarray:
-    """S/N of a Gaussian matched filter: (image * g) / sqrt(var * g^2), with var = rms^2.
-
-    The filter is normalised so that for a point source of the filter's shape this is the
-    optimal (PSF-fit) S/N.
-    """
-    data = np.where(bad, 0.0, image) if bad is not None else image
-    smoothed = ndimage.gaussian_filter(data.astype(np.float32), sigma_pix, mode="constant", truncate=4.0)
-    g2_scale = 1.0 / (4.0 * np.pi * sigma_pix**2)
-    rms = np.asarray(noise_rms, dtype=np.float32)
-    if rms.ndim == 0:
-        return smoothed / (rms * np.float32(np.sqrt(g2_scale)))
-    # Convolving the variance with g^2 (a Gaussian of sigma/sqrt(2), scaled) gives the filtered variance.
-    # It is smooth on the filter's scale, so it is computed on 4x4 blocks and repeated back (fast).
-    ny, nx = image.shape
-    b = 4
-    var = rms**2
-    if min(ny, nx) >= 64 and ny % b == 0 and nx % b == 0:
-        coarse = var.reshape(ny // b, b, nx // b, b).mean(axis=(1, 3))
-        coarse = ndimage.gaussian_filter(coarse, sigma_pix / np.sqrt(2.0) / b, mode="nearest", truncate=3.0)
-        filt_var = np.repeat(np.repeat(coarse, b, axis=0), b, axis=1) * g2_scale
-    else:
-        filt_var = ndimage.gaussian_filter(var, sigma_pix / np.sqrt(2.0), mode="nearest", truncate=3.0) * g2_scale
-    return smoothed / np.sqrt(np.maximum(filt_var, 1e-30))
-
-
-def find_peaks(snr: np.ndarray, threshold: float, min_separation_pix: int = 2,
-               exclude: np.ndarray | None = None, border_pix: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(y, x) integer positions of local maxima of ``snr`` above ``threshold``, highest first.
-
-    Only pixels above the threshold are examined, each against its (2s+1)^2 neighbourhood.
-    """
-    s = int(min_separation_pix)
-    ny, nx = snr.shape
-    y, x = np.nonzero(snr > threshold)
-    if exclude is not None and len(y):
-        keep = ~exclude[y, x]
-        y, x = y[keep], x[keep]
-    if border_pix > 0 and len(y):
-        keep = (y >= border_pix) & (y < ny - border_pix) & (x >= border_pix) & (x < nx - border_pix)
-        y, x = y[keep], x[keep]
-    if len(y) > 0.05 * snr.size:  # dense: one image-wide filter is cheaper
-        local_max = snr == ndimage.maximum_filter(snr, size=2 * s + 1, mode="nearest")
-        keep = local_max[y, x]
-    else:
-        v = snr[y, x]
-        keep = np.ones(len(y), bool)
-        for dy in range(-s, s + 1):
-            for dx in range(-s, s + 1):
-                if dy or dx:
-                    keep &= v >= snr[np.clip(y + dy, 0, ny - 1), np.clip(x + dx, 0, nx - 1)]
-    y, x = y[keep], x[keep]
-    order = np.argsort(-snr[y, x], kind="stable")
-    return y[order], x[order]
-
+from .imageops import find_peaks, interpolate_masked, matched_filter_snr
 
 # --------------------------------------------------------------------------- diaSource detection
 
@@ -113,17 +56,6 @@ class Detections:
     background: np.ndarray
     sky_positions: np.ndarray  # (n, 2) x, y
     is_score: bool
-
-
-def matched_filter_snr(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndarray,
-                       workers: int | None = None) -> np.ndarray:
-    """(D * P') / sqrt(V * P'^2) with P' the reflected PSF: the S/N of a PSF fit at every pixel."""
-    from .subtraction.convolve import fft_convolve_many
-
-    p = psf_stamp[::-1, ::-1].astype(np.float32)
-    num = fft_convolve_many(image, p[None], workers)[0]
-    var = fft_convolve_many(variance, (p * p)[None], workers)[0]
-    return num / np.sqrt(np.maximum(var, 1e-30))
 
 
 def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndarray, nsigma: float = 6.0,
@@ -174,7 +106,6 @@ def repair_cosmic_rays(exp, nsigma: float = 6.0, margin: float = 3.0) -> int:
     """
     from .background import estimate_background
     from .psf import measure_psf
-    from .subtraction.convolve import interpolate_masked
 
     unusable = exp.plane("BAD", "SAT", "NO_DATA")
     background = estimate_background(exp.image, unusable)

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import BadInputError
+from .imageops import Chebyshev2D
 from .moments import adaptive_moments
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -330,191 +331,174 @@ class GridPsf(Psf):
 
 
 @dataclass(frozen=True)
-class StarCandidates:
-    """Bright point-like sources in an image (arrays of equal length, brightest first)."""
+class StarStamps:
+    """Recentred star stamps normalised to unit sum, with their positions and noise (same units)."""
 
+    stamps: np.ndarray  # (n, size, size)
+    sigma: np.ndarray  # (n, size, size) 1-sigma noise of each normalised pixel
     x: np.ndarray
     y: np.ndarray
-    flux: np.ndarray
     snr: np.ndarray
-    sigma: np.ndarray
-    isolated: np.ndarray
-    clean: np.ndarray
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def select(self, keep: np.ndarray) -> StarCandidates:
-        return StarCandidates(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
+    def select(self, keep: np.ndarray) -> StarStamps:
+        return StarStamps(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
 
 
-def window_any(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, half: int) -> np.ndarray:
-    """For each integer (x, y): any ``mask`` pixel in the (2 half + 1)^2 window round it (clipped at
-    the borders). A few hundred windows cost far less than dilating the whole mask."""
-    ny, nx = mask.shape
-    out = np.zeros(len(xs), bool)
-    if not mask.any():
-        return out
-    for i, (x, y) in enumerate(zip(np.asarray(xs, int), np.asarray(ys, int))):
-        out[i] = mask[max(y - half, 0) : y + half + 1, max(x - half, 0) : x + half + 1].any()
-    return out
-
-
-def find_stars(exposure, sigma_guess_pix: float = 2.0, min_snr: float = 20.0, radius_pix: int | None = None,
-               bad_planes: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "SUSPECT"),
-               background=None, max_candidates: int = 600) -> StarCandidates:
-    """Peaks above ``min_snr`` with centroid, adaptive size, and isolation/cleanliness flags.
-
-    Only the ``max_candidates`` highest-S/N peaks are measured.
-    ``clean``: no pixel of ``bad_planes`` within ``radius_pix`` and not at the border;
-    ``isolated``: no other peak brighter than 10% of this one within ``radius_pix``.
-    """
-    from .background import estimate_background
-    from .detection import find_peaks, gaussian_filtered_snr
-
-    image = exposure.image
-    bad = exposure.plane(*bad_planes)
-    nodata = exposure.plane("NO_DATA", "BAD")
-    bg = estimate_background(image, nodata) if background is None else background
-    sub = image - bg.level
-    var = exposure.variance
-    noise = np.sqrt(var) if (var > 0).all() else np.sqrt(np.where(var > 0, var, bg.rms**2))
-    snr = gaussian_filtered_snr(sub, noise, sigma_guess_pix, nodata)
-    radius = int(radius_pix or max(5, math.ceil(4 * sigma_guess_pix)))
-    ys, xs = find_peaks(snr, min(min_snr, 5.0), max(2, int(round(sigma_guess_pix))), exclude=nodata)
-    peak_value = snr[ys, xs]
-    strong = peak_value > min_snr
-    ny, nx = image.shape
-    rows = []
-    all_pos = np.column_stack([xs, ys]).astype(float)
-    all_amp = peak_value  # filtered S/N: relative brightness of neighbours where the noise is even
-    for k in np.nonzero(strong)[0][:max_candidates]:
-        x0, y0 = int(xs[k]), int(ys[k])
-        if x0 < radius or y0 < radius or x0 >= nx - radius or y0 >= ny - radius:
-            continue
-        cut = sub[y0 - radius : y0 + radius + 1, x0 - radius : x0 + radius + 1]
-        m = adaptive_moments(cut, radius, radius, sigma_guess_pix)
-        if not (m.converged and np.isfinite(m.sigma)) or abs(m.x - radius) > 2 or abs(m.y - radius) > 2:
-            continue
-        d = np.hypot(all_pos[:, 0] - x0, all_pos[:, 1] - y0)
-        neighbours = (d > 0) & (d <= 1.5 * radius) & (all_amp > 0.1 * all_amp[k])
-        clean = not window_any(bad, [x0], [y0], radius)[0]
-        rows.append((x0 - radius + m.x, y0 - radius + m.y, float(cut.sum()), float(peak_value[k]), m.sigma,
-                     not neighbours.any(), clean))
-    if not rows:
-        empty = np.zeros(0)
-        return StarCandidates(empty, empty, empty, empty, empty, empty.astype(bool), empty.astype(bool))
-    arr = np.array(rows, dtype=float)
-    return StarCandidates(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4], arr[:, 5].astype(bool),
-                          arr[:, 6].astype(bool))
-
-
-def stellar_locus(sigmas: np.ndarray, x: np.ndarray, y: np.ndarray, width: float = 0.12) -> np.ndarray:
-    """Boolean selection of the tight sequence of sizes that stars form.
-
-    Stars share one size (or one that varies smoothly over the image) while galaxies are
-    larger and cosmic rays smaller. The densest +-0.35 window in log-size is found, a plane in
-    (x, y) is fitted to it with clipping, and sources within ``width`` of the plane are kept.
-    """
-    logs = np.log(sigmas)
-    if len(logs) < 3:
-        return np.ones(len(logs), bool)
-    counts = np.array([np.sum(np.abs(logs - c) < 0.35) for c in logs])
-    centre = np.median(logs[counts == counts.max()])
-    keep = np.abs(logs - centre) < 0.35
-    design = np.column_stack([np.ones_like(x), x - x.mean(), y - y.mean()])
-    for _ in range(5):
-        coef, *_ = np.linalg.lstsq(design[keep], logs[keep], rcond=None)
-        resid = logs - design @ coef
-        spread = max(1.4826 * np.median(np.abs(resid[keep])), 0.02)
-        keep = np.abs(resid) < min(width, 3 * spread) if keep.sum() > 3 else keep
-    return np.abs(resid) < min(width, max(3 * spread, 0.05))
-
-
-def _stack_stars(image: np.ndarray, xs: np.ndarray, ys: np.ndarray, size: int) -> np.ndarray:
-    """Recentre (cubic spline, sub-pixel) each star, normalise its flux, and take a clipped mean."""
+def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: int,
+                    norm_radius: float | None = None) -> StarStamps:
+    """Each star cut, its local sky (stamp border median) removed, shifted by cubic spline so its centroid
+    falls on the central pixel, and normalised by its flux within ``norm_radius`` (default: the stamp's
+    inscribed circle's third; in a crowded field the whole stamp's sum is mostly neighbours and sky error)."""
     h = size // 2
     pad = h + 3
-    cuts = []
-    for x, y in zip(xs, ys):
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    core = xx**2 + yy**2 <= (norm_radius or max(h / 3, 2.0)) ** 2
+    out = []
+    for x, y, s in zip(xs, ys, snr):
         ix, iy = int(round(x)), int(round(y))
         box = image[iy - pad : iy + pad + 1, ix - pad : ix + pad + 1].astype(float)
-        if box.shape != (2 * pad + 1, 2 * pad + 1):
+        var = variance[iy - pad : iy + pad + 1, ix - pad : ix + pad + 1].astype(float)
+        if box.shape != (2 * pad + 1, 2 * pad + 1) or not np.isfinite(box).all():
             continue
-        edge = np.concatenate([box[0], box[-1], box[:, 0], box[:, -1]])
-        box = box - np.median(edge)
-        shifted = ndimage.shift(box, (iy - y, ix - x), order=3, mode="nearest")[3:-3, 3:-3]
-        total = shifted.sum()
+        edge = np.concatenate([box[3, 3:-3], box[-4, 3:-3], box[3:-3, 3], box[3:-3, -4]])
+        shifted = ndimage.shift(box - np.median(edge), (iy - y, ix - x), order=3, mode="nearest")[3:-3, 3:-3]
+        total = shifted[core].sum()
         if total > 0:
-            cuts.append(shifted / total)
-    if not cuts:
-        return np.zeros((size, size))
-    cube = np.array(cuts)
-    if len(cube) < 3:
-        return cube.mean(axis=0)
-    med = np.median(cube, axis=0)
-    spread = 1.4826 * np.median(np.abs(cube - med), axis=0) + 1e-12
-    keep = np.abs(cube - med) < 3 * spread
-    return np.where(keep, cube, 0).sum(axis=0) / np.maximum(keep.sum(axis=0), 1)
+            out.append((shifted / total, np.sqrt(np.maximum(var[3:-3, 3:-3], 0)) / total, x, y, s))
+    if not out:
+        return StarStamps(np.zeros((0, size, size)), np.zeros((0, size, size)), *np.zeros((3, 0)))
+    cols = list(zip(*out))
+    return StarStamps(np.array(cols[0]), np.array(cols[1]), *(np.array(c, float) for c in cols[2:]))
 
 
-def _psf_stars(exposure, sigma_guess: float, snr_cut: float, background, max_stars: int) -> StarCandidates:
-    """Clean (and, where enough, isolated) stars on the stellar locus, brightest first."""
-    radius = max(5, int(math.ceil(4 * sigma_guess)))
-    stars = find_stars(exposure, sigma_guess, snr_cut, radius, background=background)
-    ok = stars.clean & stars.isolated
-    stars = stars.select(ok if ok.sum() >= 5 else stars.clean)
-    if len(stars) == 0:
-        return stars
-    stars = stars.select(stellar_locus(stars.sigma, stars.x, stars.y))
-    return stars.select(np.arange(min(len(stars), max_stars)))
+def _fit_spatial_stamps(stars: StarStamps, terms: np.ndarray, clip: float = 4.0) -> np.ndarray:
+    """Per pixel, the weighted least-squares polynomial (``terms``: (n_terms, n_stars)) through the stars'
+    normalised values, with one round of clipping of outlying pixels (neighbours, cosmic rays)."""
+    n, size, _ = stars.stamps.shape
+    values = stars.stamps.reshape(n, -1)
+    # weight by S/N^2, capped so that the few brightest stars do not decide the model alone
+    w = np.minimum(stars.snr, np.percentile(stars.snr, 75)) ** 2
+    # outliers first judged against the per-pixel median (robust to a neighbour in a few stamps), then
+    # against the weighted fit itself
+    resid = values - np.median(values, axis=0)
+    coef = None
+    for _ in range(2):
+        spread = 1.4826 * np.median(np.abs(resid), axis=0) + 1e-12
+        weights = np.where(np.abs(resid) < clip * spread, w[:, None], 0.0)
+        m = np.einsum("in,jn,np->pij", terms, terms, weights)
+        b = np.einsum("in,np,np->pi", terms, weights, values)
+        m += 1e-9 * np.trace(m, axis1=1, axis2=2)[:, None, None] * np.eye(len(terms)) + 1e-300
+        coef = np.linalg.solve(m, b[..., None])[..., 0]  # (pixels, n_terms)
+        resid = values - (coef @ terms).T
+    return coef.T.reshape(len(terms), size, size)
 
 
-def measure_psf(exposure, grid: tuple[int, int] | None = None, size: int | None = None,
-                max_stars: int = 300, min_stars: int = 5, min_snr: float = 30.0, background=None) -> Psf:
-    """Measure the PSF from bright, isolated, unsaturated, star-like sources.
+def _excess_residual(stars: StarStamps, model_stamps: np.ndarray, radius: float) -> np.ndarray:
+    """Per star, (residual power - noise power) / model power inside ``radius``: ~0 for a star, large for a
+    galaxy, a blend or a cosmic ray, and independent of brightness."""
+    size = stars.stamps.shape[1]
+    yy, xx = np.mgrid[:size, :size] - size // 2
+    core = (xx**2 + yy**2) <= radius**2
+    resid2 = ((stars.stamps - model_stamps)[:, core] ** 2).sum(axis=1)
+    noise2 = (stars.sigma[:, core] ** 2).sum(axis=1)
+    return (resid2 - noise2) / (model_stamps[:, core] ** 2).sum(axis=1)
 
-    Two passes: the first finds stars with a 2-px filter and estimates the size, the second
-    uses a matched filter and a stamp of ~6 FWHM. With ``grid=(nx, ny)`` one stamp is stacked
-    per cell (nearest stars when a cell has fewer than ``min_stars``) and a GridPsf returned.
+
+def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int) -> Psf:
+    """A constant (order 0) or polynomially varying PSF fitted to the stars, as a GridPsf on nodes that
+    reproduce the polynomial, spread over the stars' extent (beyond it GridPsf holds the edge value rather
+    than extrapolate)."""
+    ny, nx = shape
+    cheb = Chebyshev2D(order, nx, ny)
+    coef = _fit_spatial_stamps(stars, cheb.terms(stars.x, stars.y))
+    # a negative pedestal left by sky estimates biased by neighbours (crowded fields) would dominate the sum
+    h = coef.shape[1] // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    rim = xx**2 + yy**2 >= (0.8 * h) ** 2
+    coef -= np.minimum(np.median(coef[:, rim], axis=1), 0)[:, None, None]  # real wings are positive: kept
+    if order == 0:
+        return ImagePsf(coef[0])
+    nodes = 2 * order + 1
+    gx, gy = np.meshgrid(np.linspace(stars.x.min(), stars.x.max(), nodes),
+                         np.linspace(stars.y.min(), stars.y.max(), nodes))
+    stamps = np.einsum("kn,kyx->nyx", cheb.terms(gx.ravel(), gy.ravel()), coef)
+    return GridPsf(stamps, gx.ravel(), gy.ravel())
+
+
+def _sane_psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int) -> Psf:
+    """``_psf_from_stars`` at the highest order (up to ``order``) whose every node is a PSF: positive sum, a
+    size within 30% of the constant model's. Few or unevenly spread stars can make a polynomial swing."""
+    constant = _psf_from_stars(stars, shape, 0)
+    for o in range(order, 0, -1):
+        try:
+            psf = _psf_from_stars(stars, shape, o)
+        except BadInputError:
+            continue
+        if all(abs(ImagePsf(st).sigma / constant.sigma - 1) < 0.3 for st in psf.stamps):
+            return psf
+    return constant
+
+
+def variation_order(x: np.ndarray, y: np.ndarray, sizes: np.ndarray, shape: tuple[int, int],
+                    max_order: int = 2, p_value: float = 1e-3) -> int:
+    """The polynomial order of the PSF's variation that the stars' sizes demand: each order is kept only when
+    it explains significantly more of their scatter than the one below (an F test), with 12 stars per term.
+    A constant PSF from the stars is less noisy than any varying one, so the variation must be shown."""
+    from scipy import stats
+
+    ny, nx = shape
+    values = np.log(sizes)
+    best, rss_prev, p_prev = 0, float(np.sum((values - values.mean()) ** 2)), 1
+    for order in range(1, max_order + 1):
+        t = Chebyshev2D(order, nx, ny).terms(x, y).T
+        if len(values) < 12 * t.shape[1]:
+            break
+        fit, *_ = np.linalg.lstsq(t, values, rcond=None)
+        rss = float(np.sum((values - t @ fit) ** 2))
+        dof = len(values) - t.shape[1]
+        f = ((rss_prev - rss) / (t.shape[1] - p_prev)) / max(rss / dof, 1e-30)
+        if stats.f.sf(f, t.shape[1] - p_prev, dof) > p_value:
+            break
+        best, rss_prev, p_prev = order, rss, t.shape[1]
+    return best
+
+
+def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_stars: int = 5,
+                min_snr: float = 30.0, background=None, order: int | None = None) -> Psf:
+    """Measure the (effective) PSF from bright, clean, isolated stars on the stellar locus.
+
+    Stars are found twice (the second time with a filter of the size the first found), then the model is
+    refined in up to three rounds: fitted per pixel as a polynomial of the position (constant, linear or
+    quadratic, as the stars' sizes show significant variation, or ``order``), and every source whose excess residual against
+    it is an outlier (a galaxy, blend or cosmic ray that passed the size cut) is dropped.
     """
     from .background import estimate_background
     from .errors import PsfMeasurementError
+    from .stars import select_psf_stars
 
     bg = background or estimate_background(exposure.image, exposure.plane("NO_DATA", "BAD"))
-    sigma_guess = 2.0
-    chosen = None
-    for snr_cut in (min_snr, min_snr / 2):  # lower the cut only when too few stars are bright
-        for _ in range(2):  # the second pass filters with the size found by the first
-            stars = _psf_stars(exposure, sigma_guess, snr_cut, bg, max_stars)
-            if len(stars) < min_stars:
-                break
-            chosen = stars
-            sigma_guess = float(np.median(stars.sigma))
-        if chosen is not None:
-            break
-    if chosen is None or len(chosen) < min_stars:
-        found = 0 if chosen is None else len(chosen)
+    found = select_psf_stars(exposure, bg, min_snr, max_stars, min_stars)
+    if len(found) < min_stars:
         raise PsfMeasurementError(
-            f"{exposure.path or 'image'}: only {found} usable stars for the PSF (need {min_stars})")
+            f"{exposure.path or 'image'}: only {len(found)} usable stars for the PSF (need {min_stars})")
+    sigma = float(np.median(found.sigma))
     if size is None:
-        size = odd_size(2 * math.ceil(3 * FWHM_PER_SIGMA * sigma_guess) + 1, minimum=11, maximum=75)
+        size = odd_size(2 * math.ceil(3 * FWHM_PER_SIGMA * sigma) + 1, minimum=11, maximum=75)
     sub = exposure.image - bg.level
-    if grid is None:
-        return ImagePsf(_stack_stars(sub, chosen.x, chosen.y, size))
-    nx_cells, ny_cells = grid
-    ny, nx = exposure.shape
-    stamps, cx, cy = [], [], []
-    for j in range(ny_cells):
-        for i in range(nx_cells):
-            x_c = (i + 0.5) * nx / nx_cells - 0.5
-            y_c = (j + 0.5) * ny / ny_cells - 0.5
-            inside = ((chosen.x >= i * nx / nx_cells) & (chosen.x < (i + 1) * nx / nx_cells)
-                      & (chosen.y >= j * ny / ny_cells) & (chosen.y < (j + 1) * ny / ny_cells))
-            if inside.sum() < min_stars:
-                d = np.hypot(chosen.x - x_c, chosen.y - y_c)
-                inside = d <= np.sort(d)[min_stars - 1]
-            stamps.append(_stack_stars(sub, chosen.x[inside], chosen.y[inside], size))
-            cx.append(x_c)
-            cy.append(y_c)
-    return GridPsf(np.array(stamps), np.array(cx), np.array(cy))
+    stars = cut_star_stamps(sub, exposure.variance, found.x, found.y, found.snr, size)
+    if order is None:
+        order = variation_order(found.x, found.y, found.sigma, exposure.shape)
+    for _ in range(3):
+        psf = _sane_psf_from_stars(stars, exposure.shape, order)
+        model = np.array([psf.stamp(x=x, y=y) for x, y in zip(stars.x, stars.y)])
+        excess = _excess_residual(stars, model, max(2.0, 2.0 * FWHM_PER_SIGMA * sigma / 2))
+        med = np.median(excess)
+        spread = 1.4826 * np.median(np.abs(excess - med)) + 1e-4
+        keep = excess < med + 4 * spread
+        if keep.all() or keep.sum() < min_stars:
+            break
+        stars = stars.select(keep)
+    return psf

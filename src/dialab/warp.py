@@ -16,7 +16,8 @@ from scipy.interpolate import RectBivariateSpline
 
 from .errors import BadInputError, NoOverlapError
 from .exposure import Exposure, MaskPlanes
-from .psf import GridPsf, ImagePsf, Psf, find_stars
+from .psf import GridPsf, ImagePsf, Psf
+from .stars import find_stars
 
 log = logging.getLogger(__name__)
 

@@ -6,60 +6,14 @@ one inverse per spatial term, never a per-pixel kernel loop.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-from scipy import fft, ndimage
+from scipy import ndimage
 
+from ..imageops import default_workers, fft_convolve_many, interpolate_masked  # noqa: F401 (re-exported)
 from .kernel_fit import SpatialKernel
 
 #: Planes not spread by convolution: injected-source markers and detections describe positions, not defects.
 NOT_SPREAD = ("INJECTED", "INJECTED_TEMPLATE", "DETECTED", "DETECTED_NEGATIVE")
-
-
-def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float, fill: float = 0.0) -> np.ndarray:
-    """A copy with masked pixels replaced by the Gaussian-weighted mean of the good pixels round them.
-
-    Bad columns, saturated cores and cosmic rays must not be smeared by a convolution; pixels with
-    no good neighbour within a few sigma (inside a NO_DATA strip) get ``fill``. Only boxes round the
-    masked regions are filtered, so sparse defects stay cheap on large images.
-    """
-    out = np.array(image, dtype=np.float32, copy=True)
-    if not masked.any():
-        return out
-    pad = int(np.ceil(4 * sigma)) + 1
-    labels, _ = ndimage.label(ndimage.binary_dilation(masked, iterations=pad))
-    for sl in ndimage.find_objects(labels):
-        sub_mask = masked[sl]
-        good = (~sub_mask).astype(np.float32)
-        weights = ndimage.gaussian_filter(good, sigma, mode="constant")
-        values = ndimage.gaussian_filter(np.where(sub_mask, 0, out[sl]).astype(np.float32), sigma, mode="constant")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            filled = np.where(weights > 1e-3, values / weights, fill)
-        out[sl] = np.where(sub_mask, filled, out[sl])
-    return out
-
-
-def default_workers() -> int:
-    return os.cpu_count() or 1
-
-
-def fft_convolve_many(image: np.ndarray, kernels: np.ndarray, workers: int | None = None) -> np.ndarray:
-    """'same'-size convolutions of ``image`` with each (odd, square) kernel; float32, zero padding."""
-    ny, nx = image.shape
-    if kernels.ndim == 2:
-        kernels = kernels[None]
-    size = kernels.shape[-1]
-    h = size // 2
-    shape = (fft.next_fast_len(ny + size - 1, real=True), fft.next_fast_len(nx + size - 1, real=True))
-    workers = workers or default_workers()
-    fi = fft.rfft2(image.astype(np.float32), s=shape, workers=workers)
-    out = np.empty((len(kernels), ny, nx), dtype=np.float32)
-    for k, ker in enumerate(kernels):
-        fk = fft.rfft2(ker.astype(np.float32), s=shape, workers=workers)
-        full = fft.irfft2(fi * fk, s=shape, workers=workers)
-        out[k] = full[h : h + ny, h : h + nx]
-    return out
 
 
 def convolve_image(image: np.ndarray, kernel: SpatialKernel, workers: int | None = None) -> np.ndarray:

@@ -15,58 +15,11 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import InsufficientKernelSourcesError
-from ..psf import find_stars, stellar_locus, window_any
+from ..imageops import Chebyshev2D, window_any
+from ..stars import find_stars, stellar_locus
 from .basis import KernelBasis
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Chebyshev2D:
-    """Products T_i(x') T_j(y') with i + j <= order, x' and y' scaled to [-1, 1] over the image."""
-
-    order: int
-    width: int
-    height: int
-
-    @property
-    def n_terms(self) -> int:
-        return (self.order + 1) * (self.order + 2) // 2
-
-    def powers(self) -> list[tuple[int, int]]:
-        return [(i, t - i) for t in range(self.order + 1) for i in range(t, -1, -1)]
-
-    def _polys(self, u: np.ndarray) -> list[np.ndarray]:
-        """T_0 .. T_order of u (already scaled to [-1, 1])."""
-        t = [np.ones_like(u), u]
-        for _ in range(2, self.order + 1):
-            t.append(2 * u * t[-1] - t[-2])
-        return t
-
-    def _scaled(self, x, y) -> tuple[np.ndarray, np.ndarray]:
-        xs = 2.0 * np.asarray(x, dtype=float) / max(self.width - 1, 1) - 1.0
-        ys = 2.0 * np.asarray(y, dtype=float) / max(self.height - 1, 1) - 1.0
-        return xs, ys
-
-    def terms(self, x, y) -> np.ndarray:
-        """Array (n_terms, *shape(x)) of the basis evaluated at pixel coordinates."""
-        xs, ys = self._scaled(x, y)
-        tx, ty = self._polys(xs), self._polys(ys)
-        return np.array([tx[i] * ty[j] for i, j in self.powers()])
-
-    def factors(self, shape: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per term, the (row, column) vectors whose outer product is T_k over a full (ny, nx) grid."""
-        ny, nx = shape
-        xs, ys = self._scaled(np.arange(nx), np.arange(ny))
-        tx, ty = self._polys(xs), self._polys(ys)
-        return [(ty[j].astype(np.float32), tx[i].astype(np.float32)) for i, j in self.powers()]
-
-    def evaluate(self, coeffs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """Image of sum_k coeffs[k] T_k over a full (ny, nx) grid, computed separably."""
-        out = np.zeros(shape, dtype=np.float32)
-        for c, (row, col) in zip(coeffs, self.factors(shape)):
-            out += np.float32(c) * np.outer(row, col)
-        return out
 
 
 @dataclass(frozen=True)

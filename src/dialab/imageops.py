@@ -1,0 +1,183 @@
+"""Image primitives shared by every stage: filters, peaks, FFT convolution, masked interpolation, windows.
+
+A leaf module: it imports nothing from dialab, so every other module may use it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import fft, ndimage
+
+
+def gaussian_filtered_snr(image: np.ndarray, noise_rms: np.ndarray | float, sigma_pix: float,
+                          bad: np.ndarray | None = None) -> np.ndarray:
+    """S/N of a Gaussian matched filter: (image * g) / sqrt(var * g^2), with var = rms^2.
+
+    The filter is normalised so that for a point source of the filter's shape this is the
+    optimal (PSF-fit) S/N.
+    """
+    data = np.where(bad, 0.0, image) if bad is not None else image
+    smoothed = ndimage.gaussian_filter(data.astype(np.float32), sigma_pix, mode="constant", truncate=4.0)
+    g2_scale = 1.0 / (4.0 * np.pi * sigma_pix**2)
+    rms = np.asarray(noise_rms, dtype=np.float32)
+    if rms.ndim == 0:
+        return smoothed / (rms * np.float32(np.sqrt(g2_scale)))
+    # Convolving the variance with g^2 (a Gaussian of sigma/sqrt(2), scaled) gives the filtered variance.
+    # It is smooth on the filter's scale, so it is computed on 4x4 blocks and repeated back (fast).
+    ny, nx = image.shape
+    b = 4
+    var = rms**2
+    if min(ny, nx) >= 64 and ny % b == 0 and nx % b == 0:
+        coarse = var.reshape(ny // b, b, nx // b, b).mean(axis=(1, 3))
+        coarse = ndimage.gaussian_filter(coarse, sigma_pix / np.sqrt(2.0) / b, mode="nearest", truncate=3.0)
+        filt_var = np.repeat(np.repeat(coarse, b, axis=0), b, axis=1) * g2_scale
+    else:
+        filt_var = ndimage.gaussian_filter(var, sigma_pix / np.sqrt(2.0), mode="nearest", truncate=3.0) * g2_scale
+    return smoothed / np.sqrt(np.maximum(filt_var, 1e-30))
+
+
+def find_peaks(snr: np.ndarray, threshold: float, min_separation_pix: int = 2,
+               exclude: np.ndarray | None = None, border_pix: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) integer positions of local maxima of ``snr`` above ``threshold``, highest first.
+
+    Only pixels above the threshold are examined, each against its (2s+1)^2 neighbourhood.
+    """
+    s = int(min_separation_pix)
+    ny, nx = snr.shape
+    y, x = np.nonzero(snr > threshold)
+    if exclude is not None and len(y):
+        keep = ~exclude[y, x]
+        y, x = y[keep], x[keep]
+    if border_pix > 0 and len(y):
+        keep = (y >= border_pix) & (y < ny - border_pix) & (x >= border_pix) & (x < nx - border_pix)
+        y, x = y[keep], x[keep]
+    if len(y) > 0.05 * snr.size:  # dense: one image-wide filter is cheaper
+        local_max = snr == ndimage.maximum_filter(snr, size=2 * s + 1, mode="nearest")
+        keep = local_max[y, x]
+    else:
+        v = snr[y, x]
+        keep = np.ones(len(y), bool)
+        for dy in range(-s, s + 1):
+            for dx in range(-s, s + 1):
+                if dy or dx:
+                    keep &= v >= snr[np.clip(y + dy, 0, ny - 1), np.clip(x + dx, 0, nx - 1)]
+    y, x = y[keep], x[keep]
+    order = np.argsort(-snr[y, x], kind="stable")
+    return y[order], x[order]
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+def fft_convolve_many(image: np.ndarray, kernels: np.ndarray, workers: int | None = None) -> np.ndarray:
+    """'same'-size convolutions of ``image`` with each (odd, square) kernel; float32, zero padding."""
+    ny, nx = image.shape
+    if kernels.ndim == 2:
+        kernels = kernels[None]
+    size = kernels.shape[-1]
+    h = size // 2
+    shape = (fft.next_fast_len(ny + size - 1, real=True), fft.next_fast_len(nx + size - 1, real=True))
+    workers = workers or default_workers()
+    fi = fft.rfft2(image.astype(np.float32), s=shape, workers=workers)
+    out = np.empty((len(kernels), ny, nx), dtype=np.float32)
+    for k, ker in enumerate(kernels):
+        fk = fft.rfft2(ker.astype(np.float32), s=shape, workers=workers)
+        full = fft.irfft2(fi * fk, s=shape, workers=workers)
+        out[k] = full[h : h + ny, h : h + nx]
+    return out
+
+
+def matched_filter_snr(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndarray,
+                       workers: int | None = None) -> np.ndarray:
+    """(D * P') / sqrt(V * P'^2) with P' the reflected PSF: the S/N of a PSF fit at every pixel."""
+    p = psf_stamp[::-1, ::-1].astype(np.float32)
+    num = fft_convolve_many(image, p[None], workers)[0]
+    var = fft_convolve_many(variance, (p * p)[None], workers)[0]
+    return num / np.sqrt(np.maximum(var, 1e-30))
+
+
+def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float, fill: float = 0.0) -> np.ndarray:
+    """A copy with masked pixels replaced by the Gaussian-weighted mean of the good pixels round them.
+
+    Bad columns, saturated cores and cosmic rays must not be smeared by a convolution; pixels with
+    no good neighbour within a few sigma (inside a NO_DATA strip) get ``fill``. Only boxes round the
+    masked regions are filtered, so sparse defects stay cheap on large images.
+    """
+    out = np.array(image, dtype=np.float32, copy=True)
+    if not masked.any():
+        return out
+    pad = int(np.ceil(4 * sigma)) + 1
+    labels, _ = ndimage.label(ndimage.binary_dilation(masked, iterations=pad))
+    for sl in ndimage.find_objects(labels):
+        sub_mask = masked[sl]
+        good = (~sub_mask).astype(np.float32)
+        weights = ndimage.gaussian_filter(good, sigma, mode="constant")
+        values = ndimage.gaussian_filter(np.where(sub_mask, 0, out[sl]).astype(np.float32), sigma, mode="constant")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            filled = np.where(weights > 1e-3, values / weights, fill)
+        out[sl] = np.where(sub_mask, filled, out[sl])
+    return out
+
+
+def window_any(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, half: int) -> np.ndarray:
+    """For each integer (x, y): any ``mask`` pixel in the (2 half + 1)^2 window round it (clipped at
+    the borders). A few hundred windows cost far less than dilating the whole mask."""
+    ny, nx = mask.shape
+    out = np.zeros(len(xs), bool)
+    if not mask.any():
+        return out
+    for i, (x, y) in enumerate(zip(np.asarray(xs, int), np.asarray(ys, int))):
+        out[i] = mask[max(y - half, 0) : y + half + 1, max(x - half, 0) : x + half + 1].any()
+    return out
+
+
+@dataclass(frozen=True)
+class Chebyshev2D:
+    """Products T_i(x') T_j(y') with i + j <= order, x' and y' scaled to [-1, 1] over the image."""
+
+    order: int
+    width: int
+    height: int
+
+    @property
+    def n_terms(self) -> int:
+        return (self.order + 1) * (self.order + 2) // 2
+
+    def powers(self) -> list[tuple[int, int]]:
+        return [(i, t - i) for t in range(self.order + 1) for i in range(t, -1, -1)]
+
+    def _polys(self, u: np.ndarray) -> list[np.ndarray]:
+        """T_0 .. T_order of u (already scaled to [-1, 1])."""
+        t = [np.ones_like(u), u]
+        for _ in range(2, self.order + 1):
+            t.append(2 * u * t[-1] - t[-2])
+        return t
+
+    def _scaled(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        xs = 2.0 * np.asarray(x, dtype=float) / max(self.width - 1, 1) - 1.0
+        ys = 2.0 * np.asarray(y, dtype=float) / max(self.height - 1, 1) - 1.0
+        return xs, ys
+
+    def terms(self, x, y) -> np.ndarray:
+        """Array (n_terms, *shape(x)) of the basis evaluated at pixel coordinates."""
+        xs, ys = self._scaled(x, y)
+        tx, ty = self._polys(xs), self._polys(ys)
+        return np.array([tx[i] * ty[j] for i, j in self.powers()])
+
+    def factors(self, shape: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per term, the (row, column) vectors whose outer product is T_k over a full (ny, nx) grid."""
+        ny, nx = shape
+        xs, ys = self._scaled(np.arange(nx), np.arange(ny))
+        tx, ty = self._polys(xs), self._polys(ys)
+        return [(ty[j].astype(np.float32), tx[i].astype(np.float32)) for i, j in self.powers()]
+
+    def evaluate(self, coeffs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Image of sum_k coeffs[k] T_k over a full (ny, nx) grid, computed separably."""
+        out = np.zeros(shape, dtype=np.float32)
+        for c, (row, col) in zip(coeffs, self.factors(shape)):
+            out += np.float32(c) * np.outer(row, col)
+        return out
