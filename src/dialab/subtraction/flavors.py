@@ -33,6 +33,7 @@ from .convolve import (
 )
 from .decorrelation import apply_filter, filter_stamp
 from .kernel_fit import KernelFit, SpatialKernel, fit_matching_kernel, select_kernel_candidates
+from .photometric_scale import measure_photometric_scale
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class SubtractConfig(BaseModel):
     residual_mean_max: float = Field(0.25, description="reject a stamp whose normalised residual |mean| exceeds")
     residual_rms_max: float = Field(1.5, description="reject a stamp whose normalised residual rms exceeds")
     min_overlap_fraction: float = Field(0.25, description="least fraction of science pixels the template covers")
+    scale_from_stars: bool = Field(True, description="hold the kernel sum at the stars' total-flux ratio (errors "
+                                   "in both images); off: the sum is a free parameter of the least-squares fit")
     workers: int | None = Field(None, description="FFT threads (default: all cores)")
 
 
@@ -276,10 +279,12 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     positions = select_kernel_candidates(science, template, half_stamp + basis.half,
                                          (cfg.candidate_snr_min, cfg.candidate_snr_max), cfg.max_candidates,
                                          sigma_pix=max(sci_psf.sigma, 1.0), background=sci_bg)
+    scale = measure_photometric_scale(target_img, target_var, target_psf, conv_img, conv_var, conv_psf, positions)
     fit: KernelFit = fit_matching_kernel(
         target_img, target_var, conv_img, conv_var, positions, basis, half_stamp, cfg.spatial_order,
         cfg.background_order, cfg.max_rejection_rounds, cfg.residual_mean_max, cfg.residual_rms_max,
-        min_candidates=cfg.min_candidates)
+        min_candidates=cfg.min_candidates,
+        kernel_sum=scale.scale if cfg.scale_from_stars and np.isfinite(scale.scale) else None)
     kernel = fit.kernel
     ks = kernel.kernel_sum
     background = fit.background_image(science.shape)

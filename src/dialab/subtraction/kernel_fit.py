@@ -170,6 +170,16 @@ def _solve(m: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sol / scale
 
 
+def _solve_with_sum(m: np.ndarray, b: np.ndarray, kernel_sum: float | None) -> np.ndarray:
+    """Normal equations solved with parameter 0 (the kernel sum) free, or held at ``kernel_sum``."""
+    if kernel_sum is None:
+        return _solve(m, b)
+    sol = np.empty(len(b))
+    sol[0] = kernel_sum
+    sol[1:] = _solve(m[1:, 1:], b[1:] - m[1:, 0] * kernel_sum)
+    return sol
+
+
 def _single_stamp_fit(s: _Stamp, n_basis: int) -> tuple[np.ndarray, float, float]:
     """Per-stamp fit (constant kernel + constant background): coefficients, residual mean and rms."""
     q = n_basis + 1  # the basis columns and the constant background term
@@ -193,8 +203,12 @@ def _expansion(s: _Stamp, n_basis: int, spatial: Chebyshev2D, n_bg: int) -> np.n
 def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: np.ndarray, basis: KernelBasis,
                         half_stamp: int, spatial_order: int = 1, background_order: int = 2,
                         max_rounds: int = 3, max_mean: float = 0.25, max_rms: float = 1.5,
-                        sum_clip: float = 3.0, min_candidates: int = 3) -> KernelFit:
-    """Fit K and the background so that K * conv_img + background ~ target_img on the stamps."""
+                        sum_clip: float = 3.0, min_candidates: int = 3, kernel_sum: float | None = None) -> KernelFit:
+    """Fit K and the background so that K * conv_img + background ~ target_img on the stamps.
+
+    With ``kernel_sum`` the sum is held at that value (measured apart, see photometric_scale) and only the
+    shape and the background are fitted.
+    """
     ny, nx = target_img.shape
     full_bg = Chebyshev2D(background_order, nx, ny)
     stamps = _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp, full_bg)
@@ -223,7 +237,7 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
         expansions = [_expansion(s, n_basis, spatial, bg.n_terms) for s in stamps]
         m = sum(e.T @ s.G[:q, :q] @ e for s, e, g in zip(stamps, expansions, good) if g)
         b = sum(e.T @ s.h[:q] for s, e, g in zip(stamps, expansions, good) if g)
-        sol = _solve(m, b)
+        sol = _solve_with_sum(m, b, kernel_sum)
         stats = np.array([s.residual_stats(e @ sol) for s, e in zip(stamps, expansions)])
         bad_now = good & ((np.abs(stats[:, 0]) > max_mean) | (stats[:, 1] > max_rms))
         if not bad_now.any() or (good & ~bad_now).sum() < min_candidates:
