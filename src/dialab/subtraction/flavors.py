@@ -82,9 +82,12 @@ class SubtractionDiagnostics:
     variance_scale_template: float
     noise_ratio: float  # robust std of D / sqrt(variance) before the difference's variance is rescaled
     variance_scale_difference: float
+    scale_error: float = float("nan")  # error of the stars' flux ratio that the kernel sum is held at
+    scale_stars: int = 0  # stars whose fluxes agree with that ratio
 
     def summary(self) -> str:
-        return (f"flavor {self.flavor} (convolved {self.convolved}), kernel sum {self.kernel_sum:.4f}, "
+        return (f"flavor {self.flavor} (convolved {self.convolved}), kernel sum {self.kernel_sum:.4f} "
+                f"(stars' flux ratio +- {self.scale_error:.4f}, {self.scale_stars} stars), "
                 f"candidates {self.n_used}/{self.n_candidates} used, PSF FWHM science {self.science_fwhm:.2f} "
                 f"template {self.template_fwhm:.2f} px, noise ratio {self.noise_ratio:.3f}")
 
@@ -355,7 +358,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
         flavor=flavor_used, convolved=convolved, kernel_sum=ks, n_candidates=fit.n_candidates,
         n_used=fit.n_used, n_rejected=fit.n_rejected, science_fwhm=sci_psf.fwhm, template_fwhm=tpl_psf.fwhm,
         residual_mean=fit.residual_mean, residual_rms=fit.residual_rms, variance_scale_science=s_scale,
-        variance_scale_template=t_scale, noise_ratio=measured_ratio, variance_scale_difference=diff_scale)
+        variance_scale_template=t_scale, noise_ratio=measured_ratio, variance_scale_difference=diff_scale,
+        scale_error=scale.error, scale_stars=scale.n_used)
     log.info("%s", diag.summary())
     return SubtractionResult(difference, matched_exp, kernel, background,
                              difference if cfg.flavor == "preconvolution" else None, diag,

@@ -42,19 +42,19 @@ def _aperture_geometry(radius: float, sky_width: float = 6.0) -> tuple[int, np.n
 
 def aperture_fraction(stamp: np.ndarray, radius: float) -> float:
     """The fraction of a point source's total flux that ``aperture_fluxes`` measures: the PSF's encircled
-    fraction, less the wing light that the annulus median takes for sky (as far as the stamp reaches)."""
+    fraction, less the wing light that the annulus mean takes for sky (as far as the stamp reaches)."""
     h, inner, annulus = _aperture_geometry(radius)
     n = stamp.shape[0] // 2
     full = np.zeros((2 * h + 1, 2 * h + 1))
     m = min(n, h)
     full[h - m : h + m + 1, h - m : h + m + 1] = stamp[n - m : n + m + 1, n - m : n + m + 1]
     full /= stamp.sum()
-    return float(full[inner].sum() - inner.sum() * np.median(full[annulus]))
+    return float(full[inner].sum() - inner.sum() * full[annulus].mean())
 
 
 def aperture_fluxes(image: np.ndarray, variance: np.ndarray, positions: np.ndarray, radius: float,
                     sky_width: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
-    """Circular-aperture fluxes and errors at integer (x, y), the sky the median of an annulus beyond the aperture."""
+    """Circular-aperture fluxes and errors at integer (x, y), the sky the mean of an annulus beyond the aperture."""
     h, inner, annulus = _aperture_geometry(radius, sky_width)
     flux = np.full(len(positions), np.nan)
     err = np.full(len(positions), np.nan)
@@ -64,11 +64,12 @@ def aperture_fluxes(image: np.ndarray, variance: np.ndarray, positions: np.ndarr
             continue
         cut = image[y - h : y + h + 1, x - h : x + h + 1]
         var = variance[y - h : y + h + 1, x - h : x + h + 1]
-        sky = np.median(cut[annulus])
+        # the annulus *mean*: every step must be linear in the image, so that the ratio of two images' fluxes
+        # is their flux ratio whatever their noise (a median of neighbours' light plus noise depends on the noise)
+        sky = cut[annulus].mean()
         n = inner.sum()
         flux[i] = cut[inner].sum() - n * sky
-        # the sky median's own error: ~1.25 sigma / sqrt(n_annulus) per pixel, times n
-        err[i] = np.sqrt(var[inner].sum() + n**2 * 1.57 * np.median(var[annulus]) / annulus.sum())
+        err[i] = np.sqrt(var[inner].sum() + n**2 * var[annulus].sum() / annulus.sum() ** 2)
     return flux, err
 
 
