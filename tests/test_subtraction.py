@@ -205,8 +205,8 @@ def test_kernel_sum_is_one_flux_ratio_whichever_image_is_convolved():
 
     spec = TruthPairSpec(shape=(768, 768), science_fwhm=4.0, template_fwhm=3.4, depth=3.0, flux_ratio=0.8)
     science, template, _, _ = simulate_truth_pair(spec, seed=11)
-    ct = subtract(science, template, SubtractConfig(flavor="convolveTemplate")).diagnostics
-    cs = subtract(science, template, SubtractConfig(flavor="convolveScience")).diagnostics
+    ct = subtract(science, template, SubtractConfig(flavor="convolveTemplate", scale_from_stars=True)).diagnostics
+    cs = subtract(science, template, SubtractConfig(flavor="convolveScience", scale_from_stars=True)).diagnostics
     assert ct.kernel_sum * cs.kernel_sum == pytest.approx(1.0, abs=0.005)
     assert ct.kernel_sum == pytest.approx(spec.flux_ratio, rel=0.025)
     assert cs.kernel_sum == pytest.approx(1 / spec.flux_ratio, rel=0.025)

@@ -61,7 +61,7 @@ class SubtractConfig(BaseModel):
     residual_mean_max: float = Field(0.25, description="reject a stamp whose normalised residual |mean| exceeds")
     residual_rms_max: float = Field(1.5, description="reject a stamp whose normalised residual rms exceeds")
     min_overlap_fraction: float = Field(0.25, description="least fraction of science pixels the template covers")
-    scale_from_stars: bool = Field(True, description="hold the kernel sum at the stars' total-flux ratio (errors "
+    scale_from_stars: bool = Field(False, description="hold the kernel sum at the stars' total-flux ratio (errors "
                                    "in both images); off: the sum is a free parameter of the least-squares fit")
     workers: int | None = Field(None, description="FFT threads (default: all cores)")
 
