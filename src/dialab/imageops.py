@@ -181,3 +181,15 @@ class Chebyshev2D:
         for c, (row, col) in zip(coeffs, self.factors(shape)):
             out += np.float32(c) * np.outer(row, col)
         return out
+
+
+def aperture_sum(image: np.ndarray, variance: np.ndarray, x: float, y: float, radius: float) -> tuple[float, float]:
+    """Sum of the pixels whose centres lie within ``radius`` of (x, y) (clipped at the borders), and its error
+    from the variance plane."""
+    ny, nx = image.shape
+    r = int(np.ceil(radius))
+    ix, iy = int(round(x)), int(round(y))
+    y0, y1, x0, x1 = max(iy - r, 0), min(iy + r + 1, ny), max(ix - r, 0), min(ix + r + 1, nx)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    inside = (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
+    return float(image[y0:y1, x0:x1][inside].sum()), float(np.sqrt(variance[y0:y1, x0:x1][inside].sum()))

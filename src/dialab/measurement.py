@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from .exposure import Exposure
+from .imageops import aperture_sum
 
 
 def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | None = None) -> pd.DataFrame:
@@ -114,13 +115,7 @@ def _refine_peak(snr: np.ndarray, x: int, y: int, sign: float = 1.0) -> tuple[fl
 
 def aperture_flux(exp: Exposure, x: float, y: float, radius: float) -> tuple[float, float]:
     """Sum of pixels whose centres lie within ``radius`` of (x, y), and its error from the variance."""
-    ny, nx = exp.shape
-    r = int(np.ceil(radius))
-    ix, iy = int(round(x)), int(round(y))
-    y0, y1, x0, x1 = max(iy - r, 0), min(iy + r + 1, ny), max(ix - r, 0), min(ix + r + 1, nx)
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    inside = (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
-    return float(exp.image[y0:y1, x0:x1][inside].sum()), float(np.sqrt(exp.variance[y0:y1, x0:x1][inside].sum()))
+    return aperture_sum(exp.image, exp.variance, x, y, radius)
 
 
 def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, float] | None = None) -> dict:

@@ -407,6 +407,20 @@ def _excess_residual(stars: StarStamps, model_stamps: np.ndarray, radius: float)
     return (resid2 - noise2) / (model_stamps[:, core] ** 2).sum(axis=1)
 
 
+def _smooth_wings(stamps: np.ndarray, fwhm: float) -> np.ndarray:
+    """Stamps with the wings (beyond 1.5 FWHM, fully from 2.5) replaced by a Gaussian smoothing of width FWHM / 3.
+
+    Each pixel of a stacked PSF carries the stars' noise; in the wings, where the profile is smooth and
+    faint, that noise is most of sum(p^2), so an unsmoothed model understates the NEA by ~10%.
+    """
+    h = stamps.shape[-1] // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    r = np.hypot(xx, yy)
+    ramp = np.clip((r - 1.5 * fwhm) / fwhm, 0.0, 1.0)
+    smooth = ndimage.gaussian_filter(stamps, (0,) * (stamps.ndim - 2) + (max(fwhm / 3, 0.7),) * 2, mode="constant")
+    return (1 - ramp) * stamps + ramp * smooth
+
+
 def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int) -> Psf:
     """A constant (order 0) or polynomially varying PSF fitted to the stars, as a GridPsf on nodes that
     reproduce the polynomial, spread over the stars' extent (beyond it GridPsf holds the edge value rather
@@ -419,6 +433,7 @@ def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int) -> Ps
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
     rim = xx**2 + yy**2 >= (0.8 * h) ** 2
     coef -= np.minimum(np.median(coef[:, rim], axis=1), 0)[:, None, None]  # real wings are positive: kept
+    coef = _smooth_wings(coef, stamp_fwhm(coef[0]))
     if order == 0:
         return ImagePsf(coef[0])
     nodes = 2 * order + 1

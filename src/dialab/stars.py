@@ -83,6 +83,9 @@ def find_stars(exposure, sigma_guess_pix: float = 2.0, min_snr: float = 20.0, ra
 #: Adaptive sigma (pixels) below which a source is a hot pixel or a cosmic ray: a pixel-integrated PSF is never
 #: sharper (the pixel alone gives 0.29; a critically sampled diffraction-limited PSF about 0.8).
 SHARPEST_PSF_SIGMA = 0.5
+#: Sizes above the locus plane kept, in sigmas of its scatter: fewer than below, because what lies above it is
+#: mostly compact galaxies (whatever is larger than a star), what lies below only noise.
+UPPER_SIGMAS = 1.5
 #: How much more elongated than the typical source a star may be (cosmic-ray tracks, blends and edge-on
 #: galaxies are; a trailed or astigmatic PSF makes every star elongated alike).
 MAX_EXTRA_ELLIPTICITY = 0.2
@@ -125,7 +128,8 @@ def stellar_locus(sigmas: np.ndarray, x: np.ndarray, y: np.ndarray, width: float
         coef, *_ = np.linalg.lstsq(design[keep], logs[keep], rcond=None)
         resid = np.where(ok, logs - design @ coef, np.inf)
         spread = max(1.4826 * np.median(np.abs(resid[keep])), 0.01)
-        keep = np.abs(resid) < min(width, max(3 * spread, 0.03))
+        band = min(width, max(3 * spread, 0.03))
+        keep = (resid > -band) & (resid < min(band, max(UPPER_SIGMAS * spread, 0.01)))
     return keep
 
 

@@ -64,6 +64,7 @@ class KernelFit:
     residual_mean: float
     residual_rms: float
     positions: np.ndarray  # (n_used, 2) x, y of the stamps kept
+    free_sum: float = float("nan")  # the sum a free least-squares fit gave (equal to the sum unless it was held)
 
     def background_image(self, shape: tuple[int, int]) -> np.ndarray:
         return self.background.evaluate(self.background_coeffs, shape)
@@ -170,14 +171,22 @@ def _solve(m: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sol / scale
 
 
-def _solve_with_sum(m: np.ndarray, b: np.ndarray, kernel_sum: float | None) -> np.ndarray:
-    """Normal equations solved with parameter 0 (the kernel sum) free, or held at ``kernel_sum``."""
-    if kernel_sum is None:
-        return _solve(m, b)
-    sol = np.empty(len(b))
+def _solve_with_sum(m: np.ndarray, b: np.ndarray, kernel_sum: float | None,
+                    sum_error: float) -> tuple[np.ndarray, float]:
+    """Normal equations solved with parameter 0 (the kernel sum) free, then held at ``kernel_sum`` when the free
+    value is more than 2 ``sum_error`` from it; also returns the free value.
+
+    At high S/N the free sum is exact and more precise than any flux ratio, and holding it at a value a few
+    1e-4 off would bend the kernel's shape to absorb the difference; where it is biased (noise in the
+    convolved image, PSF wings beyond the kernel's reach), the difference shows and the sum is held.
+    """
+    sol = _solve(m, b)
+    free = float(sol[0])
+    if kernel_sum is None or not abs(free - kernel_sum) > 2 * sum_error:
+        return sol, free
     sol[0] = kernel_sum
     sol[1:] = _solve(m[1:, 1:], b[1:] - m[1:, 0] * kernel_sum)
-    return sol
+    return sol, free
 
 
 def _single_stamp_fit(s: _Stamp, n_basis: int) -> tuple[np.ndarray, float, float]:
@@ -203,11 +212,12 @@ def _expansion(s: _Stamp, n_basis: int, spatial: Chebyshev2D, n_bg: int) -> np.n
 def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: np.ndarray, basis: KernelBasis,
                         half_stamp: int, spatial_order: int = 1, background_order: int = 2,
                         max_rounds: int = 3, max_mean: float = 0.25, max_rms: float = 1.5,
-                        sum_clip: float = 3.0, min_candidates: int = 3, kernel_sum: float | None = None) -> KernelFit:
+                        sum_clip: float = 3.0, min_candidates: int = 3, kernel_sum: float | None = None,
+                        kernel_sum_error: float = 0.0) -> KernelFit:
     """Fit K and the background so that K * conv_img + background ~ target_img on the stamps.
 
-    With ``kernel_sum`` the sum is held at that value (measured apart, see photometric_scale) and only the
-    shape and the background are fitted.
+    With ``kernel_sum`` (measured apart, see photometric_scale) the sum is held at that value, and only the
+    shape and the background fitted, whenever the free fit's sum disagrees with it beyond its error.
     """
     ny, nx = target_img.shape
     full_bg = Chebyshev2D(background_order, nx, ny)
@@ -237,7 +247,7 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
         expansions = [_expansion(s, n_basis, spatial, bg.n_terms) for s in stamps]
         m = sum(e.T @ s.G[:q, :q] @ e for s, e, g in zip(stamps, expansions, good) if g)
         b = sum(e.T @ s.h[:q] for s, e, g in zip(stamps, expansions, good) if g)
-        sol = _solve_with_sum(m, b, kernel_sum)
+        sol, free_sum = _solve_with_sum(m, b, kernel_sum, kernel_sum_error)
         stats = np.array([s.residual_stats(e @ sol) for s, e in zip(stamps, expansions)])
         bad_now = good & ((np.abs(stats[:, 0]) > max_mean) | (stats[:, 1] > max_rms))
         if not bad_now.any() or (good & ~bad_now).sum() < min_candidates:
@@ -253,4 +263,4 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
              n_candidates, int(good.sum()), kernel.kernel_sum, kept[:, 0].mean(), kept[:, 1].mean())
     return KernelFit(kernel, bg, bg_coeffs, n_candidates, int(good.sum()), n_candidates - int(good.sum()),
                      float(kept[:, 0].mean()), float(kept[:, 1].mean()),
-                     np.array([[s.x, s.y] for s, g in zip(stamps, good) if g]))
+                     np.array([[s.x, s.y] for s, g in zip(stamps, good) if g]), free_sum)
