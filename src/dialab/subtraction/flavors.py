@@ -289,10 +289,14 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     positions = select_kernel_candidates(science, template, half_stamp + basis.half,
                                          (cfg.candidate_snr_min, cfg.candidate_snr_max), cfg.max_candidates,
                                          sigma_pix=max(sci_psf.sigma, 1.0), background=sci_bg)
-    # the background models are smooth, so v * background ~ background for the preconvolved target
-    target_bg, conv_bg = (tpl_bg, sci_bg) if convolved == "science" and v is None else (sci_bg, tpl_bg)
-    scale = measure_photometric_scale(target_img - target_bg.level, target_var, target_psf,
-                                      conv_img - conv_bg.level, conv_var, conv_psf, positions)
+    # v has unit sum, so the preconvolved target has the science image's fluxes: they are measured on the
+    # science image itself (a narrower PSF, fewer neighbours in reach, uncorrelated noise)
+    if convolved == "science" and v is None:
+        scale = measure_photometric_scale(tpl_img - tpl_bg.level, tpl_var, tpl_psf, sci_img - sci_bg.level, sci_var,
+                                          sci_psf, positions)
+    else:
+        scale = measure_photometric_scale(sci_img - sci_bg.level, sci_var, sci_psf, tpl_img - tpl_bg.level, tpl_var,
+                                          tpl_psf, positions)
     fit: KernelFit = fit_matching_kernel(
         target_img, target_var, conv_img, conv_var, positions, basis, half_stamp, cfg.spatial_order,
         cfg.background_order, cfg.max_rejection_rounds, cfg.residual_mean_max, cfg.residual_rms_max,
