@@ -158,3 +158,19 @@ def test_fakes_recovered_on_a_real_decam_frame(real_data):
     print(f"DECam: {found[bright].sum()}/{bright.sum()} fakes with expected S/N >= 10 recovered")
     assert bright.sum() >= 10
     assert found[bright].mean() >= 0.9
+
+
+def test_template_fakes_get_the_template_counts_when_only_the_template_is_calibrated():
+    """A template with MAGZERO and a science image without: 0.2.0 injected NaN. The template's counts per
+    science count now come from the stars (true ratio 1 / 0.8 = 1.25 here)."""
+    from dialab.injection import inject_catalog, make_fake_catalog, template_counts_per_science_count
+    from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
+
+    spec = TruthPairSpec(shape=(512, 512), n_stars=150, n_galaxies=50, n_transients=0, flux_ratio=0.8)
+    science, template, _, _ = simulate_truth_pair(spec, seed=31)
+    science.magzero = float("nan")
+    assert template_counts_per_science_count(science, template) == pytest.approx(1.25, rel=0.01)
+    fakes = make_fake_catalog(science, InjectConfig(template_fraction=0.5), template)
+    sci, tpl = inject_catalog(science, template, fakes)
+    assert np.isfinite(sci.image).all() and np.isfinite(tpl.image).all()
+    assert (tpl.image - template.image).sum() > 0

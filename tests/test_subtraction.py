@@ -208,3 +208,29 @@ def test_kernel_sum_is_the_true_flux_ratio_in_every_flavor():
         truth = spec.flux_ratio if d.convolved == "template" else 1 / spec.flux_ratio
         assert d.kernel_sum == pytest.approx(truth, rel=0.005), flavor
         assert abs(d.free_kernel_sum / truth - 1) > 0.01, flavor  # the test tells the methods apart
+
+
+def test_template_of_another_field_is_a_bad_subtraction():
+    """Same pixel grid, another sky: 0.2.0 'subtracted' it with kernel sum 0.03 and exit 0."""
+    from dialab.errors import BadSubtractionError
+    from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
+
+    spec = TruthPairSpec(shape=(512, 512), n_stars=80, n_galaxies=100, n_transients=0)
+    science, _, _, _ = simulate_truth_pair(spec, seed=21)
+    _, other, _, _ = simulate_truth_pair(spec, seed=22)
+    with pytest.raises(BadSubtractionError, match="do not match|residual|zeropoint"):
+        subtract(science, other)
+
+
+def test_kernel_sum_far_from_the_zeropoints_is_a_bad_subtraction():
+    """A template whose MAGZERO is 1 mag off what its pixels say: the kernel sum (0.8) disagrees with the
+    zeropoint ratio (2.0) by far more than the allowed 30%; with the right MAGZERO it passes."""
+    from dialab.errors import BadSubtractionError
+    from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
+
+    spec = TruthPairSpec(shape=(512, 512), n_stars=80, n_galaxies=100, n_transients=0)
+    science, template, _, _ = simulate_truth_pair(spec, seed=23)
+    subtract(science, template)
+    template.magzero -= 1.0
+    with pytest.raises(BadSubtractionError, match="zeropoint ratio"):
+        subtract(science, template)

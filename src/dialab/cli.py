@@ -38,17 +38,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_subtract(args: argparse.Namespace) -> int:
-    from .detection import repair_cosmic_rays
-    from .exposure import read_exposure
+    from .pipeline.config import RepairConfig
+    from .pipeline.prepare import prepare_science, prepare_template
     from .pipeline.repository import write_difference
     from .subtraction import SubtractConfig, subtract
-    from .warp import align_to
 
-    science = read_exposure(args.science, psf=args.science_psf, noise=args.science_noise)
-    template = read_exposure(args.template, psf=args.template_psf, noise=args.template_noise)
-    if not args.keep_cosmic_rays:
-        repair_cosmic_rays(science)
-    template = align_to(template, science)
+    science = prepare_science(args.science, args.science_psf, args.science_noise,
+                              repair=RepairConfig(cosmic_rays=not args.keep_cosmic_rays))
+    template = prepare_template(science, args.template, args.template_psf, args.template_noise)
     config = SubtractConfig(flavor=args.flavor, decorrelate=not args.no_decorrelate)
     result = subtract(science, template, config)
     write_difference(result, args.output)

@@ -30,3 +30,8 @@ class InsufficientKernelSourcesError(DialabError):
 
 class NoOverlapError(DialabError):
     """The template does not cover (enough of) the science image."""
+
+
+class BadSubtractionError(BadInputError):
+    """The subtraction failed its own checks: a kernel sum far from the zeropoint ratio, stars whose fluxes
+    do not match between the images, or too much residual in the stars' footprints (LSST's BadSubtraction)."""

@@ -16,6 +16,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from .exposure import Exposure
+from .subtraction.photometric_scale import exposure_flux_ratio
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,20 @@ def inject_fakes(exp: Exposure, x: np.ndarray, y: np.ndarray, flux: np.ndarray, 
     return out
 
 
+def template_counts_per_science_count(science: Exposure, template: Exposure) -> float:
+    """How many template counts one science count of a source is: from the zeropoints when both images have
+    one, else from their stars' fluxes (the template may be deeper and scaled differently)."""
+    if math.isfinite(science.magzero) and math.isfinite(template.magzero):
+        return 10.0 ** (-0.4 * (science.magzero - template.magzero))
+    if template.shape == science.shape and science.psf is not None and template.psf is not None:
+        ratio = exposure_flux_ratio(template, science)
+        if ratio.trusted and ratio.scale > 0:
+            return ratio.scale
+    log.warning("%s: zeropoints unknown and too few stars to compare the images; template fakes get the "
+                "science counts", template.path)
+    return 1.0
+
+
 def inject_catalog(science: Exposure, template: Exposure, fakes: pd.DataFrame, seed: int = 0
                    ) -> tuple[Exposure, Exposure]:
     """Inject the visit fakes into the science image and the template fakes into the template
@@ -145,7 +160,6 @@ def inject_catalog(science: Exposure, template: Exposure, fakes: pd.DataFrame, s
     if len(tpl) and science.wcs is not None and template.wcs is not None:
         pix = template.wcs.all_world2pix(np.column_stack([tpl.ra, tpl.dec]), 0)
         tx, ty = pix[:, 0], pix[:, 1]
-    # the template may be deeper and scaled differently: inject its own counts for the same magnitude
-    scale = 10.0 ** (-0.4 * (science.magzero - template.magzero)) if math.isfinite(template.magzero) else 1.0
-    tpl_out = inject_fakes(template, tx, ty, tpl.flux.to_numpy() * scale, seed + 1)
+    tpl_out = inject_fakes(template, tx, ty, tpl.flux.to_numpy() * template_counts_per_science_count(science, template),
+                           seed + 1)
     return sci_out, tpl_out

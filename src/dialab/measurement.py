@@ -219,8 +219,13 @@ def pixel_scale_arcsec(exp: Exposure) -> float:
 
 def measure_sources(exp: Exposure, det, science: Exposure | None = None, template: Exposure | None = None,
                     config: MeasureConfig | None = None) -> pd.DataFrame:
-    """One row per footprint with the Rubin APDB DiaSource column names (fluxes in image counts)."""
+    """One row per footprint with the Rubin APDB DiaSource column names (fluxes in image counts).
+
+    Measured on the difference less the residual background that detection found, with the PSF-flux errors
+    scaled by the filtered noise that detection measured (``det.noise_scale``).
+    """
     cfg = config or MeasureConfig()
+    exp = dataclasses.replace(exp, image=(exp.image - det.background).astype(np.float32))
     ny, nx = exp.shape
     psf = exp.psf
     scale = pixel_scale_arcsec(exp)
@@ -253,7 +258,7 @@ def measure_sources(exp: Exposure, det, science: Exposure | None = None, templat
     xs, ys = cat.x.to_numpy(float), cat.y.to_numpy(float)
     phot = forced_psf_flux(exp, xs, ys)
     cat["psfFlux"] = phot.psfFlux.to_numpy()
-    cat["psfFluxErr"] = phot.psfFluxErr.to_numpy()
+    cat["psfFluxErr"] = phot.psfFluxErr.to_numpy() * det.noise_scale
     cat["psfFlux_flag"] = ~np.isfinite(cat.psfFlux)
     cat["snr"] = cat.psfFlux / cat.psfFluxErr
     sigma = psf.sigma
@@ -348,6 +353,9 @@ def detect_and_measure(result, science: Exposure | None = None, matched_template
         science = dataclasses.replace(science, psf=result.extras.get("science_psf"))
     det = detect_sources(diff, detect_config)
     cat = measure_sources(diff, det, science, matched_template, measure_config)
-    sky = forced_psf_flux(diff, det.sky_positions[:, 0], det.sky_positions[:, 1]) if len(det.sky_positions) \
-        else pd.DataFrame({"psfFlux": [], "psfFluxErr": []})
+    sky = pd.DataFrame({"psfFlux": [], "psfFluxErr": []})
+    if len(det.sky_positions):
+        sky = forced_psf_flux(dataclasses.replace(diff, image=(diff.image - det.background).astype(np.float32)),
+                              det.sky_positions[:, 0], det.sky_positions[:, 1])
+        sky["psfFluxErr"] *= det.noise_scale
     return cat, det, sky

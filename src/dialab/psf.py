@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -269,7 +269,6 @@ class GridPsf(Psf):
     stamps: np.ndarray
     xs: np.ndarray
     ys: np.ndarray
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         self.stamps = np.asarray(self.stamps, dtype=float)
@@ -325,6 +324,19 @@ class GridPsf(Psf):
     @property
     def default_size(self) -> int:
         return self.stamps.shape[1]
+
+    # sizes at the grid centre, computed once (measurement asks for them per source)
+    @cached_property
+    def sigma(self) -> float:
+        return stamp_sigma(self.stamp())
+
+    @cached_property
+    def fwhm(self) -> float:
+        return stamp_fwhm(self.stamp())
+
+    @cached_property
+    def nea(self) -> float:
+        return float(1.0 / np.sum(self.stamp() ** 2))
 
 
 # --------------------------------------------------------------------------- measurement

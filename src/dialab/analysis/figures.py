@@ -31,18 +31,18 @@ def unit_images(fr: FlavorRun, unit: pd.Series):
 
     from ..exposure import read_exposure
     from ..injection import inject_catalog
+    from ..pipeline.config import PipelineConfig
     from ..pipeline.manifest import read_manifest
+    from ..pipeline.prepare import prepare_entry
     from ..pipeline.repository import Unit, unit_dir
-    from ..warp import align_to
 
     manifest = read_manifest(fr.manifest)
     entry = next(e for e in manifest.entries if e.visit == unit.visit and e.detector == unit.detector)
-    science = read_exposure(manifest.resolve(entry.science), psf=manifest.resolve(entry.science_psf))
-    template = align_to(read_exposure(manifest.resolve(entry.template), psf=manifest.resolve(entry.template_psf)),
-                        science)
+    run = yaml.safe_load((fr.run / "run.yaml").read_text())
+    science, template = prepare_entry(entry, manifest.root, PipelineConfig.model_validate(run["config"]).repair)
     where = unit_dir(fr.run, Unit(fr.flavor, unit.band, int(unit.visit), int(unit.detector), float(unit.mjd)))
     if (where / "fakes.parquet").is_file():
-        seed = (yaml.safe_load((fr.run / "run.yaml").read_text())["config"]["inject"]["seed"])
+        seed = run["config"]["inject"]["seed"]
         science, template = inject_catalog(science, template, pd.read_parquet(where / "fakes.parquet"), seed=seed)
     return science, template, read_exposure(where / "difference.fits"), where
 

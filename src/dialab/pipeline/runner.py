@@ -121,6 +121,7 @@ def associate_flavor(out: Path, manifest: Manifest, flavor: str, units: list[Uni
     """
     from ..association import store_visit_detector
     from ..exposure import read_exposure
+    from .prepare import prepare_science
 
     handle = _flavor_apdb(out, flavor, config, apdb_url)
     entries = {(e.visit, e.detector): e for e in manifest.entries}
@@ -138,10 +139,9 @@ def associate_flavor(out: Path, manifest: Manifest, flavor: str, units: list[Uni
                 catalog = pd.read_parquet(where / "diaSources.parquet")
                 difference = read_exposure(where / "difference.fits")
                 entry = entries[(u.visit, u.detector)]
-                science = read_exposure(manifest.resolve(entry.science), psf=manifest.resolve(entry.science_psf),
-                                        noise=manifest.resolve(entry.science_noise))
-                if science.psf is None:
-                    science = None  # no forced science photometry without a PSF
+                # the science image as it was subtracted (repaired, with its PSF; without the unit's fakes)
+                science = prepare_science(manifest.resolve(entry.science), manifest.resolve(entry.science_psf),
+                                          manifest.resolve(entry.science_noise), entry=entry, repair=config.repair)
                 stored += store_visit_detector(handle, catalog, difference, science, config.associate)["stored"]
             except DialabError as exc:
                 return stored, visit, [(f"APDB {u.label}", str(exc))]

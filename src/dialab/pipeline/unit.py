@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from pathlib import Path
 
 from ..errors import DialabError
-from ..exposure import read_exposure
 from .config import PipelineConfig
 from .manifest import Entry
 from .repository import Unit, mark_done, unit_dir, write_difference, write_parquet, write_text
@@ -22,30 +20,16 @@ log = logging.getLogger(__name__)
 
 
 def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: str) -> dict:
-    from ..detection import repair_cosmic_rays
     from ..injection import inject_catalog, make_fake_catalog
     from ..matching import match_fakes
     from ..measurement import BAD_FLAGS, detect_and_measure
     from ..subtraction import subtract
-    from ..warp import align_to
-
-    def path(rel):  # relative to the manifest's folder; absolute paths stay as they are
-        return None if rel is None else str(Path(root) / rel)
+    from .prepare import prepare_entry
 
     t0 = time.perf_counter()
-    science = read_exposure(path(entry.science), psf=path(entry.science_psf), noise=path(entry.science_noise))
-    template = read_exposure(path(entry.template), psf=path(entry.template_psf), noise=path(entry.template_noise))
-    # The manifest says which visit, detector, band and epoch this is (plain FITS often do not).
-    science.visit, science.detector, science.band, science.mjd = entry.visit, entry.detector, entry.band, entry.mjd
-    if config.repair.cosmic_rays:
-        repair_cosmic_rays(science, config.repair.nsigma, config.repair.margin)
-    template = align_to(template, science)
+    science, template = prepare_entry(entry, root, config.repair)
     fakes = None
     if config.inject.enabled:
-        if science.psf is None:
-            from ..psf import measure_psf
-
-            science.psf = measure_psf(science)
         fakes = make_fake_catalog(science, config.inject, template)
         science, template = inject_catalog(science, template, fakes, seed=config.inject.seed)
     sub_cfg = config.subtract.model_copy(update={"flavor": unit.flavor, "workers": config.execution.threads_per_unit})

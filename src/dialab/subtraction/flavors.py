@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from ..background import clipped_stats, estimate_background
-from ..errors import BadInputError, NoOverlapError
+from ..errors import BadInputError, BadSubtractionError, NoOverlapError
 from ..exposure import Exposure, MaskPlanes
 from ..moments import adaptive_moments
 from ..psf import GridPsf, ImagePsf, Psf, measure_psf
@@ -55,8 +55,11 @@ class SubtractConfig(BaseModel):
     spatial_order: int = Field(1, ge=0, le=2, description="Chebyshev order of the kernel's spatial variation")
     background_order: int = Field(2, ge=0, le=3, description="Chebyshev order of the differential background")
     decorrelate: bool = Field(True, description="whiten the difference's noise (DMTN-021)")
-    rescale_variance: bool = Field(True, description="scale input and difference variances to the measured "
-                                   "pixel noise (inputs only where not crowded)")
+    rescale_variance: bool = Field(True, description="scale the input variances to their measured pixel noise "
+                                   "(not in crowded images)")
+    rescale_difference_variance: bool = Field(False, description="also scale the difference's variance plane to its "
+                                              "measured noise; off: the propagated variance is kept, so a failed "
+                                              "subtraction shows (detection calibrates its filtered noise itself)")
     max_candidates: int = Field(1000, ge=3, description="most kernel stamps used")
     min_candidates: int = Field(3, ge=1, description="fewest kernel stamps accepted")
     candidate_snr_min: float = Field(10.0, description="lowest S/N of a kernel source")
@@ -67,6 +70,11 @@ class SubtractConfig(BaseModel):
     min_overlap_fraction: float = Field(0.25, description="least fraction of science pixels the template covers")
     scale_from_stars: bool = Field(True, description="hold the kernel sum at the stars' total-flux ratio (errors "
                                    "in both images); off: the sum is a free parameter of the least-squares fit")
+    max_scale_deviation: float | None = Field(0.3, gt=0, description="largest fractional difference of the kernel "
+                                              "sum from the zeropoint ratio when both images have MAGZERO (None: "
+                                              "not checked)")
+    max_stamp_residual_rms: float = Field(3.0, gt=0, description="largest mean normalised residual rms of the kernel "
+                                          "stamps after the fit (about 1 for a good subtraction)")
     workers: int | None = Field(None, description="FFT threads (default: all cores)")
 
 
@@ -250,6 +258,28 @@ def _prepared(exp: Exposure, nodata: np.ndarray, background, psf, convolved: boo
     return interpolate_masked(np.where(nodata, background.level, exp.image), defects & ~nodata, max(psf.sigma, 1.0))
 
 
+def check_subtraction(diag: SubtractionDiagnostics, science: Exposure, template: Exposure, cfg: SubtractConfig,
+                      source: object = None) -> None:
+    """Raise BadSubtractionError when the fit shows the images do not match (garbage in must not exit 0)."""
+    problems = []
+    scale_ok = np.isfinite(diag.star_flux_ratio) and diag.scale_stars >= 10
+    if scale_ok and not diag.star_flux_ratio > 3 * diag.scale_error:
+        problems.append(f"the stars' fluxes do not match between the images (flux ratio {diag.star_flux_ratio:.3g} "
+                        f"+- {diag.scale_error:.2g} from {diag.scale_stars} stars): is the template of this field?")
+    if cfg.max_scale_deviation is not None and np.isfinite(science.magzero) and np.isfinite(template.magzero):
+        target, conv = (template, science) if diag.convolved == "science" and diag.flavor != "preconvolution" \
+            else (science, template)
+        expected = 10 ** (0.4 * (target.magzero - conv.magzero))
+        if abs(diag.kernel_sum / expected - 1) > cfg.max_scale_deviation:
+            problems.append(f"kernel sum {diag.kernel_sum:.4g} is far from the zeropoint ratio {expected:.4g} "
+                            f"(MAGZERO {science.magzero:.3f} science, {template.magzero:.3f} template)")
+    if diag.residual_rms > cfg.max_stamp_residual_rms:
+        problems.append(f"kernel stamps' residual rms is {diag.residual_rms:.2f} sigma (at most "
+                        f"{cfg.max_stamp_residual_rms:g}): the kernel cannot match the images")
+    if problems:
+        raise BadSubtractionError("bad subtraction: " + "; ".join(problems), source)
+
+
 def subtract(science: Exposure, template: Exposure, config: SubtractConfig | None = None) -> SubtractionResult:
     """PSF-matched difference of ``science`` minus ``template`` (same pixel grid)."""
     cfg = config or SubtractConfig()
@@ -366,7 +396,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
         difference.header["SCORE"] = (True, "PSF-filtered difference (preconvolution score)")
     measured_ratio = noise_ratio(difference)
     diff_scale = 1.0
-    if cfg.rescale_variance and np.isfinite(measured_ratio) and measured_ratio > 0:
+    if cfg.rescale_difference_variance and np.isfinite(measured_ratio) and measured_ratio > 0:
         diff_scale = measured_ratio**2  # what the inputs' variances missed (e.g. correlated noise)
         difference.variance *= np.float32(diff_scale)
     diag = SubtractionDiagnostics(
@@ -376,6 +406,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
         variance_scale_template=t_scale, noise_ratio=measured_ratio, variance_scale_difference=diff_scale,
         star_flux_ratio=scale.scale, scale_error=scale.error, scale_stars=scale.n_used, free_kernel_sum=fit.free_sum)
     log.info("%s", diag.summary())
+    check_subtraction(diag, science, template, cfg, science.path)
     return SubtractionResult(difference, matched_exp, kernel, background,
                              difference if cfg.flavor == "preconvolution" else None, diag,
                              extras={"kernel_positions": fit.positions, "science_psf": sci_psf,

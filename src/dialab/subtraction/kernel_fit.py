@@ -236,7 +236,7 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
     good &= np.array([abs(m) <= max_mean and r <= max_rms for _, m, r in singles]) | (good.sum() < min_candidates)
     if good.sum() < min_candidates:
         good = np.argsort(np.abs(sums - med)) < min_candidates
-    for _ in range(max_rounds + 1):
+    for round_ in range(max_rounds + 1):
         used = [s for s, g in zip(stamps, good) if g]
         order = spatial_order
         while order > 0 and len(used) < 3 * Chebyshev2D(order, nx, ny).n_terms:
@@ -250,8 +250,8 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
         sol, free_sum = _solve_with_sum(m, b, kernel_sum, kernel_sum_error)
         stats = np.array([s.residual_stats(e @ sol) for s, e in zip(stamps, expansions)])
         bad_now = good & ((np.abs(stats[:, 0]) > max_mean) | (stats[:, 1] > max_rms))
-        if not bad_now.any() or (good & ~bad_now).sum() < min_candidates:
-            break
+        if round_ == max_rounds or not bad_now.any() or (good & ~bad_now).sum() < min_candidates:
+            break  # ``good`` stays the set the kernel was fitted on, which is what gets reported
         good = good & ~bad_now
     coeffs = np.zeros((n_basis, spatial.n_terms))
     coeffs[0, 0] = sol[0]

@@ -209,3 +209,17 @@ def measure_photometric_scale(target_img, target_var, target_psf, conv_img, conv
     if keep.sum() >= 5:  # in a field too crowded for that, every star counts
         ft, et, fc, ec = (np.where(keep, a, np.nan) for a in (ft, et, fc, ec))
     return fit_flux_ratio(ft, et, fc, ec)
+
+
+def exposure_flux_ratio(target, conv) -> PhotometricScale:
+    """Flux ratio target / conv of the stars of two exposures on one pixel grid, both with PSFs: counts of one
+    image per count of the other, for when their zeropoints are not both known."""
+    from ..background import estimate_background
+    from ..stars import find_stars
+
+    bgs = [estimate_background(e.image, e.plane("NO_DATA", "BAD", "SAT")) for e in (target, conv)]
+    stars = find_stars(target, max(target.psf.sigma, 1.0), 20.0, background=bgs[0])
+    stars = stars.select(stars.clean)
+    positions = np.column_stack([np.round(stars.x), np.round(stars.y)]).astype(int)
+    return measure_photometric_scale(target.image - bgs[0].level, target.variance, target.psf,
+                                     conv.image - bgs[1].level, conv.variance, conv.psf, positions)

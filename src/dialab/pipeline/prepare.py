@@ -1,0 +1,55 @@
+"""One preparation chain for a unit's images: read -> manifest metadata -> repair -> PSFs -> align -> inject.
+
+The pipeline unit, the association step (forced photometry on the science image), the report's figures and
+``dialab subtract`` all go through it, so each sees the science image that was actually subtracted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..exposure import Exposure, read_exposure
+
+
+def ensure_psf(exp: Exposure) -> Exposure:
+    """The exposure with a PSF: the given one, or one measured from its stars (plain FITS)."""
+    if exp.psf is None:
+        from ..psf import measure_psf
+
+        exp.psf = measure_psf(exp)
+    return exp
+
+
+def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None) -> Exposure:
+    """The science exposure as the subtraction uses it: read, with the manifest ``entry``'s visit, detector,
+    band and epoch (plain FITS often lack them), cosmic rays repaired when ``repair`` (a RepairConfig) asks,
+    and a PSF."""
+    from ..detection import repair_cosmic_rays
+
+    science = read_exposure(path, psf=psf, noise=noise)
+    if entry is not None:
+        science.visit, science.detector, science.band, science.mjd = entry.visit, entry.detector, entry.band, entry.mjd
+    ensure_psf(science)
+    if repair is not None and repair.cosmic_rays:
+        repair_cosmic_rays(science, repair.nsigma, repair.margin)
+    return science
+
+
+def prepare_template(science: Exposure, path, psf=None, noise=None) -> Exposure:
+    """The template on the science pixel grid, with a PSF."""
+    from ..warp import align_to
+
+    return ensure_psf(align_to(read_exposure(path, psf=psf, noise=noise), science))
+
+
+def prepare_entry(entry, root: str | Path, repair=None) -> tuple[Exposure, Exposure]:
+    """Science and aligned template of one manifest entry (paths relative to ``root``)."""
+
+    def path(rel):
+        return None if rel is None else str(Path(root) / rel)
+
+    science = prepare_science(path(entry.science), path(entry.science_psf), path(entry.science_noise), entry=entry,
+                              repair=repair)
+    template = prepare_template(science, path(entry.template), path(entry.template_psf), path(entry.template_noise))
+    return science, template
+
