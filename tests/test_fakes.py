@@ -40,18 +40,23 @@ def test_injected_flux_comes_back_with_unit_pulls():
     assert np.median(full.psfFlux / flux) == pytest.approx(1.0, abs=0.01)
 
 
-def test_injected_mask_only_on_stamps_and_variance_grows_by_poisson_term():
+def test_injected_mask_is_the_fakes_footprint_and_variance_grows_by_poisson_term():
+    """INJECTED marks where the fake adds more than half the pixel noise (its whole stamp marked half of a
+    small image with 20 fakes, and kept every star near one out of the kernel fit)."""
     exp = _blank(shape=(300, 300))
     out = inject_fakes(exp, np.array([100.3]), np.array([150.7]), np.array([5e4]))
     inj = out.plane("INJECTED")
     size = exp.psf.default_size
-    assert inj.sum() == size * size
+    model = 5e4 * exp.psf.draw(0.3, -0.3, size)
+    assert inj.sum() == np.count_nonzero(model > 0.5 * np.sqrt(exp.variance[0, 0]))
     ys, xs = np.nonzero(inj)
-    assert xs.min() == 100 - size // 2 and ys.min() == 151 - size // 2
-    stamp = 5e4 * exp.psf.draw(0.3, -0.3, size)
-    dv = (out.variance - exp.variance)[inj].reshape(size, size)
-    np.testing.assert_allclose(dv, stamp / exp.gain, rtol=1e-4, atol=1e-6)
-    assert not (out.variance != exp.variance)[~inj].any()
+    assert xs.min() >= 100 - size // 2 and ys.min() >= 151 - size // 2 and inj[151, 100]
+    h = size // 2
+    dv = (out.variance - exp.variance)[151 - h : 151 + h + 1, 100 - h : 100 + h + 1]
+    np.testing.assert_allclose(dv, np.maximum(model, 0) / exp.gain, rtol=1e-4, atol=1e-6)
+    outside = np.ones(exp.shape, bool)
+    outside[151 - h : 151 + h + 1, 100 - h : 100 + h + 1] = False
+    assert not (out.variance != exp.variance)[outside].any()
 
 
 def test_catalog_is_deterministic_per_detector_and_independent_between_detectors():

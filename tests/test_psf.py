@@ -114,19 +114,26 @@ def test_measured_psf_in_a_galaxy_rich_field_follows_the_true_varying_psf():
 
 
 def test_psf_from_stars_on_real_frames_without_a_psf(real_data):
-    """NIRCam F200W (undersampled, a cluster field full of galaxies) and SFFT's DECam stacks."""
+    """NIRCam F200W (undersampled, a cluster field full of galaxies) and SFFT's DECam stacks, PSFs from the stars.
+
+    NIRCam: within 5% of direct Gaussian fits to the stars (0.2.0: +198% of the WebbPSF model). The given
+    WebbPSF models are ~20% sharper than this drizzled image's stars (Gaussian fits 2.46 px vs 2.04 px), so the
+    stars, not the models, are the truth here. DECam stacks: within 10% of their header FWHM (0.2.0: +45%)."""
+    from astropy.io import fits
+
+    from tests.test_real_images import _gaussian_fit_fwhm
+
     nircam = real_data / "nircam"
     for stem in ("jw02561001002-02561-o001_t003", "jw01324001001-01324-o001_t001"):
         path = nircam / f"{stem}_nircam_clear-f200w_i2d_stamp"
+        exp = read_exposure(f"{path}.fits", noise=f"{path}.noise.fits")
+        measured, direct = measure_psf(exp), _gaussian_fit_fwhm(exp, radius=6)
         given = read_psf(f"{path}.WebbPSF.fits")
-        measured = measure_psf(read_exposure(f"{path}.fits", noise=f"{path}.noise.fits"))
-        print(stem, measured.fwhm, given.fwhm, measured.nea, given.nea)
-        assert measured.fwhm == pytest.approx(given.fwhm, rel=0.25)  # 0.2.0: +198%, +337%
-        assert measured.nea == pytest.approx(given.nea, rel=0.15)  # 0.2.0: +1270%
+        print(stem, measured.fwhm, direct, given.fwhm)
+        assert measured.fwhm == pytest.approx(direct, rel=0.05)
+        assert measured.fwhm > 1.1 * given.fwhm  # the model is sharper than the stars
     for epoch in ("04", "18"):
         path = real_data / "peer-results" / "sfft" / f"decam_Stack-DEC-OBS{epoch}.fits"
-        from astropy.io import fits
-
         assert measure_psf(read_exposure(path)).fwhm == pytest.approx(fits.getheader(path)["FWHM"], rel=0.10)
 
 
@@ -137,3 +144,15 @@ def test_grid_psf_sizes_are_computed_once():
     first = (grid.sigma, grid.fwhm, grid.nea)
     grid.stamps[:] = GaussianPsf(sigma_pix=4.0).stamp(21)  # a recomputation would now see another PSF
     assert (grid.sigma, grid.fwhm, grid.nea) == first
+
+
+@pytest.mark.parametrize("fwhm", [1.6, 2.0])
+def test_undersampled_psf_from_an_oversampled_effective_psf(fwhm):
+    """Airy stars of FWHM 1.6-2.0 px (NIRCam-like sampling): the measured effective PSF's FWHM within 4% of the
+    truth (spline-shifted stacks of selected stars gave +7% at 1.6 px)."""
+    rng = np.random.default_rng(3)
+    profile = galsim.Airy(lam_over_diam=fwhm / 1.03)
+    x, y, flux = random_star_field((512, 512), 150, rng, flux_range=(5e3, 3e5), min_separation_pix=15)
+    field = add_noise(draw_point_sources((512, 512), x, y, flux, lambda a, b: profile), 100.0, 2.0, 5.0, rng)
+    truth = ImagePsf(profile.drawImage(nx=31, ny=31, scale=1.0).array)
+    assert measure_psf(make_exposure(field.image - 100.0, field.variance)).fwhm == pytest.approx(truth.fwhm, rel=0.04)

@@ -89,7 +89,7 @@ def test_photometric_pulls_flag_counts_and_sources_per_object():
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    spec = get_spec("hsc-sprint-mini").model_copy(update={"shape": (512, 512), "detectors": [49],
+    spec = get_spec("hsc-sprint-mini").model_copy(update={"shape": (1024, 1024), "detectors": [49],
                                                           "science_per_band": 2})
     root = tmp_path_factory.mktemp("report")
     manifest = simulate_dataset(spec, root / "data", seed=2, progress=False)

@@ -107,8 +107,8 @@ def make_fake_catalog(science: Exposure, config: InjectConfig | None = None,
 def inject_fakes(exp: Exposure, x: np.ndarray, y: np.ndarray, flux: np.ndarray, seed: int = 0,
                  plane: str = "INJECTED") -> Exposure:
     """A copy of ``exp`` with point sources added (its PSF at each position, Poisson noise with the
-    exposure's GAIN; without a GAIN no noise is added and a warning logged). ``plane`` marks each
-    drawn stamp; the variance grows by each stamp's Poisson term."""
+    exposure's GAIN; without a GAIN no noise is added and a warning logged). ``plane`` marks each fake's
+    footprint (where it adds more than half the pixel noise); the variance grows by each stamp's Poisson term."""
     out = exp.copy()
     rng = np.random.default_rng(seed)
     gain = exp.gain if (math.isfinite(exp.gain) and exp.gain > 0) else None
@@ -131,7 +131,10 @@ def inject_fakes(exp: Exposure, x: np.ndarray, y: np.ndarray, flux: np.ndarray, 
             added = s + (rng.poisson(positive * gain) - positive * gain) / gain
             out.variance[y0:y1, x0:x1] += (positive / gain).astype(np.float32)
         out.image[y0:y1, x0:x1] += added.astype(np.float32)
-        out.mask[y0:y1, x0:x1] |= np.int32(bit)
+        # the fake's footprint: where it adds more than half the pixel noise (its whole stamp would mark
+        # half of a small image, and keep every star near a fake out of the kernel fit)
+        noise = np.sqrt(np.maximum(exp.variance[y0:y1, x0:x1], 1e-30))
+        out.mask[y0:y1, x0:x1] |= np.where(np.abs(s) > 0.5 * noise, np.int32(bit), np.int32(0))
     return out
 
 

@@ -17,6 +17,7 @@ from functools import cached_property
 import numpy as np
 from scipy import ndimage
 
+from .epsf import UNDERSAMPLED_FWHM, oversampled_psf_stamp
 from .errors import BadInputError
 from .imageops import Chebyshev2D
 from .moments import adaptive_moments
@@ -445,6 +446,13 @@ def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int) -> Ps
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
     rim = xx**2 + yy**2 >= (0.8 * h) ** 2
     coef -= np.minimum(np.median(coef[:, rim], axis=1), 0)[:, None, None]  # real wings are positive: kept
+    # a PSF is positive: beyond the first radius where the mean profile is not, what is left is sky error
+    r = np.hypot(xx, yy)
+    ring = np.round(r).astype(int)
+    profile = np.bincount(ring.ravel(), coef[0].ravel()) / np.bincount(ring.ravel())
+    nonpositive = np.nonzero(profile[1:] <= 0)[0]
+    if len(nonpositive):
+        coef[:, ring > nonpositive[0] + 1] = 0.0
     coef = _smooth_wings(coef, stamp_fwhm(coef[0]))
     if order == 0:
         return ImagePsf(coef[0])
@@ -500,7 +508,9 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
     Stars are found twice (the second time with a filter of the size the first found), then the model is
     refined in up to three rounds: fitted per pixel as a polynomial of the position (constant, linear or
     quadratic, as the stars' sizes show significant variation, or ``order``), and every source whose excess residual against
-    it is an outlier (a galaxy, blend or cosmic ray that passed the size cut) is dropped.
+    it is an outlier (a galaxy, blend or cosmic ray that passed the size cut) is dropped. Undersampled stars
+    (stacked FWHM under 3 px), when there are 15 or more, give a constant PSF built on a 4x finer grid
+    instead (see ``epsf``).
     """
     from .background import estimate_background
     from .errors import PsfMeasurementError
@@ -528,4 +538,38 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
         if keep.all() or keep.sum() < min_stars:
             break
         stars = stars.select(keep)
+    oversample = 4 if len(stars) >= 15 else 1  # 4x finer cells need a few stars per cell
+    if psf.fwhm < UNDERSAMPLED_FWHM and oversample > 1:
+        # too coarse to shift stars by interpolation: an oversampled effective PSF
+        psf = ImagePsf(oversampled_psf_stamp(sub, stars.x, stars.y, size, oversample))
     return psf
+
+
+def check_given_psf(exposure, given: Psf, tolerance: float = 0.1) -> Psf:
+    """A given PSF checked against the exposure's stars, with their spatial variation added to it.
+
+    A size differing from the stars' by more than ``tolerance`` is logged as a warning (a WebbPSF model of a
+    drizzled NIRCam image is ~20% sharper than its stars); when the stars show significant variation, the
+    measured model's departure from its own constant part is added to the given stamp at each grid node.
+    """
+    import logging
+
+    from .errors import PsfMeasurementError
+
+    log = logging.getLogger(__name__)
+    try:
+        measured = measure_psf(exposure)
+    except PsfMeasurementError:
+        return given  # too few stars to check anything
+    ratio = measured.fwhm / given.fwhm
+    if abs(ratio - 1) > tolerance:
+        log.warning("%s: the given PSF's FWHM %.2f px differs from the stars' %.2f px by %+.0f%%",
+                    exposure.path or "image", given.fwhm, measured.fwhm, 100 * (ratio - 1))
+    if not isinstance(measured, GridPsf) or isinstance(given, GridPsf):
+        return given
+    constant = measure_psf(exposure, order=0).stamp(measured.default_size)
+    base = given.stamp()
+    n, m = base.shape[0], measured.default_size
+    size = max(n, m)
+    stamps = [_resize(base, size) + _resize(s - constant, size) for s in measured.stamps]
+    return GridPsf(np.array(stamps), measured.xs, measured.ys)

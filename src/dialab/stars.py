@@ -83,6 +83,7 @@ def find_stars(exposure, sigma_guess_pix: float = 2.0, min_snr: float = 20.0, ra
 #: Adaptive sigma (pixels) below which a source is a hot pixel or a cosmic ray: a pixel-integrated PSF is never
 #: sharper (the pixel alone gives 0.29; a critically sampled diffraction-limited PSF about 0.8).
 SHARPEST_PSF_SIGMA = 0.5
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Sizes above the locus plane kept, in sigmas of its scatter: fewer than below, because what lies above it is
 #: mostly compact galaxies (whatever is larger than a star), what lies below only noise.
 UPPER_SIGMAS = 1.5
@@ -92,7 +93,7 @@ MAX_EXTRA_ELLIPTICITY = 0.2
 
 
 def stellar_locus(sigmas: np.ndarray, x: np.ndarray, y: np.ndarray, width: float = 0.08,
-                  min_fraction: float = 0.04) -> np.ndarray:
+                  min_fraction: float = 0.04, upper_sigmas: float = UPPER_SIGMAS) -> np.ndarray:
     """Boolean selection of the tight sequence of sizes that stars form.
 
     The locus starts at the *lowest* window of +-``width`` in log-size holding at least ``min_fraction`` of the
@@ -129,7 +130,8 @@ def stellar_locus(sigmas: np.ndarray, x: np.ndarray, y: np.ndarray, width: float
         resid = np.where(ok, logs - design @ coef, np.inf)
         spread = max(1.4826 * np.median(np.abs(resid[keep])), 0.01)
         band = min(width, max(3 * spread, 0.03))
-        keep = (resid > -band) & (resid < min(band, max(UPPER_SIGMAS * spread, 0.01)))
+        upper = upper_sigmas if keep.sum() >= 20 else 3.0  # a one-sided trim needs a well-measured scatter
+        keep = (resid > -band) & (resid < min(band, max(upper * spread, 0.03)))
     return keep
 
 
@@ -151,7 +153,11 @@ def select_psf_stars(exposure, background, min_snr: float = 30.0, max_stars: int
             stars = stars.select(stars.ellipticity < np.median(stars.ellipticity) + MAX_EXTRA_ELLIPTICITY)
             if stars.isolated.sum() >= 2 * min_stars:
                 stars = stars.select(stars.isolated)
-            stars = stars.select(stellar_locus(stars.sigma, stars.x, stars.y))
+            # an undersampled star's measured size depends on where it falls on its pixel: trimming the locus
+            # from above would keep only stars centred on a pixel, and bias the PSF built from them
+            sampled = sigma_guess * FWHM_PER_SIGMA >= 3.0
+            stars = stars.select(stellar_locus(stars.sigma, stars.x, stars.y, width=0.08 if sampled else 0.15,
+                                               upper_sigmas=UPPER_SIGMAS if sampled else 5.0))
             if len(stars) < min_stars:
                 break
             chosen = stars.select(np.arange(min(len(stars), max_stars)))

@@ -12,11 +12,11 @@ from ..exposure import Exposure, read_exposure
 
 
 def ensure_psf(exp: Exposure) -> Exposure:
-    """The exposure with a PSF: the given one, or one measured from its stars (plain FITS)."""
-    if exp.psf is None:
-        from ..psf import measure_psf
+    """The exposure with a PSF: one measured from its stars (plain FITS), or the given one checked against the
+    stars and given their spatial variation (see ``psf.check_given_psf``)."""
+    from ..psf import check_given_psf, measure_psf
 
-        exp.psf = measure_psf(exp)
+    exp.psf = measure_psf(exp) if exp.psf is None else check_given_psf(exp, exp.psf)
     return exp
 
 

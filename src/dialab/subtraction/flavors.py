@@ -73,8 +73,8 @@ class SubtractConfig(BaseModel):
     max_scale_deviation: float | None = Field(0.3, gt=0, description="largest fractional difference of the kernel "
                                               "sum from the zeropoint ratio when both images have MAGZERO (None: "
                                               "not checked)")
-    max_stamp_residual_rms: float = Field(3.0, gt=0, description="largest mean normalised residual rms of the kernel "
-                                          "stamps after the fit (about 1 for a good subtraction)")
+    max_stamp_residual_rms: float = Field(10.0, gt=0, description="largest mean normalised residual rms of the kernel "
+                                          "stamps after the fit (about 1 for a good subtraction, a few at high S/N)")
     workers: int | None = Field(None, description="FFT threads (default: all cores)")
 
 

@@ -96,12 +96,35 @@ class _Stamp:
         return float(mean), float(np.sqrt(max(chi2, 0.0) / self.npix))
 
 
+#: Least S/N of a kernel candidate's counterpart in the template.
+MIN_COUNTERPART_SNR = 5.0
+
+
+def counterpart_snr(exp, xs: np.ndarray, ys: np.ndarray, sigma_pix: float) -> np.ndarray:
+    """S/N of the flux within 2 sigma of each integer (x, y), less the median of an annulus at 4-6 sigma."""
+    r_in, r_out = max(2.0 * sigma_pix, 1.5), max(6.0 * sigma_pix, 5.0)
+    h = int(np.ceil(r_out))
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    r = np.hypot(xx, yy)
+    core, ring = r <= r_in, (r >= 4.0 * sigma_pix) & (r <= r_out)
+    ny, nx = exp.shape
+    out = np.zeros(len(xs))
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if h <= x < nx - h and h <= y < ny - h:
+            cut = exp.image[y - h : y + h + 1, x - h : x + h + 1]
+            var = exp.variance[y - h : y + h + 1, x - h : x + h + 1]
+            flux = cut[core].sum() - core.sum() * np.median(cut[ring])
+            out[i] = flux / np.sqrt(max(var[core].sum(), 1e-30))
+    return out
+
+
 def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0, 500.0),
                              max_candidates: int = 1000, sigma_pix: float = 2.0, background=None) -> np.ndarray:
     """(n, 2) integer x, y of point sources in the science image usable as kernel stamps.
 
-    Sources with S/N in ``snr_range``, away from the border, with no BAD/SAT/EDGE/NO_DATA pixel of
-    either image inside the stamp and no injected fake within 5 PSF sigma; isolated ones preferred, brightest first.
+    Sources with S/N in ``snr_range``, away from the border, with a counterpart in the template (S/N >= 5),
+    no BAD/SAT/EDGE/NO_DATA pixel of either image inside the stamp and no injected fake within 5 PSF sigma;
+    isolated ones preferred, brightest first.
     """
     stars = find_stars(science, sigma_pix, snr_range[0], radius_pix=max(5, int(math.ceil(3 * sigma_pix))),
                        max_candidates=int(1.5 * max_candidates), background=background)
@@ -118,15 +141,20 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
     inside = (ix >= half_stamp) & (iy >= half_stamp) & (ix < nx - half_stamp) & (iy < ny - half_stamp)
     ok = inside.copy()
     ok[inside] &= ~window_any(bad, ix[inside], iy[inside], half_stamp)
-    if injected.any():
+    # a source the template lacks (a transient, a fake, a cosmic ray) cannot teach the kernel anything
+    ok[ok] &= counterpart_snr(template, ix[ok], iy[ok], sigma_pix) >= MIN_COUNTERPART_SNR
+    if injected.any():  # a fake differs between the images by design: none near a candidate's core, and
+        # none within 5 sigma while 10 candidates remain (on a small image, the rejection loop handles the rest)
+        ok[ok] &= ~window_any(injected, ix[ok], iy[ok], int(np.ceil(2 * sigma_pix)))
         clear = ok.copy()
-        clear[inside] &= ~window_any(injected, ix[inside], iy[inside], int(np.ceil(5 * sigma_pix)))
-        if clear.sum() >= 10:  # on a small, sparse image keep them all: the rejection loop remains
+        clear[ok] &= ~window_any(injected, ix[ok], iy[ok], int(np.ceil(5 * sigma_pix)))
+        if clear.sum() >= 10:
             ok = clear
     if (ok & stars.isolated).sum() >= 10:
         ok &= stars.isolated
     if ok.sum() >= 10:
-        ok[ok] &= stellar_locus(stars.sigma[ok], stars.x[ok], stars.y[ok], width=0.3)
+        # any compact source can carry the kernel (not only stars): only the clearly extended are left out
+        ok[ok] &= stellar_locus(stars.sigma[ok], stars.x[ok], stars.y[ok], width=0.3, upper_sigmas=10.0)
     idx = np.nonzero(ok)[0][:max_candidates]
     return np.column_stack([ix[idx], iy[idx]])
 
