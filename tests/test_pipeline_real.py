@@ -61,3 +61,23 @@ def test_frames_without_wcs_are_recorded_as_association_failures(real_data, tmp_
     assert "no WCS" in printed and "failed" in printed
     failures = pd.read_csv(out / "failures.csv")
     assert len(failures) == 1 and "no WCS" in failures.reason.iloc[0]
+
+
+def test_decam_run_with_fakes(real_data, tmp_path):
+    """The README's DECam example with --fakes: 0.2.0 failed every unit ('NoneType' object has no attribute
+    'default_size': the template's PSF was not measured before injection)."""
+    write_exposure(_decam_reference(real_data), tmp_path / "DEC-OBS18-mean.fits")
+    entries = [{"visit": 400 + i, "detector": 6, "band": "i", "mjd": 58334.0 + 0.01 * i,
+                "science": str(real_data / "decam" / f"DEC-OBS04{c}.mini.fits"), "template": "DEC-OBS18-mean.fits"}
+               for i, c in enumerate("abc")]
+    manifest = tmp_path / "dataset.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "decam", "entries": entries}))
+    out = tmp_path / "run"
+    assert main(["run", str(manifest), "-o", str(out), "--workers", "1", "--flavor", "convolveTemplate",
+                 "--fakes"]) == 0
+    for e in entries:
+        where = out / "convolveTemplate" / "i" / str(e["visit"]) / "6"
+        fakes = pd.read_parquet(where / "fakes.parquet")
+        matched = pd.read_parquet(where / "fakes_matched.parquet")
+        assert len(fakes) >= 20 and (fakes.target == "template").any()
+        assert (matched.diaSourceId > 0).sum() >= 5

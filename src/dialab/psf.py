@@ -17,7 +17,6 @@ from functools import cached_property
 import numpy as np
 from scipy import ndimage
 
-from .epsf import UNDERSAMPLED_FWHM, oversampled_psf_stamp
 from .errors import BadInputError
 from .imageops import Chebyshev2D
 from .moments import adaptive_moments
@@ -508,9 +507,7 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
     Stars are found twice (the second time with a filter of the size the first found), then the model is
     refined in up to three rounds: fitted per pixel as a polynomial of the position (constant, linear or
     quadratic, as the stars' sizes show significant variation, or ``order``), and every source whose excess residual against
-    it is an outlier (a galaxy, blend or cosmic ray that passed the size cut) is dropped. Undersampled stars
-    (stacked FWHM under 3 px), when there are 15 or more, give a constant PSF built on a 4x finer grid
-    instead (see ``epsf``).
+    it is an outlier (a galaxy, blend or cosmic ray that passed the size cut) is dropped.
     """
     from .background import estimate_background
     from .errors import PsfMeasurementError
@@ -538,10 +535,6 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
         if keep.all() or keep.sum() < min_stars:
             break
         stars = stars.select(keep)
-    oversample = 4 if len(stars) >= 15 else 1  # 4x finer cells need a few stars per cell
-    if psf.fwhm < UNDERSAMPLED_FWHM and oversample > 1:
-        # too coarse to shift stars by interpolation: an oversampled effective PSF
-        psf = ImagePsf(oversampled_psf_stamp(sub, stars.x, stars.y, size, oversample))
     return psf
 
 
@@ -557,6 +550,8 @@ def check_given_psf(exposure, given: Psf, tolerance: float = 0.1) -> Psf:
     from .errors import PsfMeasurementError
 
     log = logging.getLogger(__name__)
+    if isinstance(given, GridPsf):
+        return given  # already spatially varying: taken as given (a single stamp is what needs checking)
     try:
         measured = measure_psf(exposure)
     except PsfMeasurementError:
@@ -565,7 +560,7 @@ def check_given_psf(exposure, given: Psf, tolerance: float = 0.1) -> Psf:
     if abs(ratio - 1) > tolerance:
         log.warning("%s: the given PSF's FWHM %.2f px differs from the stars' %.2f px by %+.0f%%",
                     exposure.path or "image", given.fwhm, measured.fwhm, 100 * (ratio - 1))
-    if not isinstance(measured, GridPsf) or isinstance(given, GridPsf):
+    if not isinstance(measured, GridPsf):
         return given
     constant = measure_psf(exposure, order=0).stamp(measured.default_size)
     base = given.stamp()
