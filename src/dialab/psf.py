@@ -81,17 +81,18 @@ class Psf(ABC):
     def default_size(self) -> int:
         """Odd stamp size (pixels) that holds the profile to a fraction of a percent."""
 
-    @property
+    # Sizes (at the centre, for a varying PSF) are computed once: measurement asks for them per source.
+    @cached_property
     def sigma(self) -> float:
         """Adaptive second-moment sigma, pixels."""
         return stamp_sigma(self.stamp())
 
-    @property
+    @cached_property
     def fwhm(self) -> float:
         """Full width at half maximum, pixels."""
         return stamp_fwhm(self.stamp())
 
-    @property
+    @cached_property
     def nea(self) -> float:
         """Noise-equivalent area 1 / sum(p^2), pixels^2."""
         p = self.stamp()
@@ -245,17 +246,6 @@ class ImagePsf(Psf):
     def default_size(self) -> int:
         return self.image.shape[0]
 
-    @cached_property
-    def sigma(self) -> float:
-        return stamp_sigma(self.image)
-
-    @cached_property
-    def fwhm(self) -> float:
-        return stamp_fwhm(self.image)
-
-    @cached_property
-    def nea(self) -> float:
-        return float(1.0 / np.sum(self.image**2))
 
 
 @dataclass
@@ -324,19 +314,6 @@ class GridPsf(Psf):
     @property
     def default_size(self) -> int:
         return self.stamps.shape[1]
-
-    # sizes at the grid centre, computed once (measurement asks for them per source)
-    @cached_property
-    def sigma(self) -> float:
-        return stamp_sigma(self.stamp())
-
-    @cached_property
-    def fwhm(self) -> float:
-        return stamp_fwhm(self.stamp())
-
-    @cached_property
-    def nea(self) -> float:
-        return float(1.0 / np.sum(self.stamp() ** 2))
 
 
 # --------------------------------------------------------------------------- measurement
