@@ -33,13 +33,9 @@ from .convolve import (
 )
 from .decorrelation import apply_filter, filter_stamp
 from .kernel_fit import KernelFit, SpatialKernel, fit_matching_kernel, select_kernel_candidates
-from .photometric_scale import measure_photometric_scale
+from .photometric_scale import FLUX_RATIO_SYSTEMATIC, measure_photometric_scale
 
 log = logging.getLogger(__name__)
-
-#: Fractional systematic error of the stars' flux ratio with exact PSF models (truth pairs, both regimes: <= 0.22%);
-#: the free kernel sum is kept unless it differs from the ratio by more than twice this and the ratio's own error.
-FLUX_RATIO_SYSTEMATIC = 0.002
 
 Flavor = Literal["convolveTemplate", "convolveScience", "auto", "preconvolution"]
 FLAVORS: tuple[str, ...] = ("convolveTemplate", "convolveScience", "auto", "preconvolution")
@@ -321,12 +317,10 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
                                          sigma_pix=max(sci_psf.sigma, 1.0), background=sci_bg)
     # v has unit sum, so the preconvolved target has the science image's fluxes: they are measured on the
     # science image itself (a narrower PSF, fewer neighbours in reach, uncorrelated noise)
-    if convolved == "science" and v is None:
-        scale = measure_photometric_scale(tpl_img - tpl_bg.level, tpl_var, tpl_psf, sci_img - sci_bg.level, sci_var,
-                                          sci_psf, positions)
-    else:
-        scale = measure_photometric_scale(sci_img - sci_bg.level, sci_var, sci_psf, tpl_img - tpl_bg.level, tpl_var,
-                                          tpl_psf, positions)
+    sci_side = (sci_img - sci_bg.level, sci_var, sci_psf)
+    tpl_side = (tpl_img - tpl_bg.level, tpl_var, tpl_psf)
+    target_side, conv_side = (tpl_side, sci_side) if convolved == "science" and v is None else (sci_side, tpl_side)
+    scale = measure_photometric_scale(*target_side, *conv_side, positions)
     fit: KernelFit = fit_matching_kernel(
         target_img, target_var, conv_img, conv_var, positions, basis, half_stamp, cfg.spatial_order,
         cfg.background_order, cfg.max_rejection_rounds, cfg.residual_mean_max, cfg.residual_rms_max,

@@ -44,6 +44,10 @@ class PhotometricScale:
 WEIGHT_SIGMAS = 2.5
 
 
+#: Fractional systematic error allowed for the ratio on top of its own (scatter-based) error before it overrides
+#: a kernel fit's free sum (the free sum is kept within 2x their sum).
+FLUX_RATIO_SYSTEMATIC = 0.002
+
 #: Fewest agreeing stars for the ratio to override a kernel fit: with fewer, its error (from their own scatter)
 #: is itself too uncertain (a crowded 512^2 test field: 9 stars, 2.8 "sigma" off; an HSC-like 1024^2 CCD with
 #: fakes: 18 stars, which put a free convolveScience sum of 0.80 right at 1.043 +- 0.014, truth 1.044).
