@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from dialab.cli import main
-from dialab.detection import repair_cosmic_rays
 from dialab.exposure import read_exposure
+from dialab.repair import repair_cosmic_rays
 from dialab.simulate.observe import PsfField, draw_conditions, render_exposure, saturate_and_bleed, template_conditions
 from dialab.simulate.specs import get_spec
 from dialab.simulate.survey import build_scene, simulate_dataset

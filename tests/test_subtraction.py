@@ -122,7 +122,7 @@ def test_order_two_chebyshev_background_is_recovered():
     background = cheb.evaluate(truth, SHAPE)
     sci, tpl, _ = _pair(2.4, 2.0, 1.0, 0.5, background=background)
     res = subtract(sci, tpl, SubtractConfig(background_order=2))
-    np.testing.assert_allclose(res.extras["background_coeffs"], truth, rtol=0.3)
+    np.testing.assert_allclose(res.background_coeffs, truth, rtol=0.3)
 
 
 def test_preconvolution_score_noise_is_sqrt2_sigma_over_sqrt_nea():
@@ -184,7 +184,7 @@ def test_template_without_overlap_is_a_named_error():
 def test_noise_ratio_ignores_a_smooth_residual_background():
     """On a PSF-filtered score image a leftover sky gradient can be many times the pixel noise: the
     noise ratio (which rescales the variance plane) must still measure the noise, not the gradient."""
-    from dialab.subtraction.flavors import noise_ratio
+    from dialab.subtraction.noise import noise_ratio
 
     from .conftest import make_exposure
 

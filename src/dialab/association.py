@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from .apdb import APDB_BANDS, _wrap, apdb_band
+from .apdb import APDB_BANDS, _wrap, apdb_band, schema_columns, to_dia_sources
 from .errors import BadInputError
 from .exposure import Exposure
 from .matching import match_one_to_one
@@ -207,8 +207,6 @@ def store_visit_detector(handle, catalog: pd.DataFrame, difference: Exposure, sc
     Returns counts: sources stored, objects new/updated, forced sources; ``stored`` False when the
     APDB already held this (visit, detector).
     """
-    from .apdb import schema_columns, to_dia_sources
-
     cfg = config or AssociateConfig()
     visit, detector, band, mjd = difference.visit, difference.detector, difference.band, difference.mjd
     summary = {"visit": visit, "detector": detector, "stored": False, "sources": 0, "new_objects": 0,

@@ -12,6 +12,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import RectBivariateSpline
 
+from .imageops import grow_mask
+
 MAD_TO_SIGMA = 1.4826
 
 
@@ -122,26 +124,10 @@ def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_p
         blocky_level = np.repeat(np.repeat(level.astype(np.float32), ry, axis=0), rx, axis=1)
         blocky_rms = np.repeat(np.repeat((mask_sources_nsigma * rms).astype(np.float32), ry, axis=0), rx, axis=1)
         sources = (image - blocky_level) > blocky_rms
-        sources = dilate_box(sources, 2)
+        sources = grow_mask(sources, 2)
         if (~(bad | sources)).sum() > 0.2 * image.size:
             level, rms, rows, cols = _mesh(image, bad | sources, mesh_pix)
     return Background(_upsample(level, ny, nx), rms)
-
-
-def dilate_box(mask: np.ndarray, r: int) -> np.ndarray:
-    """Boolean dilation by a (2r + 1)^2 box, as shifted ORs along each axis (several times faster
-    than a generic maximum filter on large images)."""
-    out = mask.copy()
-    for axis in (0, 1):
-        src = out.copy()
-        n = out.shape[axis]
-        for k in range(1, min(r, n - 1) + 1):
-            lead = [slice(None)] * 2
-            lag = [slice(None)] * 2
-            lead[axis], lag[axis] = slice(k, None), slice(None, -k)
-            out[tuple(lead)] |= src[tuple(lag)]
-            out[tuple(lag)] |= src[tuple(lead)]
-    return out
 
 
 def _mesh(image: np.ndarray, bad: np.ndarray, mesh_pix: int):
@@ -178,6 +164,12 @@ def _mesh(image: np.ndarray, bad: np.ndarray, mesh_pix: int):
     rows = np.searchsorted(ey, np.arange(ny), side="right") - 1
     cols = np.searchsorted(ex, np.arange(nx), side="right") - 1
     return level, rms, rows, cols
+
+
+def smooth_grid(grid: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """A coarse grid of box values (NaN where unmeasured) at full (ny, nx) resolution: gaps filled from the
+    nearest measured box, then spline-interpolated."""
+    return _upsample(_fill(grid), ny, nx)
 
 
 def _fill(grid: np.ndarray) -> np.ndarray:

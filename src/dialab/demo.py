@@ -5,6 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .analysis.report import build_report
+from .pipeline.config import load_pipeline
+from .pipeline.runner import run_pipeline
+from .simulate.specs import get_spec
+from .simulate.survey import simulate_dataset
+
 FLAVORS = ["convolveTemplate", "auto", "preconvolution"]
 
 
@@ -12,11 +18,6 @@ def run_demo(output: str | Path, seed: int = 1, workers: int | None = None) -> P
     """Dataset in ``output/data``, run in ``output/run``, report in ``output/report``; returns index.html."""
     from rich.console import Console
 
-    from .analysis.report import build_report
-    from .pipeline.config import load_pipeline
-    from .pipeline.runner import run_pipeline
-    from .simulate.specs import get_spec
-    from .simulate.survey import simulate_dataset
 
     console = Console(stderr=True)
     out = Path(output)

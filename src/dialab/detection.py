@@ -12,8 +12,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
+from .background import clipped_stats, estimate_background
 from .errors import BadInputError
-from .imageops import find_peaks, interpolate_masked, matched_filter_snr
+from .imageops import find_peaks, grow_mask, matched_filter_snr
+from .repair import find_cosmic_rays
 
 # --------------------------------------------------------------------------- diaSource detection
 
@@ -61,91 +63,6 @@ class Detections:
     noise_scale: float = 1.0  # measured / predicted std of the filtered S/N (divided out of ``snr``)
 
 
-def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndarray, nsigma: float = 6.0,
-                     margin: float = 3.0, usable: np.ndarray | None = None, psf_tolerance: float = 0.25
-                     ) -> np.ndarray:
-    """Pixels sharper than the PSF allows, of either sign (grown by one pixel).
-
-    A pixel is a cosmic ray when it is ``nsigma`` significant and, along at least one of the
-    four directions, the mean of its two neighbours is below what the PSF would give
-    (value x P(d)/P(0), less ``psf_tolerance`` of it for the PSF model's own error) by more than
-    ``margin`` noise sigmas: streaks along any direction and single hot pixels qualify, while a
-    point source of any brightness does not (without the tolerance, the core of a very bright
-    star a few per cent sharper than the measured PSF was taken for a cosmic ray).
-    """
-    c = psf_stamp.shape[0] // 2
-    p0 = psf_stamp[c, c]
-    ny, nx = image.shape
-    out = np.zeros(image.shape, bool)
-    sigma_img = np.sqrt(np.maximum(variance, 1e-30))
-    for sign in (1.0, -1.0):
-        significant = sign * image > nsigma * sigma_img
-        significant[[0, -1], :] = False
-        significant[:, [0, -1]] = False
-        if usable is not None:
-            significant &= usable
-        y, x = np.nonzero(significant)
-        if not len(y):
-            continue
-        v = sign * image[y, x].astype(float)
-        sig = sigma_img[y, x]
-        sharp = np.zeros(len(y), bool)
-        for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-            ratio = (1 - psf_tolerance) * 0.5 * (psf_stamp[c + dy, c + dx] + psf_stamp[c - dy, c - dx]) / p0
-            mean = 0.5 * sign * (image[y + dy, x + dx] + image[y - dy, x - dx])
-            sharp |= (v - margin * sig) * ratio > mean + margin * sig / np.sqrt(2)
-        out[y[sharp], x[sharp]] = True
-    if not out.any():
-        return out
-    return _grow(out, np.ones((3, 3), bool))
-
-
-def repair_cosmic_rays(exp, nsigma: float = 6.0, margin: float = 3.0) -> int:
-    """Find cosmic rays in a science exposure, mark them CR and INTRP and interpolate over them, in place.
-
-    Raw visits carry cosmic rays; a convolution (preconvolution, convolveScience) would turn each
-    into a PSF-like blob, so they are repaired before subtraction, as LSST's calibration does.
-    Returns the number of CR pixels.
-    """
-    from .background import estimate_background
-    from .psf import measure_psf
-
-    unusable = exp.plane("BAD", "SAT", "NO_DATA")
-    background = estimate_background(exp.image, unusable)
-    psf = exp.psf if exp.psf is not None else measure_psf(exp, background=background)
-    residual = (exp.image - background.level).astype(np.float32)
-    cr = find_cosmic_rays(residual, exp.variance, psf.stamp(), nsigma, margin, ~unusable)
-    if cr.any():
-        exp.set_plane("CR", cr)
-        exp.set_plane("INTRP", cr)
-        filled = interpolate_masked(residual, cr | unusable, max(psf.sigma, 1.0)) + background.level
-        exp.image = np.where(cr, filled, exp.image).astype(np.float32)
-    return int(cr.sum())
-
-
-def _grow(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
-    """Binary dilation done object by object inside padded bounding boxes (sparse masks are cheap)."""
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    if n == 0:
-        return mask.copy()
-    if mask.mean() > 0.05:
-        return ndimage.binary_dilation(mask, structure=structure)
-    r = structure.shape[0] // 2
-    ny, nx = mask.shape
-    out = np.zeros_like(mask)
-    for sl in ndimage.find_objects(labels):
-        y0, y1 = max(sl[0].start - r, 0), min(sl[0].stop + r, ny)
-        x0, x1 = max(sl[1].start - r, 0), min(sl[1].stop + r, nx)
-        out[y0:y1, x0:x1] |= ndimage.binary_dilation(mask[y0:y1, x0:x1], structure=structure)
-    return out
-
-
-def _disk(radius: float) -> np.ndarray:
-    r = int(np.ceil(radius))
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return xx * xx + yy * yy <= radius * radius + 1e-9
-
-
 def detect_sources(exp, config: DetectConfig | None = None, is_score: bool | None = None,
                    workers: int | None = None) -> Detections:
     """Threshold the PSF-filtered S/N of a difference (or the S/N of a score image) in both polarities.
@@ -160,8 +77,6 @@ def detect_sources(exp, config: DetectConfig | None = None, is_score: bool | Non
     unusable = exp.plane(*PEAK_EXCLUDED)
     image = np.where(unusable, 0.0, exp.image).astype(np.float32)
     if cfg.subtract_background:
-        from .background import estimate_background
-
         # A difference is mostly empty: per-cell sigma clipping removes its few sources, no masking pass.
         bg = estimate_background(image, unusable, cfg.background_mesh_pix, mask_sources_nsigma=None).level
     else:
@@ -181,9 +96,8 @@ def detect_sources(exp, config: DetectConfig | None = None, is_score: bool | Non
     pos = snr > cfg.threshold
     neg = (snr < -cfg.threshold) if cfg.negative else np.zeros_like(pos)
     sigma = exp.psf.sigma
-    grow = _disk(cfg.grow_sigma * sigma) if cfg.grow_sigma > 0 else np.ones((1, 1), bool)
-    pos_grown = _grow(pos, grow)
-    neg_grown = _grow(neg, grow)
+    pos_grown = grow_mask(pos, cfg.grow_sigma * sigma, "disk")
+    neg_grown = grow_mask(neg, cfg.grow_sigma * sigma, "disk")
     labels, n = ndimage.label(pos_grown | neg_grown, structure=np.ones((3, 3), bool))
     # Peaks: local extrema of the filtered S/N above threshold, not on unusable pixels.
     sep = max(1, int(round(sigma)))
@@ -228,11 +142,9 @@ def filtered_noise_scale(snr: np.ndarray, unusable: np.ndarray, threshold: float
     2.8 sigma. Sources (|S/N| above the threshold, grown by ``grow`` pixels) are left out; the clipped std
     (corrected for its own clipping) of the rest is the measured filtered noise.
     """
-    from .background import clipped_stats, dilate_box
-
     scale = 1.0
     for _ in range(4):  # where the noise is underestimated, noise peaks pass the threshold: iterate
-        busy = dilate_box(np.abs(snr) > threshold * scale, grow) | unusable
+        busy = grow_mask(np.abs(snr) > threshold * scale, grow) | unusable
         values = snr[~busy]
         if values.size < 1000:
             return scale
@@ -247,7 +159,7 @@ def _sky_positions(occupied: np.ndarray, unusable: np.ndarray, n: int, radius: i
     """Up to ``n`` random positions at least ``radius`` px from any footprint, masked pixel or edge."""
     if n == 0:
         return np.zeros((0, 2))
-    blocked = ndimage.maximum_filter((occupied | unusable).view(np.uint8), size=2 * radius + 1) > 0
+    blocked = grow_mask(occupied | unusable, radius)
     blocked[:radius] = blocked[-radius:] = True
     blocked[:, :radius] = blocked[:, -radius:] = True
     yy, xx = np.nonzero(~blocked)

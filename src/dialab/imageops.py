@@ -69,6 +69,46 @@ def find_peaks(snr: np.ndarray, threshold: float, min_separation_pix: int = 2,
     return y[order], x[order]
 
 
+def grow_mask(mask: np.ndarray, radius: float, shape: str = "box") -> np.ndarray:
+    """The one way dialab grows a boolean mask: by a (2r + 1)^2 box or by a disk of radius r.
+
+    A box is separable: shifted ORs along each axis, several times faster than a generic maximum
+    filter on large images. A disk is dilated object by object inside padded bounding boxes, so a
+    sparse mask (a few footprints or cosmic rays on a large image) stays cheap.
+    """
+    if shape == "box":
+        return _grow_box(mask, int(radius))
+    if shape != "disk":
+        raise ValueError(f"grow_mask: shape must be 'box' or 'disk', not {shape!r}")
+    r = int(np.ceil(radius))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    structure = xx * xx + yy * yy <= radius * radius + 1e-9
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0 or r == 0:
+        return mask.copy()
+    if mask.mean() > 0.05:
+        return ndimage.binary_dilation(mask, structure=structure)
+    ny, nx = mask.shape
+    out = np.zeros_like(mask)
+    for sl in ndimage.find_objects(labels):
+        y0, y1 = max(sl[0].start - r, 0), min(sl[0].stop + r, ny)
+        x0, x1 = max(sl[1].start - r, 0), min(sl[1].stop + r, nx)
+        out[y0:y1, x0:x1] |= ndimage.binary_dilation(mask[y0:y1, x0:x1], structure=structure)
+    return out
+
+
+def _grow_box(mask: np.ndarray, r: int) -> np.ndarray:
+    out = np.array(mask, dtype=bool, copy=True)
+    for axis in (0, 1):
+        src = out.copy()
+        for k in range(1, min(r, out.shape[axis] - 1) + 1):
+            lead, lag = [slice(None)] * 2, [slice(None)] * 2
+            lead[axis], lag[axis] = slice(k, None), slice(None, -k)
+            out[tuple(lead)] |= src[tuple(lag)]
+            out[tuple(lag)] |= src[tuple(lead)]
+    return out
+
+
 def default_workers() -> int:
     return os.cpu_count() or 1
 
@@ -111,7 +151,7 @@ def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float, fill
     if not masked.any():
         return out
     pad = int(np.ceil(4 * sigma)) + 1
-    labels, _ = ndimage.label(ndimage.binary_dilation(masked, iterations=pad))
+    labels, _ = ndimage.label(grow_mask(masked, pad))
     for sl in ndimage.find_objects(labels):
         sub_mask = masked[sl]
         good = (~sub_mask).astype(np.float32)

@@ -16,6 +16,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from .exposure import Exposure
+from .measurement import pixel_scale_arcsec
 from .subtraction.photometric_scale import exposure_flux_ratio
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ def limiting_magnitude(exp: Exposure, nsigma: float = 5.0) -> float:
 
 
 def _area_deg2(exp: Exposure) -> float:
-    from .measurement import pixel_scale_arcsec
 
     return exp.shape[0] * exp.shape[1] * (pixel_scale_arcsec(exp) / 3600.0) ** 2
 

@@ -9,8 +9,13 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
+from .background import estimate_background
+from .detection import detect_sources
 from .exposure import Exposure
 from .imageops import aperture_sum, find_peaks, gaussian_filtered_snr
+from .moments import adaptive_moments
+from .stars import select_psf_stars
+from .subtraction.result import SubtractionResult
 
 
 def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | None = None) -> pd.DataFrame:
@@ -301,8 +306,6 @@ def measure_sources(exp: Exposure, det, science: Exposure | None = None, templat
 
 def _add_shapes(cat: pd.DataFrame, exp: Exposure, xs: np.ndarray, ys: np.ndarray) -> None:
     """Adaptive second moments of each source (sign-flipped when negative) and of the PSF there."""
-    from .moments import adaptive_moments
-
     ny, nx = exp.shape
     r = int(np.ceil(4 * exp.psf.sigma)) + 2
     out = {k: np.full(len(xs), np.nan) for k in ("ixx", "iyy", "ixy", "ixxPSF", "iyyPSF", "ixyPSF")}
@@ -352,9 +355,6 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = 4.0, min_snr: float 
     Off by default (``MeasureConfig.aperture_correction``): on a galaxy-rich field the background model takes
     up the sources' faint wings, so the aperture comes out 1-4% low against the truth.
     """
-    from .background import estimate_background
-    from .stars import select_psf_stars
-
     if exp.psf is None:
         return 1.0, 0
     bg = estimate_background(exp.image, exp.plane("NO_DATA", "BAD", "SAT"))
@@ -390,11 +390,9 @@ def detect_and_measure(result, science: Exposure | None = None, matched_template
     aperture-corrected with the correction of the science (template) image, recorded as
     ``catalog.attrs["apCorr"]``. Returns (catalog, detections, sky-source photometry).
     """
-    from .detection import detect_sources
-
-    diff = result.difference if hasattr(result, "difference") else result
-    if science is not None and science.psf is None and hasattr(result, "extras"):
-        science = dataclasses.replace(science, psf=result.extras.get("science_psf"))
+    diff = result.difference if isinstance(result, SubtractionResult) else result
+    if science is not None and science.psf is None and isinstance(result, SubtractionResult):
+        science = dataclasses.replace(science, psf=result.science_psf)
     det = detect_sources(diff, detect_config)
     cat = measure_sources(diff, det, science, matched_template, measure_config)
     mcfg = measure_config or MeasureConfig()

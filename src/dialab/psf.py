@@ -17,9 +17,11 @@ from functools import cached_property
 import numpy as np
 from scipy import ndimage
 
-from .errors import BadInputError
+from .background import estimate_background
+from .errors import BadInputError, PsfMeasurementError
 from .imageops import Chebyshev2D
 from .moments import adaptive_moments
+from .stars import select_psf_stars
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -316,6 +318,14 @@ class GridPsf(Psf):
         return self.stamps.shape[1]
 
 
+def map_stamps(psf: Psf, fn) -> Psf:
+    """A PSF of the same kind with ``fn(stamp, x, y)`` applied to each of its stamps (x, y = None for a
+    PSF that does not vary): convolving or filtering a PSF keeps its spatial variation."""
+    if isinstance(psf, GridPsf):
+        return GridPsf(np.array([fn(st, x, y) for st, x, y in zip(psf.stamps, psf.xs, psf.ys)]), psf.xs, psf.ys)
+    return ImagePsf(fn(psf.stamp(), None, None))
+
+
 # --------------------------------------------------------------------------- measurement
 
 
@@ -486,10 +496,6 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
     quadratic, as the stars' sizes show significant variation, or ``order``), and every source whose excess residual against
     it is an outlier (a galaxy, blend or cosmic ray that passed the size cut) is dropped.
     """
-    from .background import estimate_background
-    from .errors import PsfMeasurementError
-    from .stars import select_psf_stars
-
     bg = background or estimate_background(exposure.image, exposure.plane("NO_DATA", "BAD"))
     found = select_psf_stars(exposure, bg, min_snr, max_stars, min_stars)
     if len(found) < min_stars:
@@ -523,8 +529,6 @@ def check_given_psf(exposure, given: Psf, tolerance: float = 0.1) -> Psf:
     measured model's departure from its own constant part is added to the given stamp at each grid node.
     """
     import logging
-
-    from .errors import PsfMeasurementError
 
     log = logging.getLogger(__name__)
     if isinstance(given, GridPsf):

@@ -16,6 +16,7 @@ from scipy.interpolate import RectBivariateSpline
 
 from .errors import BadInputError, NoOverlapError
 from .exposure import Exposure, MaskPlanes
+from .imageops import grow_mask
 from .psf import GridPsf, ImagePsf, Psf
 from .stars import find_stars
 
@@ -68,7 +69,7 @@ def _resample(src: Exposure, xs: np.ndarray, ys: np.ndarray, psf: Psf | None, wc
     for bit in planes.bits.values():
         plane = (src.mask & (1 << bit)) != 0
         if plane.any():
-            grown = ndimage.binary_dilation(plane, structure=np.ones((3, 3), bool))
+            grown = grow_mask(plane, 1)
             mask[grown[near[0], near[1]]] |= np.int32(1 << bit)
     mask[outside] |= np.int32(planes.bit("NO_DATA"))
     image[outside] = 0.0

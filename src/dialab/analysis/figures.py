@@ -12,6 +12,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from astropy.visualization import ZScaleInterval  # noqa: E402
 
+from ..exposure import read_exposure
+from ..injection import inject_catalog
+from ..pipeline.config import PipelineConfig
+from ..pipeline.manifest import read_manifest
+from ..pipeline.prepare import prepare_entry
+from ..pipeline.repository import Unit, unit_dir
 from .metrics import good_sources  # noqa: E402
 from .runs import FlavorRun  # noqa: E402
 
@@ -28,13 +34,6 @@ def _save(fig, path: Path) -> Path:
 def unit_images(fr: FlavorRun, unit: pd.Series):
     """(science with its fakes, warped template with its fakes, difference) of one unit."""
     import yaml
-
-    from ..exposure import read_exposure
-    from ..injection import inject_catalog
-    from ..pipeline.config import PipelineConfig
-    from ..pipeline.manifest import read_manifest
-    from ..pipeline.prepare import prepare_entry
-    from ..pipeline.repository import Unit, unit_dir
 
     manifest = read_manifest(fr.manifest)
     entry = next(e for e in manifest.entries if e.visit == unit.visit and e.detector == unit.detector)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..apdb import open_apdb
 from ..errors import BadInputError
 
 
@@ -49,8 +50,6 @@ def _unit_tables(out: Path, flavor: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def load_run(out: str | Path) -> list[FlavorRun]:
     """Every flavor of a run folder; a clear error when it holds no finished run."""
-    from ..apdb import open_apdb
-
     out = Path(out)
     run_yaml = out / "run.yaml"
     if not run_yaml.is_file():

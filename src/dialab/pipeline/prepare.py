@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..exposure import Exposure, read_exposure
+from ..psf import check_given_psf, measure_psf
+from ..repair import repair_cosmic_rays
+from ..warp import align_to
 
 
 def ensure_psf(exp: Exposure) -> Exposure:
     """The exposure with a PSF: one measured from its stars (plain FITS), or the given one checked against the
     stars and given their spatial variation (see ``psf.check_given_psf``)."""
-    from ..psf import check_given_psf, measure_psf
-
     exp.psf = measure_psf(exp) if exp.psf is None else check_given_psf(exp, exp.psf)
     return exp
 
@@ -24,8 +25,6 @@ def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None) -> E
     """The science exposure as the subtraction uses it: read, with the manifest ``entry``'s visit, detector,
     band and epoch (plain FITS often lack them), cosmic rays repaired when ``repair`` (a RepairConfig) asks,
     and a PSF."""
-    from ..detection import repair_cosmic_rays
-
     science = read_exposure(path, psf=psf, noise=noise)
     if entry is not None:
         science.visit, science.detector, science.band, science.mjd = entry.visit, entry.detector, entry.band, entry.mjd
@@ -37,8 +36,6 @@ def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None) -> E
 
 def prepare_template(science: Exposure, path, psf=None, noise=None) -> Exposure:
     """The template on the science pixel grid, with a PSF."""
-    from ..warp import align_to
-
     return ensure_psf(align_to(read_exposure(path, psf=psf, noise=noise), science))
 
 

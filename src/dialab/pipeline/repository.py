@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..exposure import write_exposure
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -66,7 +68,6 @@ def write_difference(result, path: str | Path) -> None:
     import numpy as np
     from astropy.io import fits
 
-    from ..exposure import write_exposure
 
     extra = [fits.ImageHDU(result.kernel.center_image.astype(np.float32), name="KERNEL")]
     if result.score is not None:

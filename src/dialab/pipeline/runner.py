@@ -24,10 +24,14 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..apdb import create_apdb, open_apdb
+from ..association import store_visit_detector
 from ..errors import BadInputError, DialabError
+from ..exposure import read_exposure
 from .config import PipelineConfig
 from .executors import execute, worker_count
 from .manifest import Entry, Manifest, read_manifest
+from .prepare import prepare_science
 from .repository import Unit, flavor_dir, is_done, unit_dir, write_text
 
 log = logging.getLogger(__name__)
@@ -98,7 +102,6 @@ def _prepare_output(out: Path, manifest: Manifest, config: PipelineConfig, flavo
 
 
 def _flavor_apdb(out: Path, flavor: str, config: PipelineConfig, apdb_url: str | None):
-    from ..apdb import create_apdb, open_apdb
 
     config_path = flavor_dir(out, flavor) / "apdb.yaml"
     if not config_path.exists():
@@ -119,10 +122,6 @@ def associate_flavor(out: Path, manifest: Manifest, flavor: str, units: list[Uni
     Returns (units stored, the visit it stopped at or None, failures). A unit that cannot be stored
     (e.g. no WCS) stops the flavor's association there, so that a later resume keeps the order.
     """
-    from ..association import store_visit_detector
-    from ..exposure import read_exposure
-    from .prepare import prepare_science
-
     handle = _flavor_apdb(out, flavor, config, apdb_url)
     entries = {(e.visit, e.detector): e for e in manifest.entries}
     by_visit: dict[int, list[Unit]] = defaultdict(list)

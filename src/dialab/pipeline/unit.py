@@ -12,19 +12,19 @@ import time
 import traceback
 
 from ..errors import DialabError
+from ..injection import inject_catalog, make_fake_catalog
+from ..matching import match_fakes
+from ..measurement import BAD_FLAGS, detect_and_measure
+from ..subtraction import subtract
 from .config import PipelineConfig
 from .manifest import Entry
+from .prepare import prepare_entry
 from .repository import Unit, mark_done, unit_dir, write_difference, write_parquet, write_text
 
 log = logging.getLogger(__name__)
 
 
 def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: str) -> dict:
-    from ..injection import inject_catalog, make_fake_catalog
-    from ..matching import match_fakes
-    from ..measurement import BAD_FLAGS, detect_and_measure
-    from ..subtraction import subtract
-    from .prepare import prepare_entry
 
     t0 = time.perf_counter()
     science, template = prepare_entry(entry, root, config.repair)
@@ -44,8 +44,8 @@ def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: s
                "n_good": int((~cat[list(BAD_FLAGS)].any(axis=1)).sum()) if len(cat) else 0,
                "convolved": d.convolved, "kernel_sum": d.kernel_sum, "n_kernel_candidates": d.n_candidates,
                "n_kernel_used": d.n_used, "noise_ratio": d.noise_ratio,
-               "science_fwhm": float(result.extras["science_psf"].fwhm),
-               "template_fwhm": float(result.extras["template_psf"].fwhm),
+               "science_fwhm": float(result.science_psf.fwhm),
+               "template_fwhm": float(result.template_psf.fwhm),
                "njy_per_count": float(science.njy_per_count)}
     if fakes is not None:
         matched = match_fakes(fakes, cat, result.difference, config.match.radius_arcsec, config.match.edge_pix)

@@ -1,5 +1,7 @@
 """PSF-matched image subtraction (Alard & Lupton) in four flavors, with noise decorrelation."""
 
-from .flavors import FLAVORS, SubtractConfig, SubtractionResult, subtract
+from .config import FLAVORS, SubtractConfig
+from .result import SubtractionDiagnostics, SubtractionResult
+from .steps import subtract
 
-__all__ = ["FLAVORS", "SubtractConfig", "SubtractionResult", "subtract"]
+__all__ = ["FLAVORS", "SubtractConfig", "SubtractionDiagnostics", "SubtractionResult", "subtract"]

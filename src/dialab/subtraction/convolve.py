@@ -7,10 +7,9 @@ one inverse per spatial term, never a per-pixel kernel loop.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
-from ..imageops import default_workers, fft_convolve_many, interpolate_masked  # noqa: F401 (re-exported)
-from .kernel_fit import SpatialKernel
+from ..imageops import default_workers, fft_convolve_many, grow_mask, interpolate_masked  # noqa: F401
+from .kernel import SpatialKernel
 
 #: Planes not spread by convolution: injected-source markers and detections describe positions, not defects.
 NOT_SPREAD = ("INJECTED", "INJECTED_TEMPLATE", "DETECTED", "DETECTED_NEGATIVE")
@@ -48,6 +47,6 @@ def convolve_mask(mask: np.ndarray, bits: dict[str, int], radius: int) -> np.nda
             continue
         plane = (mask & (1 << bit)) != 0
         if plane.any():
-            grown = ndimage.maximum_filter(plane.view(np.uint8), size=2 * radius + 1, mode="constant") > 0
+            grown = grow_mask(plane, radius)
             out[grown] |= np.int32(1 << bit)
     return out

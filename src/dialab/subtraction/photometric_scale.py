@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..background import estimate_background
 from ..imageops import aperture_sum
+from ..stars import find_stars
 
 
 @dataclass(frozen=True)
@@ -214,9 +216,6 @@ def measure_photometric_scale(target_img, target_var, target_psf, conv_img, conv
 def exposure_flux_ratio(target, conv) -> PhotometricScale:
     """Flux ratio target / conv of the stars of two exposures on one pixel grid, both with PSFs: counts of one
     image per count of the other, for when their zeropoints are not both known."""
-    from ..background import estimate_background
-    from ..stars import find_stars
-
     bgs = [estimate_background(e.image, e.plane("NO_DATA", "BAD", "SAT")) for e in (target, conv)]
     stars = find_stars(target, max(target.psf.sigma, 1.0), 20.0, background=bgs[0])
     stars = stars.select(stars.clean)

@@ -1,0 +1,43 @@
+"""The subtraction's configuration: flavor, kernel basis, candidate selection, rejection and checks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Flavor = Literal["convolveTemplate", "convolveScience", "auto", "preconvolution"]
+FLAVORS: tuple[str, ...] = ("convolveTemplate", "convolveScience", "auto", "preconvolution")
+
+
+class SubtractConfig(BaseModel):
+    """PSF-matching subtraction (defaults follow LSST ip_diffim)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flavor: Flavor = Field("convolveTemplate", description="which image is convolved (see dialab.subtraction.flavors)")
+    kernel_degrees: tuple[int, ...] = Field((4, 2, 2), description="polynomial degree of each basis Gaussian")
+    spatial_order: int = Field(1, ge=0, le=2, description="Chebyshev order of the kernel's spatial variation")
+    background_order: int = Field(2, ge=0, le=3, description="Chebyshev order of the differential background")
+    decorrelate: bool = Field(True, description="whiten the difference's noise (DMTN-021)")
+    rescale_variance: bool = Field(True, description="scale the input variances to their measured pixel noise "
+                                   "(not in crowded images)")
+    rescale_difference_variance: bool = Field(False, description="also scale the difference's variance plane to its "
+                                              "measured noise; off: the propagated variance is kept, so a failed "
+                                              "subtraction shows (detection calibrates its filtered noise itself)")
+    max_candidates: int = Field(1000, ge=3, description="most kernel stamps used")
+    min_candidates: int = Field(3, ge=1, description="fewest kernel stamps accepted")
+    candidate_snr_min: float = Field(10.0, description="lowest S/N of a kernel source")
+    candidate_snr_max: float = Field(500.0, description="highest S/N of a kernel source")
+    max_rejection_rounds: int = Field(3, ge=0, description="rounds of stamp rejection after the spatial fit")
+    residual_mean_max: float = Field(0.25, description="reject a stamp whose normalised residual |mean| exceeds")
+    residual_rms_max: float = Field(1.5, description="reject a stamp whose normalised residual rms exceeds")
+    min_overlap_fraction: float = Field(0.25, description="least fraction of science pixels the template covers")
+    scale_from_stars: bool = Field(True, description="hold the kernel sum at the stars' total-flux ratio (errors "
+                                   "in both images); off: the sum is a free parameter of the least-squares fit")
+    max_scale_deviation: float | None = Field(0.3, gt=0, description="largest fractional difference of the kernel "
+                                              "sum from the zeropoint ratio when both images have MAGZERO (None: "
+                                              "not checked)")
+    max_stamp_residual_rms: float = Field(10.0, gt=0, description="largest mean normalised residual rms of the kernel "
+                                          "stamps after the fit (about 1 for a good subtraction, a few at high S/N)")
+    workers: int | None = Field(None, description="FFT threads (default: all cores)")

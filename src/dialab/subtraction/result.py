@@ -1,0 +1,62 @@
+"""What a subtraction returns: the difference, the matched image, the kernel and its diagnostics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..exposure import Exposure
+from ..psf import Psf
+from .kernel import SpatialKernel
+
+
+@dataclass(frozen=True)
+class SubtractionDiagnostics:
+    flavor: str
+    convolved: str  # "template" or "science"
+    kernel_sum: float
+    n_candidates: int
+    n_used: int
+    n_rejected: int
+    science_fwhm: float
+    template_fwhm: float
+    residual_mean: float
+    residual_rms: float
+    variance_scale_science: float
+    variance_scale_template: float
+    noise_ratio: float  # robust std of D / sqrt(variance) before the difference's variance is rescaled
+    variance_scale_difference: float
+    star_flux_ratio: float = float("nan")  # the stars' total-flux ratio (target / convolved)
+    scale_error: float = float("nan")  # its error
+    scale_stars: int = 0  # stars whose fluxes agree with that ratio
+    free_kernel_sum: float = float("nan")  # the sum of a free least-squares fit (held at the ratio when it disagrees)
+
+    def summary(self) -> str:
+        return (f"flavor {self.flavor} (convolved {self.convolved}), kernel sum {self.kernel_sum:.4f} "
+                f"(free fit {self.free_kernel_sum:.4f}, stars' flux ratio {self.star_flux_ratio:.4f} "
+                f"+- {self.scale_error:.4f} from {self.scale_stars} stars), "
+                f"candidates {self.n_used}/{self.n_candidates} used, PSF FWHM science {self.science_fwhm:.2f} "
+                f"template {self.template_fwhm:.2f} px, noise ratio {self.noise_ratio:.3f}")
+
+
+@dataclass(frozen=True)
+class SubtractionResult:
+    """The difference (on the science flux scale), the matched image, the kernel and diagnostics.
+
+    For preconvolution ``difference`` is the score-like image S (PSF v * P_N) and ``score`` is it too.
+    ``science_psf`` and ``template_psf`` are the PSFs the subtraction used (given or measured);
+    ``kernel_positions`` the (x, y) of the stamps the kernel was fitted on; ``background_coeffs`` the
+    differential background's Chebyshev coefficients.
+    """
+
+    difference: Exposure
+    matched_image: Exposure
+    kernel: SpatialKernel
+    background: np.ndarray
+    score: Exposure | None
+    diagnostics: SubtractionDiagnostics
+    science_psf: Psf
+    template_psf: Psf
+    kernel_positions: np.ndarray
+    background_coeffs: np.ndarray
