@@ -185,3 +185,16 @@ def test_apdb_cli_create_and_summary(tmp_path, capsys):
     assert main(["apdb", "summary", str(tmp_path / "apdb.yaml")]) == 0
     out = capsys.readouterr().out
     assert "DiaSource" in out and "DiaObject" in out and "2" in out
+
+
+def test_ids_pack_and_unpack_with_range_checks():
+    from dialab.errors import BadInputError
+    from dialab.ids import MAX_VISIT, pack_ids, unpack_id
+
+    ids = pack_ids(MAX_VISIT, 999, 3)
+    visit, detector, index = unpack_id(ids)
+    assert (visit == MAX_VISIT).all() and (detector == 999).all() and list(index) == [1, 2, 3]
+    assert len(set(pack_ids(7, 3, 5)) & set(pack_ids(7, 4, 5))) == 0
+    for visit, detector, n in [(-1, 0, 1), (MAX_VISIT + 1, 0, 1), (1, 1000, 1), (1, 0, 100_000)]:
+        with pytest.raises(BadInputError, match="cannot number"):
+            pack_ids(visit, detector, n)

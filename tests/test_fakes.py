@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dialab.efficiency import efficiency_curve, fit_sigmoid, wilson_interval
+from dialab.efficiency import efficiency_curve, fit_sigmoid
 from dialab.exposure import Exposure
 from dialab.injection import InjectConfig, inject_catalog, inject_fakes, make_fake_catalog
 from dialab.matching import match_fakes, match_one_to_one
@@ -87,18 +87,18 @@ def test_fakes_on_hosts_sit_on_hosts_one_magnitude_fainter():
 def test_matching_is_nearest_one_to_one_within_radius():
     fx, fy = np.array([10.0, 20.0, 50.0]), np.array([10.0, 10.0, 50.0])
     sx, sy = np.array([10.5, 11.0, 49.0]), np.array([10.0, 10.0, 50.0])
-    idx, d = match_one_to_one(fx, fy, sx, sy, radius=2.0)
+    idx, d = match_one_to_one(np.column_stack([fx, fy]), np.column_stack([sx, sy]), radius=2.0)
     assert list(idx) == [0, -1, 2]  # 20,10 has nothing within 2; the two sources near 10,10 match one fake
     assert d[0] == pytest.approx(0.5) and np.isnan(d[1])
     # optimal, not greedy: A-b is nearest but A-a, B-b is the better pairing
-    idx, _ = match_one_to_one(np.array([0.0, 1.8]), np.array([0.0, 0.0]), np.array([-0.9, 0.9]),
-                              np.array([0.0, 0.0]), radius=1.0)
+    idx, _ = match_one_to_one(np.array([[0.0, 0.0], [1.8, 0.0]]), np.array([[-0.9, 0.0], [0.9, 0.0]]), radius=1.0)
     assert list(idx) == [0, 1]
 
 
 def test_wilson_interval_and_sigmoid_fit():
-    lo, hi = wilson_interval(np.array([5]), np.array([10]))
-    assert lo[0] < 0.5 < hi[0] and hi[0] - lo[0] == pytest.approx(2 * np.sqrt(0.25 / 10 + 1 / 400) / (1 + 0.1), rel=1e-6)
+    curve = efficiency_curve(np.arange(10.0), np.arange(10) < 5, np.array([0.0, 10.0]))
+    lo, hi = curve.err_lo[0], curve.err_hi[0]  # Wilson 68% interval of 5 of 10: centre 0.5, half-width below
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * np.sqrt(0.25 / 10 + 1 / 400) / (1 + 0.1), rel=1e-6)
     rng = np.random.default_rng(0)
     s = rng.uniform(0, 15, 4000)
     found = rng.uniform(size=s.size) < 1 / (1 + np.exp(-(s - 5.0) / 0.7))

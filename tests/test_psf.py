@@ -38,6 +38,29 @@ def test_gaussian_sigma_from_adaptive_moments_and_fwhm_consistent():
     assert psf.fwhm == pytest.approx(FWHM_PER_SIGMA * 2.4, rel=0.01)
 
 
+def test_adaptive_moments_of_an_elliptical_gaussian_are_its_covariance_bad_pixels_ignored():
+    from dialab.moments import adaptive_moments
+
+    cov = np.array([[5.0, -0.4], [-0.4, 3.4]])
+    yy, xx = np.mgrid[0:41, 0:41] - np.array([19.8, 20.3])[:, None, None]
+    inv = np.linalg.inv(cov)
+    stamp = np.exp(-0.5 * (inv[0, 0] * xx**2 + 2 * inv[0, 1] * xx * yy + inv[1, 1] * yy**2))
+    m = adaptive_moments(stamp, 20, 20, 2.0)
+    assert m.converged and (m.x, m.y) == (pytest.approx(20.3, abs=1e-4), pytest.approx(19.8, abs=1e-4))
+    np.testing.assert_allclose([m.ixx, m.iyy, m.ixy], [5.0, 3.4, -0.4], atol=1e-4)
+    # a cosmic ray 2 px from the centre: masked, it has no effect at all (the pixel is left out)
+    bad = np.zeros(stamp.shape, bool)
+    bad[22, 17] = True
+    hit = stamp.copy()
+    hit[22, 17] += 50.0
+    masked = adaptive_moments(hit, 20, 20, 2.0, bad=bad)
+    assert masked == adaptive_moments(stamp, 20, 20, 2.0, bad=bad)
+    np.testing.assert_allclose([masked.ixx, masked.iyy], [5.0, 3.4], rtol=0.05)
+    unmasked = adaptive_moments(hit, 20, 20, 2.0)
+    assert not (unmasked.converged and abs(unmasked.ixx - 5.0) < 0.25)
+    assert not adaptive_moments(np.zeros((21, 21)), 10, 10).converged
+
+
 def test_shifted_draw_keeps_flux_and_moves_centroid():
     psf = MoffatPsf(fwhm_pix=4.0, beta=3.0, g1=0.05)
     p = psf.draw(0.3, -0.4, 41)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BadInputError, DialabError
+from .sky import from_tangent, mean_position, tangent_offsets
 
 log = logging.getLogger(__name__)
 
@@ -234,22 +235,11 @@ def sky_polygon(ra: np.ndarray, dec: np.ndarray, pad_arcsec: float):
     """A convex sky polygon through points (ordered round the region), pushed out by ``pad_arcsec``."""
     from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d
 
-    ra, dec = np.asarray(ra, float), np.asarray(dec, float)
-    cra, cdec = _circular_mean(ra), float(np.mean(dec))
-    cos = np.cos(np.deg2rad(cdec))
-    dx, dy = _wrap(ra - cra) * cos, dec - cdec
-    r = np.hypot(dx, dy)
-    grow = 1 + pad_arcsec / 3600 / np.maximum(r, 1e-9)
-    pra, pdec = cra + dx * grow / cos, cdec + dy * grow
+    cra, cdec = mean_position(ra, dec)
+    xi, eta = tangent_offsets(ra, dec, cra, cdec)  # on the plane tangent at the centre: fine at the poles
+    grow = 1 + pad_arcsec / np.maximum(np.hypot(xi, eta), 1e-6)
+    pra, pdec = from_tangent(xi * grow, eta * grow, cra, cdec)
     return ConvexPolygon([UnitVector3d(LonLat.fromDegrees(float(a), float(d))) for a, d in zip(pra, pdec)])
-
-
-def _wrap(dra: np.ndarray) -> np.ndarray:
-    return (np.asarray(dra) + 180.0) % 360.0 - 180.0
-
-
-def _circular_mean(ra: np.ndarray) -> float:
-    return float(ra[0] + np.mean(_wrap(ra - ra[0])))
 
 
 def schema_columns(handle: ApdbHandle, table: str) -> list[str]:

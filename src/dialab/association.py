@@ -14,11 +14,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from .apdb import APDB_BANDS, _wrap, apdb_band, schema_columns, to_dia_sources
+from .apdb import APDB_BANDS, apdb_band, schema_columns, to_dia_sources
 from .errors import BadInputError
 from .exposure import Exposure
-from .matching import match_one_to_one
+from .ids import pack_ids
+from .matching import match_sky
 from .measurement import forced_psf_flux
+from .sky import running_mean
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +33,10 @@ class AssociateConfig(BaseModel):
     forced_photometry: bool = True
 
 
-def _tangent(ra, dec, ra0, dec0) -> np.ndarray:
-    """Small-angle offsets (arcsec) from (ra0, dec0)."""
-    return np.column_stack([_wrap(np.asarray(ra) - ra0) * np.cos(np.deg2rad(dec0)) * 3600,
-                            (np.asarray(dec) - dec0) * 3600])
-
-
 def match_to_objects(src_ra, src_dec, obj_ra, obj_dec, radius_arcsec: float) -> np.ndarray:
     """For each source the index of its object (-1: none), one-to-one within ``radius_arcsec``
-    (the optimal assignment of :func:`dialab.matching.match_one_to_one`, on the tangent plane)."""
-    if len(src_ra) == 0 or len(obj_ra) == 0:
-        return np.full(len(src_ra), -1, dtype=np.int64)
-    ra0, dec0 = float(src_ra[0]), float(np.mean(src_dec))
-    s = _tangent(src_ra, src_dec, ra0, dec0)
-    o = _tangent(obj_ra, obj_dec, ra0, dec0)
-    return match_one_to_one(s[:, 0], s[:, 1], o[:, 0], o[:, 1], radius_arcsec)[0]
+    (the optimal assignment of :func:`dialab.matching.match_sky`, on the sphere)."""
+    return match_sky(src_ra, src_dec, obj_ra, obj_dec, radius_arcsec)[0]
 
 
 def _band_columns(band: str) -> dict[str, str]:
@@ -135,8 +126,8 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame, config: AssociateCon
     after = before.copy()
     n0 = before.nDiaSources.to_numpy(np.int64)
     after["nDiaSources"] = n0 + 1
-    after["ra"] = (before.ra + _wrap(sources.ra - before.ra) / (n0 + 1)) % 360.0
-    after["dec"] = before.dec + (sources.dec - before.dec) / (n0 + 1)
+    after["ra"], after["dec"] = running_mean(before.ra.to_numpy(float), before.dec.to_numpy(float), n0,
+                                             sources.ra.to_numpy(float), sources.dec.to_numpy(float))
     t = sources.midpointMjdTai.to_numpy(float)
     after["firstDiaSourceMjdTai"] = np.fmin(before.firstDiaSourceMjdTai.to_numpy(float), t)
     after["lastDiaSourceMjdTai"] = np.fmax(before.lastDiaSourceMjdTai.to_numpy(float), t)
@@ -180,11 +171,13 @@ def forced_sources(objects: pd.DataFrame, difference: Exposure, science: Exposur
     xy = difference.wcs.all_world2pix(np.column_stack([objects.ra, objects.dec]), 0)
     ny, nx = difference.shape
     inside = (xy[:, 0] >= 0) & (xy[:, 0] <= nx - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= ny - 1)
-    obj, xy = objects[inside], xy[inside]
+    # Ordered by object id: forced-source ids must not depend on the order the database returned objects in.
+    order = np.argsort(objects.diaObjectId.to_numpy(np.int64)[inside], kind="stable")
+    obj, xy = objects[inside].iloc[order], xy[inside][order]
     scale = flux_scale(difference)
     diff = forced_psf_flux(difference, xy[:, 0], xy[:, 1])
     out = pd.DataFrame({
-        "diaForcedSourceId": (np.int64(visit) * 1000 + detector) * 100_000 + np.arange(1, len(obj) + 1),
+        "diaForcedSourceId": pack_ids(visit, detector, len(obj), "forced sources"),
         "diaObjectId": obj.diaObjectId.to_numpy(np.int64), "ra": obj.ra.to_numpy(float),
         "dec": obj.dec.to_numpy(float), "visit": visit, "detector": detector,
         "psfFlux": diff.psfFlux.to_numpy() * scale, "psfFluxErr": diff.psfFluxErr.to_numpy() * scale})

@@ -14,8 +14,6 @@ from scipy.interpolate import RectBivariateSpline
 
 from .imageops import grow_mask
 
-MAD_TO_SIGMA = 1.4826
-
 
 class Background:
     """Sky level and per-pixel noise (same units as the image), full resolution.
@@ -31,10 +29,6 @@ class Background:
     @cached_property
     def rms(self) -> np.ndarray:
         return _upsample(self.rms_grid, *self.level.shape)
-
-    @property
-    def median_rms(self) -> float:
-        return float(np.median(self.rms_grid))
 
 
 class _Truncation(dict):
@@ -97,15 +91,6 @@ def clipped_stats(values: np.ndarray, nsigma: float = 3.0, iterations: int = 5,
     if axis is None:
         return med[0], sig[0]
     return med, sig
-
-
-def robust_std(values: np.ndarray) -> float:
-    """Clipped MAD standard deviation of the finite entries."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan")
-    return float(clipped_stats(v)[1])
 
 
 def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_pix: int = 64,

@@ -6,20 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from astropy.stats import binom_conf_interval
 from scipy.optimize import minimize
 from scipy.special import expit
 
-
-def wilson_interval(k: np.ndarray, n: np.ndarray, z: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of a binomial fraction k/n (z = 1: 68%)."""
-    k = np.asarray(k, float)
-    n = np.asarray(n, float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = k / n
-        denom = 1 + z * z / n
-        centre = (p + z * z / (2 * n)) / denom
-        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return centre - half, centre + half
+ONE_SIGMA = 0.682689492  # the confidence of a Gaussian's +-1 sigma
 
 
 def efficiency_curve(values: np.ndarray, found: np.ndarray, bins: np.ndarray) -> pd.DataFrame:
@@ -31,7 +22,7 @@ def efficiency_curve(values: np.ndarray, found: np.ndarray, bins: np.ndarray) ->
     for i in range(len(bins) - 1):
         sel = which == i
         n, k = int(sel.sum()), int(found[sel].sum())
-        lo, hi = wilson_interval(k, n) if n else (np.nan, np.nan)
+        lo, hi = binom_conf_interval(k, n, ONE_SIGMA, interval="wilson") if n else (np.nan, np.nan)
         rows.append({"lo": bins[i], "hi": bins[i + 1], "centre": 0.5 * (bins[i] + bins[i + 1]), "n": n,
                      "found": k, "efficiency": k / n if n else np.nan, "err_lo": lo, "err_hi": hi})
     return pd.DataFrame(rows)

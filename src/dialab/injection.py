@@ -16,6 +16,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from .exposure import Exposure
+from .ids import pack_ids
 from .measurement import pixel_scale_arcsec
 from .subtraction.photometric_scale import exposure_flux_ratio
 
@@ -87,9 +88,8 @@ def make_fake_catalog(science: Exposure, config: InjectConfig | None = None,
             y[on_host] = inside.y.to_numpy()[pick]
             mag[on_host] = inside.mag.to_numpy()[pick] + rng.normal(1.0, 1.0, on_host.sum())
     flux = 10.0 ** (-0.4 * (mag - science.magzero))
-    cat = pd.DataFrame({"id": (np.int64(science.visit) * 1000 + science.detector) * 10_000
-                        + np.arange(1, n + 1), "x": x, "y": y, "mag": mag, "flux": flux,
-                        "flux_nJy": flux * science.njy_per_count, "target": target, "on_host": on_host})
+    cat = pd.DataFrame({"id": pack_ids(science.visit, science.detector, n, "fakes"), "x": x, "y": y, "mag": mag,
+                        "flux": flux, "flux_nJy": flux * science.njy_per_count, "target": target, "on_host": on_host})
     if science.wcs is not None:
         radec = science.wcs.all_pix2world(np.column_stack([x, y]), 0)
         cat["ra"], cat["dec"] = radec[:, 0], radec[:, 1]

@@ -9,23 +9,24 @@ from scipy.spatial import cKDTree
 
 from .exposure import Exposure
 from .measurement import forced_psf_flux, pixel_scale_arcsec
+from .sky import ARCSEC_PER_RADIAN, chord, unit_vectors
 
 
-def match_one_to_one(ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.ndarray,
-                     radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """Index into b (or -1) and distance for every a, one-to-one, among pairs closer than ``radius``.
+def match_one_to_one(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Index into ``b`` (or -1) and distance for every point of ``a``, one-to-one, among pairs closer than
+    ``radius``; ``a`` and ``b`` are (n, d) coordinates (pixels, or unit vectors on the sky).
 
     An optimal assignment, not greedy: it makes as many pairs as it can and, among those choices,
     the one with the smallest summed distance. Only pairs within the radius are ever considered
     (a k-d tree), so large catalogs stay cheap.
     """
-    n = len(ax)
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n = len(a)
     idx = np.full(n, -1, dtype=np.int64)
     dist = np.full(n, np.nan)
-    if n == 0 or len(bx) == 0:
+    if n == 0 or len(b) == 0:
         return idx, dist
-    pairs = cKDTree(np.column_stack([ax, ay])).sparse_distance_matrix(
-        cKDTree(np.column_stack([bx, by])), radius, output_type="coo_matrix")
+    pairs = cKDTree(a).sparse_distance_matrix(cKDTree(b), radius, output_type="coo_matrix")
     if pairs.nnz == 0:
         return idx, dist
     rows, row_index = np.unique(pairs.row, return_inverse=True)
@@ -41,16 +42,21 @@ def match_one_to_one(ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.ndar
     return idx, dist
 
 
+def match_sky(ra1, dec1, ra2, dec2, radius_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one sky match (see match_one_to_one) on unit vectors: index into the second list (or -1)
+    and great-circle distance in arcsec for each position of the first; right at the poles and RA 0/360."""
+    idx, d = match_one_to_one(unit_vectors(ra1, dec1), unit_vectors(ra2, dec2), chord(radius_arcsec))
+    return idx, 2.0 * np.arcsin(d / 2.0) * ARCSEC_PER_RADIAN
+
+
 def match_fakes(fakes: pd.DataFrame, sources: pd.DataFrame, difference: Exposure,
                 radius_arcsec: float = 0.5, edge_pix: int = 50) -> pd.DataFrame:
     """The truth table with diaSourceId (0 if not found), distance (arcsec), forced photometry at the
     true position on the difference, and ``near_edge`` (excluded from efficiency)."""
     scale = pixel_scale_arcsec(difference)
     out = fakes.copy()
-    idx, dist = match_one_to_one(fakes.x.to_numpy(float), fakes.y.to_numpy(float),
-                                 sources.x.to_numpy(float) if len(sources) else np.zeros(0),
-                                 sources.y.to_numpy(float) if len(sources) else np.zeros(0),
-                                 radius_arcsec / scale)
+    found = sources[["x", "y"]].to_numpy(float) if len(sources) else np.zeros((0, 2))
+    idx, dist = match_one_to_one(fakes[["x", "y"]].to_numpy(float), found, radius_arcsec / scale)
     ids = sources.diaSourceId.to_numpy() if len(sources) else np.zeros(0, np.int64)
     out["diaSourceId"] = np.where(idx >= 0, ids[np.maximum(idx, 0)] if len(ids) else 0, 0).astype(np.int64)
     out["distance"] = dist * scale

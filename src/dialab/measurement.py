@@ -12,6 +12,7 @@ from scipy import ndimage
 from .background import estimate_background
 from .detection import detect_sources
 from .exposure import Exposure
+from .ids import pack_ids
 from .imageops import aperture_sum, find_peaks, gaussian_filtered_snr
 from .moments import adaptive_moments
 from .stars import select_psf_stars
@@ -300,7 +301,7 @@ def measure_sources(exp: Exposure, det, science: Exposure | None = None, templat
     cat["detector"] = exp.detector
     cat["band"] = exp.band
     cat["midpointMjdTai"] = exp.mjd
-    cat["diaSourceId"] = (np.int64(exp.visit) * 1000 + exp.detector) * 100_000 + np.arange(1, n + 1, dtype=np.int64)
+    cat["diaSourceId"] = pack_ids(exp.visit, exp.detector, n, "diaSources")
     return cat
 
 

@@ -1,14 +1,16 @@
 """Adaptive (Gaussian-weighted) second moments, the size measure of PSFs and sources.
 
-For a Gaussian profile the adaptive moments equal the profile's covariance exactly, so the
-sigma they give is the sigma of DESIGN section 4; for other profiles they are the moments of the
+For a Gaussian profile the adaptive moments equal the profile's covariance exactly, so the sigma
+they give is the sigma of DESIGN section 4; for other profiles they are the moments of the
 best-matching elliptical Gaussian (Bernstein & Jarvis 2002), finite even for Moffat wings.
+They are GalSim's HSM implementation (Hirata & Seljak 2003), which also takes a bad-pixel mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import galsim
 import numpy as np
 
 
@@ -35,66 +37,24 @@ class Moments:
         return float(np.hypot(self.ixx - self.iyy, 2 * self.ixy) / (self.ixx + self.iyy))
 
 
-def _inv2(a: float, b: float, c: float) -> tuple[float, float, float] | None:
-    """Inverse of the symmetric 2x2 matrix [[a, b], [b, c]] (None when not positive definite)."""
-    det = a * c - b * b
-    if not (det > 0 and a > 0):
-        return None
-    return c / det, -b / det, a / det
+_FAILED = Moments(float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), False)
 
 
-def adaptive_moments(
-    stamp: np.ndarray,
-    x0: float,
-    y0: float,
-    sigma_guess: float = 2.0,
-    max_iter: int = 30,
-    tol: float = 1e-4,
-) -> Moments:
-    """Iterate a matched elliptical Gaussian weight on ``stamp`` starting at (x0, y0)."""
-    ny, nx = stamp.shape
-    xx = np.arange(nx, dtype=float)[None, :]
-    yy = np.arange(ny, dtype=float)[:, None]
-    cxx, cxy, cyy = sigma_guess**2, 0.0, sigma_guess**2
-    xc, yc = float(x0), float(y0)
-    converged = False
-    for _ in range(max_iter):
-        inv = _inv2(cxx, cxy, cyy)
-        if inv is None:
-            break
-        ixx, ixy, iyy = inv
-        dx, dy = xx - xc, yy - yc
-        r2 = ixx * dx * dx + 2 * ixy * dx * dy + iyy * dy * dy
-        w = np.exp(-0.5 * np.clip(r2, 0.0, 200.0)) * stamp
-        total = w.sum()
-        if not (np.isfinite(total) and total > 0):
-            break
-        mx = float((w * dx).sum() / total)
-        my = float((w * dy).sum() / total)
-        mxx = float((w * dx * dx).sum() / total) - mx * mx
-        myy = float((w * dy * dy).sum() / total) - my * my
-        mxy = float((w * dx * dy).sum() / total) - mx * my
-        winv = _inv2(mxx, mxy, myy)
-        if winv is None:
-            break
-        # Deconvolve the weight: for a Gaussian source this is the exact covariance.
-        new = _inv2(winv[0] - ixx, winv[1] - ixy, winv[2] - iyy)
-        nxx, nxy, nyy = new if new is not None else (2 * mxx, 2 * mxy, 2 * myy)
-        # The weighted mean is pulled toward the weight centre by M_w C_source^-1.
-        sx = nxx * (winv[0] * mx + winv[1] * my) + nxy * (winv[1] * mx + winv[2] * my)
-        sy = nxy * (winv[0] * mx + winv[1] * my) + nyy * (winv[1] * mx + winv[2] * my)
-        step = float(np.hypot(sx, sy))
-        if step > 1.0:
-            sx, sy = sx / step, sy / step
-        xc += sx
-        yc += sy
-        change = max(abs(nxx - cxx), abs(nyy - cyy), abs(nxy - cxy)) / (cxx + cyy) + min(step, 1.0)
-        if change > 0.5:
-            nxx, nxy, nyy = 0.5 * (nxx + cxx), 0.5 * (nxy + cxy), 0.5 * (nyy + cyy)
-        cxx, cxy, cyy = nxx, nxy, nyy
-        if not (0 < cxx < nx * nx and 0 < cyy < ny * ny):
-            break
-        if change < tol:
-            converged = True
-            break
-    return Moments(float(xc), float(yc), float(cxx), float(cyy), float(cxy), converged)
+def adaptive_moments(stamp: np.ndarray, x0: float, y0: float, sigma_guess: float = 2.0,
+                     bad: np.ndarray | None = None) -> Moments:
+    """Adaptive moments of the profile near (x0, y0) in ``stamp`` (``bad`` pixels ignored); a failed
+    measurement (no flux, no convergence) has NaN entries and ``converged`` False."""
+    image = galsim.Image(np.ascontiguousarray(stamp, dtype=np.float64), xmin=0, ymin=0)
+    badpix = None if bad is None else galsim.Image(np.ascontiguousarray(bad, dtype=np.int32), xmin=0, ymin=0)
+    try:
+        r = galsim.hsm.FindAdaptiveMom(image, badpix=badpix, guess_sig=float(sigma_guess), strict=False,
+                                       guess_centroid=galsim.PositionD(float(x0), float(y0)))
+    except (galsim.GalSimError, ValueError):
+        return _FAILED
+    if r.moments_status != 0 or not r.moments_sigma > 0:
+        return _FAILED
+    # HSM reports det(C)^(1/4) and the distortion e = (ixx - iyy, 2 ixy) / (ixx + iyy): rebuild C from them.
+    e1, e2 = r.observed_shape.e1, r.observed_shape.e2
+    scale = r.moments_sigma**2 / np.sqrt(max(1.0 - e1 * e1 - e2 * e2, 1e-12))
+    return Moments(float(r.moments_centroid.x), float(r.moments_centroid.y), float(scale * (1 + e1)),
+                   float(scale * (1 - e1)), float(scale * e2), True)

@@ -13,6 +13,7 @@ from scipy.spatial import cKDTree
 
 from ..efficiency import efficiency_curve, fit_sigmoid
 from ..measurement import BAD_FLAGS
+from ..sky import chord, tangent_offsets, unit_vectors
 
 DEFAULT_BAD_FLAGS = list(BAD_FLAGS)
 SNR_BINS = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 30, 50, 100, 1000], float)
@@ -39,10 +40,8 @@ def real_variable_sources(sources: pd.DataFrame, truth: pd.DataFrame | None,
         t = truth[(truth.visit == visit) & (truth.detector == detector)]
         if t.empty:
             continue
-        cosd = np.cos(np.deg2rad(group.dec.mean()))
-        s_xy = np.column_stack([group.ra * cosd, group.dec]) * 3600
-        t_xy = np.column_stack([t.ra * cosd, t.dec]) * 3600
-        pairs = cKDTree(s_xy).query_ball_tree(cKDTree(t_xy), radius_arcsec)
+        pairs = cKDTree(unit_vectors(group.ra, group.dec)).query_ball_tree(
+            cKDTree(unit_vectors(t.ra, t.dec)), chord(radius_arcsec))
         change = np.abs(t.diff_flux_nJy.to_numpy())
         err = group.psfFluxErr.abs().fillna(np.inf).to_numpy()
         hit = [any(change[j] >= min_sigma * err[i] for j in js) for i, js in enumerate(pairs)]
@@ -129,9 +128,7 @@ def positional_scatter(joined: pd.DataFrame, objects: pd.DataFrame) -> dict:
                                    how="inner", suffixes=("", "_obj"))
     if f.empty:
         return {"n": 0, "ra rms": np.nan, "dec rms": np.nan, "mean nDiaSources": np.nan}
-    cosd = np.cos(np.deg2rad(f.dec))
-    dra = (f.ra_obj - f.ra) * cosd * 3600
-    ddec = (f.dec_obj - f.dec) * 3600
+    dra, ddec = tangent_offsets(f.ra_obj, f.dec_obj, f.ra, f.dec)
     return {"n": len(f), "ra rms": float(np.sqrt(np.mean(dra**2))), "dec rms": float(np.sqrt(np.mean(ddec**2))),
             "mean nDiaSources": float(f.nDiaSources.mean())}
 

@@ -168,20 +168,8 @@ def _pick_units(fr: FlavorRun, units: pd.DataFrame) -> list[tuple[str, pd.Series
     return [(kind, by_key.loc[(row.visit, row.detector)]) for kind, row in picks]
 
 
-def build_report(folders: list[str | Path], output: str | Path) -> Path:
-    """Write ``index.html``, its PNG figures and CSV tables into ``output``; returns the HTML path."""
-    if not folders:
-        raise BadInputError("give at least one run folder")
-    runs = load_runs(folders)
-    out = Path(output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInputError(f"cannot write the report there ({exc.strerror})", out) from None
-    summary = summary_table(runs)
-    curves, x50, eff = efficiency_tables(runs)
-    quality = quality_table(runs)
-    units = unit_table(runs)
+def _distribution_tables(runs) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """diaSources per pixel flag, per detector and per diaObject, one column per flavor (all and good)."""
     flags = pd.DataFrame({fr.label: flag_counts(fr.sources) for fr in runs}).fillna(0).astype(int)
     flags.index.name = "flag"
     detectors = pd.concat({fr.label: per_detector(fr.sources) for fr in runs}, axis=1).fillna(0).astype(int)
@@ -189,7 +177,11 @@ def build_report(folders: list[str | Path], output: str | Path) -> Path:
     detectors.index.name = "detector"
     per_object = pd.concat({fr.label: sources_per_object(fr.sources) for fr in runs}, axis=1).fillna(0).astype(int)
     per_object.columns = [f"{a} ({b})" for a, b in per_object.columns]
+    return flags, detectors, per_object
 
+
+def _summary_figures(out: Path, runs, curves, x50, flags, detectors, per_object, ratios) -> list:
+    """(path, caption) of the efficiency curves, distributions, sky scatter and the PSF-ratio plot."""
     figs: list[tuple[Path | None, str]] = []
     if curves["expected"]:
         figs.append((figures.efficiency_plot(curves["expected"], x50["expected"], out / "efficiency_expected_snr.png",
@@ -208,10 +200,14 @@ def build_report(folders: list[str | Path], output: str | Path) -> Path:
                                       "diaObjects with n diaSources", "diaObjects", log=True),
                  "diaSources per diaObject, all and good"))
     figs.append((figures.sky_scatter(runs, out / "sky_diaObjects.png"), "diaObjects on the sky, sized by nDiaSources"))
-    ratios = ratio_table(runs, units)
     if ratios.psf_ratio.round(2).nunique() >= 3:
         figs.append((figures.psf_ratio_plot(ratios, out / "psf_ratio.png"),
                      "50% S/N point (pooled fakes) and false detections per unit vs the science/template PSF ratio"))
+    return figs
+
+
+def _image_figures(out: Path, runs, units: pd.DataFrame) -> list:
+    """(path, caption) of the triplets and PSF/variance stamps of each flavor's median and hardest units."""
     image_figs = []
     for fr in runs:
         for kind, unit in _pick_units(fr, units):
@@ -224,7 +220,32 @@ def build_report(folders: list[str | Path], output: str | Path) -> Path:
                                    f"{title}: PSFs and variance"))
             except (OSError, BadInputError) as exc:
                 log.warning("no images for %s: %s", title, exc)
+    return image_figs
 
+
+_STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}table.t{border-collapse:collapse;"
+          "font-size:12px}table.t td,table.t th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+          "figure{display:inline-block;margin:0.5em}img{max-width:100%}.csv{font-size:11px;margin:0}")
+
+
+def build_report(folders: list[str | Path], output: str | Path) -> Path:
+    """Write ``index.html``, its PNG figures and CSV tables into ``output``; returns the HTML path."""
+    if not folders:
+        raise BadInputError("give at least one run folder")
+    runs = load_runs(folders)
+    out = Path(output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"cannot write the report there ({exc.strerror})", out) from None
+    summary = summary_table(runs)
+    curves, x50, eff = efficiency_tables(runs)
+    quality = quality_table(runs)
+    units = unit_table(runs)
+    flags, detectors, per_object = _distribution_tables(runs)
+    ratios = ratio_table(runs, units)
+    figs = _summary_figures(out, runs, curves, x50, flags, detectors, per_object, ratios)
+    image_figs = _image_figures(out, runs, units)
     parts = [f"<h1>dialab flavor comparison</h1><p>Runs: {', '.join(html.escape(str(f)) for f in folders)}. "
              f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Bad-flag cut: "
              "pixelFlags_bad, _suspect, _saturatedCenter, _interpolated, _interpolatedCenter, _edge.</p>",
@@ -242,10 +263,7 @@ def build_report(folders: list[str | Path], output: str | Path) -> Path:
     for key, label in (("expected", "efficiency vs expected S/N"), ("mag", "efficiency vs magnitude")):
         for flavor, curve in curves[key].items():
             parts.append(_table_html(curve, f"curve_{key}_{flavor.replace(':', '_')}", out, f"{flavor}: {label}"))
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}table.t{border-collapse:collapse;"
-             "font-size:12px}table.t td,table.t th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-             "figure{display:inline-block;margin:0.5em}img{max-width:100%}.csv{font-size:11px;margin:0}")
     index = out / "index.html"
     index.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>dialab report</title>"
-                     f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+                     f"<style>{_STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
     return index

@@ -50,10 +50,6 @@ class Manifest:
     def resolve(self, relative: str | None) -> str | None:
         return None if relative is None else str((self.root / relative).resolve())
 
-    def truth_path(self, name: str) -> Path | None:
-        rel = self.truth.get(name)
-        return None if rel is None else self.root / rel
-
 
 def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
