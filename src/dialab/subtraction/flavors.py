@@ -5,13 +5,38 @@
 * auto:              convolveScience when the template PSF is wider on both axes, else convolveTemplate
 * preconvolution:    S = v*N - K*R - B, v the science PSF; S is flux-conserving with PSF v * P_N and
                      already matched-filtered, so detection thresholds it directly.
+
+``subtract`` runs in named steps, in the manner of LSST ip_diffim's subtractImages:
+
+    prepare_pair -> matching_problem -> select_sources -> fit_kernel -> convolve_pair -> decorrelate -> finalize
+
+Each step takes and returns plain dataclasses, so each can be run, inspected and tested alone.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.signal import fftconvolve
+
+from ..background import Background, clipped_stats, estimate_background
+from ..errors import BadInputError, BadSubtractionError, NoOverlapError
+from ..exposure import Exposure, MaskPlanes
+from ..imageops import fft_convolve_many, interpolate_masked
 from ..moments import adaptive_moments
-from ..psf import Psf
-from .config import FLAVORS, Flavor  # noqa: F401 (the flavor names live with the configuration)
+from ..psf import Psf, map_stamps, measure_psf
+from .basis import KernelBasis, alard_lupton_basis
+from .config import FLAVORS, Flavor, SubtractConfig  # noqa: F401 (the flavor names live with the configuration)
+from .convolve import convolve_image, convolve_mask, convolve_variance, kernel_footprint_radius
+from .decorrelation import apply_filter, filter_stamp
+from .kernel_fit import KernelFit, fit_matching_kernel, select_kernel_candidates
+from .noise import noise_ratio, variance_scale
+from .photometric_scale import FLUX_RATIO_SYSTEMATIC, PhotometricScale, measure_photometric_scale
+from .result import SubtractionDiagnostics, SubtractionResult
+
+log = logging.getLogger(__name__)
 
 
 def psf_axes(psf: Psf, x: float | None = None, y: float | None = None) -> tuple[float, float]:
@@ -38,3 +63,315 @@ def flavor_used(flavor: str, convolved: str) -> str:
     if flavor != "auto":
         return flavor
     return "convolveScience" if convolved == "science" else "convolveTemplate"
+
+@dataclass(frozen=True)
+class PreparedPair:
+    """Both images as the subtraction uses them: backgrounds and PSFs (given or measured), variances scaled to
+    the measured pixel noise, NO_DATA at the sky level and, in an image to be convolved, defects filled."""
+
+    science: Exposure
+    template: Exposure
+    science_background: Background
+    template_background: Background
+    science_psf: Psf
+    template_psf: Psf
+    science_image: np.ndarray
+    template_image: np.ndarray
+    science_variance: np.ndarray
+    template_variance: np.ndarray
+    variance_scale_science: float
+    variance_scale_template: float
+    nodata: np.ndarray
+    convolved: str  # "template" or "science": which image the kernel convolves
+
+
+@dataclass(frozen=True)
+class MatchingProblem:
+    """What the kernel fit solves: target ~ K * convolved + B. For preconvolution the target is the science
+    image filtered by its own reflected PSF, ``prefilter``."""
+
+    target_image: np.ndarray
+    target_variance: np.ndarray
+    target_psf: Psf
+    convolved_image: np.ndarray
+    convolved_variance: np.ndarray
+    convolved_psf: Psf
+    basis: KernelBasis
+    prefilter: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class KernelSources:
+    """Where the kernel is fitted, and the stars' total-flux ratio that the kernel sum should match."""
+
+    positions: np.ndarray  # (n, 2) x, y
+    scale: PhotometricScale
+
+
+@dataclass(frozen=True)
+class ConvolvedPair:
+    """The convolved image matched to the target (background added), the raw difference and the masks."""
+
+    matched: np.ndarray
+    matched_variance: np.ndarray
+    background: np.ndarray
+    difference: np.ndarray
+    mask: np.ndarray  # both images' defects, the convolved one's spread over the kernel footprint
+    convolved_mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class Decorrelated:
+    """The difference with white noise (when asked), its variance plane and the PSF of new sources on it."""
+
+    image: np.ndarray
+    variance: np.ndarray
+    psf: Psf
+
+
+def _check_inputs(science: Exposure, template: Exposure, min_overlap: float) -> None:
+    if science.shape != template.shape:
+        raise BadInputError(f"template shape {template.shape} differs from science shape {science.shape}; "
+                            "warp the template onto the science grid first", template.path)
+    frac = (~template.plane("NO_DATA") & ~science.plane("NO_DATA")).mean()
+    if frac == 0:
+        raise NoOverlapError(f"{template.path or 'template'} does not overlap {science.path or 'science image'}")
+    if frac < min_overlap:
+        raise NoOverlapError(f"{template.path or 'template'} covers only {100 * frac:.1f}% of "
+                             f"{science.path or 'the science image'} (need {100 * min_overlap:.0f}%)")
+
+
+def _filled(exp: Exposure, nodata: np.ndarray, background: Background, psf: Psf, convolved: bool) -> np.ndarray:
+    """The image with NO_DATA at the sky level and, when it is to be convolved, BAD/SAT/CR pixels
+    interpolated over (a convolution must not smear its defects)."""
+    if not convolved:
+        return np.where(nodata, background.level, exp.image).astype(np.float32)
+    defects = exp.plane("BAD", "SAT", "CR") | nodata
+    return interpolate_masked(np.where(nodata, background.level, exp.image), defects & ~nodata, max(psf.sigma, 1.0))
+
+
+def prepare_pair(science: Exposure, template: Exposure, cfg: SubtractConfig) -> PreparedPair:
+    """Step 1: check the overlap, estimate backgrounds, PSFs and variance scales, choose the convolved image."""
+    _check_inputs(science, template, cfg.min_overlap_fraction)
+    sci_bg = estimate_background(science.image, science.plane("NO_DATA", "BAD", "SAT"))
+    tpl_bg = estimate_background(template.image, template.plane("NO_DATA", "BAD", "SAT"))
+    sci_psf = science.psf if science.psf is not None else measure_psf(science, background=sci_bg)
+    tpl_psf = template.psf if template.psf is not None else measure_psf(template, background=tpl_bg)
+    s_scale = variance_scale(science, sci_bg) if cfg.rescale_variance else 1.0
+    t_scale = variance_scale(template, tpl_bg) if cfg.rescale_variance else 1.0
+    nodata = science.plane("NO_DATA") | template.plane("NO_DATA")
+    convolved = choose_convolved(sci_psf, tpl_psf, cfg.flavor)
+    science_convolved = convolved == "science" or cfg.flavor == "preconvolution"
+    return PreparedPair(
+        science, template, sci_bg, tpl_bg, sci_psf, tpl_psf,
+        _filled(science, nodata, sci_bg, sci_psf, science_convolved),
+        _filled(template, nodata, tpl_bg, tpl_psf, convolved == "template"),
+        science.variance * np.float32(s_scale), template.variance * np.float32(t_scale), s_scale, t_scale,
+        nodata, convolved)
+
+
+def _convolved_stamp(stamp: np.ndarray, kernel: np.ndarray, normalize: bool = False) -> np.ndarray:
+    """stamp * kernel, cut to the larger of the two sizes; ``normalize`` rescales it to unit sum."""
+    out = fftconvolve(stamp, kernel, mode="full")
+    c, h = out.shape[0] // 2, max(stamp.shape[0], kernel.shape[0]) // 2
+    out = out[c - h : c + h + 1, c - h : c + h + 1]
+    return out / out.sum() if normalize else out
+
+
+def matching_problem(pair: PreparedPair, cfg: SubtractConfig) -> MatchingProblem:
+    """Step 2: which image is the target and which is convolved (the flavor), and the kernel basis."""
+    science = (pair.science_image, pair.science_variance, pair.science_psf)
+    template = (pair.template_image, pair.template_variance, pair.template_psf)
+    v = None
+    if cfg.flavor == "preconvolution":
+        v = pair.science_psf.stamp()[::-1, ::-1].copy()
+        target = (fft_convolve_many(pair.science_image, v[None], cfg.workers)[0],
+                  fft_convolve_many(pair.science_variance, (v**2)[None], cfg.workers)[0],
+                  map_stamps(pair.science_psf, lambda st, x, y: _convolved_stamp(st, v)))
+        conv = template
+    else:
+        target, conv = (science, template) if pair.convolved == "template" else (template, science)
+    basis = alard_lupton_basis(target[2].sigma, conv[2].sigma, tuple(cfg.kernel_degrees))
+    return MatchingProblem(*target, *conv, basis, v)
+
+
+def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractConfig) -> KernelSources:
+    """Step 3: isolated, unsaturated point-like sources seen in both images, and the stars' flux ratio."""
+    basis = problem.basis
+    positions = select_kernel_candidates(pair.science, pair.template, basis.size + basis.half,
+                                         (cfg.candidate_snr_min, cfg.candidate_snr_max), cfg.max_candidates,
+                                         sigma_pix=max(pair.science_psf.sigma, 1.0),
+                                         background=pair.science_background)
+    # v has unit sum, so the preconvolved target has the science image's fluxes: they are measured on the
+    # science image itself (a narrower PSF, fewer neighbours in reach, uncorrelated noise)
+    sci_side = (pair.science_image - pair.science_background.level, pair.science_variance, pair.science_psf)
+    tpl_side = (pair.template_image - pair.template_background.level, pair.template_variance, pair.template_psf)
+    target_side, conv_side = (tpl_side, sci_side) if pair.convolved == "science" else (sci_side, tpl_side)
+    return KernelSources(positions, measure_photometric_scale(*target_side, *conv_side, positions))
+
+
+def fit_kernel(problem: MatchingProblem, sources: KernelSources, cfg: SubtractConfig) -> KernelFit:
+    """Step 4: the spatially varying kernel and differential background, the sum held at the stars' ratio
+    when a free fit disagrees with it (see ``kernel_fit``)."""
+    scale = sources.scale
+    return fit_matching_kernel(
+        problem.target_image, problem.target_variance, problem.convolved_image, problem.convolved_variance,
+        sources.positions, problem.basis, problem.basis.size, cfg.spatial_order, cfg.background_order,
+        cfg.max_rejection_rounds, cfg.residual_mean_max, cfg.residual_rms_max, min_candidates=cfg.min_candidates,
+        kernel_sum=scale.scale if cfg.scale_from_stars and scale.trusted else None,
+        kernel_sum_error=float(np.hypot(scale.error, FLUX_RATIO_SYSTEMATIC * scale.scale)))
+
+
+def _merge_masks(science: Exposure, template_mask: np.ndarray, template_planes: MaskPlanes) -> np.ndarray:
+    """Science mask OR the template's, with the template's INJECTED marked INJECTED_TEMPLATE and SAT also
+    as SAT_TEMPLATE."""
+    planes = science.mask_planes
+    out = science.mask.copy()
+    for name, bit in template_planes.bits.items():
+        sel = (template_mask & (1 << bit)) != 0
+        if not sel.any() or name in ("DETECTED", "DETECTED_NEGATIVE"):
+            continue
+        target = "INJECTED_TEMPLATE" if name == "INJECTED" else name
+        out[sel] |= np.int32(planes.bit(target))
+        if name == "SAT":
+            out[sel] |= np.int32(planes.bit("SAT_TEMPLATE"))
+    return out
+
+
+def convolve_pair(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, cfg: SubtractConfig) -> ConvolvedPair:
+    """Step 5: K * convolved + B, its variance, the raw difference target - matched, and the merged mask."""
+    kernel = fit.kernel
+    background = fit.background_image(pair.science.shape)
+    matched = convolve_image(problem.convolved_image, kernel, cfg.workers) + background
+    matched_var = convolve_variance(problem.convolved_variance, kernel, cfg.workers)
+    conv_exp = pair.template if pair.convolved == "template" else pair.science
+    conv_mask = convolve_mask(conv_exp.mask, conv_exp.mask_planes.bits, kernel_footprint_radius(kernel.center_image))
+    if pair.convolved == "template":
+        mask = _merge_masks(pair.science, conv_mask, pair.template.mask_planes)
+    else:
+        science = Exposure(pair.science.image, conv_mask, pair.science.variance, mask_planes=pair.science.mask_planes)
+        mask = _merge_masks(science, pair.template.mask, pair.template.mask_planes)
+    return ConvolvedPair(matched, matched_var, background, problem.target_image - matched, mask, conv_mask)
+
+
+def decorrelate(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, convolved: ConvolvedPair,
+                cfg: SubtractConfig) -> Decorrelated:
+    """Step 6: whiten the difference's noise (DMTN-021) and find the PSF of new sources on it.
+
+    The variance planes: the unconvolved input's, and the convolved one's as it is after decorrelation
+    (k_s^2 var) or before it (var * K^2).
+    """
+    kernel, ks, v = fit.kernel, fit.kernel.kernel_sum, problem.prefilter
+    usable = ~pair.nodata
+    s1sq = float(clipped_stats((problem.target_variance if v is None else pair.science_variance)[usable][::97])[0])
+    s2sq = float(clipped_stats(problem.convolved_variance[usable][::97])[0])
+    # The PSF of new (science) sources on the difference: the target's, or the science PSF through the kernel
+    # when the science image is the convolved one. (The kernel's Gaussian basis cannot rebuild the template's
+    # extended wings, so a PSF fit with the template PSF would miss their share of a new source's flux: 7% for
+    # Moffat beta = 3 PSFs.)
+    if pair.convolved == "science":
+        source_psf = map_stamps(pair.science_psf, lambda st, x, y: _convolved_stamp(
+            st, kernel.center_image if x is None else kernel.image_at(x, y), normalize=True))
+    else:
+        source_psf = problem.target_psf
+    if not cfg.decorrelate:
+        return Decorrelated(convolved.difference, problem.target_variance + convolved.matched_variance, source_psf)
+    kimg = kernel.center_image
+    image = apply_filter(convolved.difference, kimg, s1sq, s2sq, v, cfg.workers)
+    if v is None:
+        variance = problem.target_variance + np.float32(ks**2) * problem.convolved_variance
+    else:
+        variance = fft_convolve_many(pair.science_variance + np.float32(ks**2) * problem.convolved_variance,
+                                     (v**2)[None], cfg.workers)[0]
+    return Decorrelated(image, variance, map_stamps(source_psf, lambda st, x, y: filter_stamp(st, kimg, s1sq, s2sq, v)))
+
+
+def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSources, fit: KernelFit,
+             convolved: ConvolvedPair, decorrelated: Decorrelated, cfg: SubtractConfig) -> SubtractionResult:
+    """Step 7: the science flux scale, EDGE and NO_DATA, the exposures, the diagnostics and their checks."""
+    science, ks = pair.science, fit.kernel.kernel_sum
+    diff, var = decorrelated.image, decorrelated.variance
+    matched, matched_var = convolved.matched, convolved.matched_variance
+    if pair.convolved == "science":
+        diff = diff / np.float32(-ks)  # D = (K*N + B - R) / k_s: science flux scale
+        var = var / np.float32(ks**2)
+        matched = (matched - convolved.background) / np.float32(ks)
+        matched_var = matched_var / np.float32(ks**2)
+    mask = convolved.mask
+    h = fit.kernel.size // 2
+    edge = np.int32(science.mask_planes.bit("EDGE"))
+    mask[:h] |= edge
+    mask[-h:] |= edge
+    mask[:, :h] |= edge
+    mask[:, -h:] |= edge
+    nodata_out = (mask & science.mask_planes.bit("NO_DATA")) != 0
+    diff = np.where(nodata_out, 0, diff).astype(np.float32)
+    var = np.where(nodata_out | ~np.isfinite(var), np.nanmedian(var), var).astype(np.float32)
+    difference = Exposure(image=diff, mask=mask, variance=var, psf=decorrelated.psf, wcs=science.wcs,
+                          mask_planes=science.mask_planes, visit=science.visit, detector=science.detector,
+                          band=science.band, mjd=science.mjd, exptime=science.exptime, magzero=science.magzero,
+                          gain=science.gain, saturate=science.saturate, header=science.header.copy())
+    conv_exp = pair.template if pair.convolved == "template" else science
+    matched_exp = Exposure(image=matched, mask=convolved.convolved_mask, variance=matched_var,
+                           psf=problem.target_psf if pair.convolved == "template" else pair.template_psf,
+                           wcs=science.wcs, mask_planes=conv_exp.mask_planes, visit=conv_exp.visit,
+                           detector=conv_exp.detector, band=conv_exp.band, mjd=conv_exp.mjd, magzero=science.magzero)
+    if cfg.flavor == "preconvolution":
+        difference.header["SCORE"] = (True, "PSF-filtered difference (preconvolution score)")
+    measured_ratio = noise_ratio(difference)
+    diff_scale = 1.0
+    if cfg.rescale_difference_variance and np.isfinite(measured_ratio) and measured_ratio > 0:
+        diff_scale = measured_ratio**2  # what the inputs' variances missed (e.g. correlated noise)
+        difference.variance *= np.float32(diff_scale)
+    diag = SubtractionDiagnostics(
+        flavor=flavor_used(cfg.flavor, pair.convolved), convolved=pair.convolved, kernel_sum=ks,
+        n_candidates=fit.n_candidates, n_used=fit.n_used, n_rejected=fit.n_rejected,
+        science_fwhm=pair.science_psf.fwhm, template_fwhm=pair.template_psf.fwhm, residual_mean=fit.residual_mean,
+        residual_rms=fit.residual_rms, variance_scale_science=pair.variance_scale_science,
+        variance_scale_template=pair.variance_scale_template, noise_ratio=measured_ratio,
+        variance_scale_difference=diff_scale, star_flux_ratio=sources.scale.scale, scale_error=sources.scale.error,
+        scale_stars=sources.scale.n_used, free_kernel_sum=fit.free_sum)
+    log.info("%s", diag.summary())
+    check_subtraction(diag, science, pair.template, cfg, science.path)
+    return SubtractionResult(difference, matched_exp, fit.kernel, convolved.background,
+                             difference if cfg.flavor == "preconvolution" else None, diag,
+                             science_psf=pair.science_psf, template_psf=pair.template_psf,
+                             kernel_positions=fit.positions, background_coeffs=fit.background_coeffs)
+
+
+def check_subtraction(diag: SubtractionDiagnostics, science: Exposure, template: Exposure, cfg: SubtractConfig,
+                      source: object = None) -> None:
+    """Raise BadSubtractionError when the fit shows the images do not match (garbage in must not exit 0)."""
+    problems = []
+    scale_ok = np.isfinite(diag.star_flux_ratio) and diag.scale_stars >= 10
+    if scale_ok and not diag.star_flux_ratio > 3 * diag.scale_error:
+        problems.append(f"the stars' fluxes do not match between the images (flux ratio {diag.star_flux_ratio:.3g} "
+                        f"+- {diag.scale_error:.2g} from {diag.scale_stars} stars): is the template of this field?")
+    if cfg.max_scale_deviation is not None and np.isfinite(science.magzero) and np.isfinite(template.magzero):
+        target, conv = (template, science) if diag.convolved == "science" and diag.flavor != "preconvolution" \
+            else (science, template)
+        expected = 10 ** (0.4 * (target.magzero - conv.magzero))
+        if abs(diag.kernel_sum / expected - 1) > cfg.max_scale_deviation:
+            problems.append(f"kernel sum {diag.kernel_sum:.4g} is far from the zeropoint ratio {expected:.4g} "
+                            f"(MAGZERO {science.magzero:.3f} science, {template.magzero:.3f} template)")
+    if diag.residual_rms > cfg.max_stamp_residual_rms:
+        problems.append(f"kernel stamps' residual rms is {diag.residual_rms:.2f} sigma (at most "
+                        f"{cfg.max_stamp_residual_rms:g}): the kernel cannot match the images")
+    if problems:
+        raise BadSubtractionError("bad subtraction: " + "; ".join(problems), source)
+
+
+def subtract(science: Exposure, template: Exposure, config: SubtractConfig | None = None) -> SubtractionResult:
+    """PSF-matched difference of ``science`` minus ``template`` (same pixel grid), in the configured flavor.
+
+    Raises BadInputError (shapes), NoOverlapError, InsufficientKernelSourcesError or BadSubtractionError
+    (the fit shows the images do not match) with the file named.
+    """
+    cfg = config or SubtractConfig()
+    pair = prepare_pair(science, template, cfg)
+    problem = matching_problem(pair, cfg)
+    sources = select_sources(pair, problem, cfg)
+    fit = fit_kernel(problem, sources, cfg)
+    convolved = convolve_pair(pair, problem, fit, cfg)
+    decorrelated = decorrelate(pair, problem, fit, convolved, cfg)
+    return finalize(pair, problem, sources, fit, convolved, decorrelated, cfg)
