@@ -82,7 +82,22 @@ def _database_error(url: str, exc: Exception) -> ApdbError:
 
 
 def create_apdb(url: str | Path, config_path: str | Path, namespace: str | None = None) -> Path:
-    """Make the APDB tables at ``url`` and write the APDB config file (``apdb.yaml``)."""
+    """Make the APDB tables at ``url`` and write the APDB config file.
+
+    Parameters
+    ----------
+    url : str or Path
+        A SQLite file path or URL, or a PostgreSQL URL.
+    config_path : str or Path
+        Where to write the config (``apdb.yaml``).
+    namespace : str, optional
+        The PostgreSQL schema.
+
+    Returns
+    -------
+    Path
+        The config file.
+    """
     import sqlalchemy
     from lsst.dax.apdb.sql import ApdbSql
 
@@ -209,7 +224,17 @@ class ApdbHandle:
 
 
 def open_apdb(config_path: str | Path) -> ApdbHandle:
-    """Open an APDB from its config file, checking that the database answers."""
+    """Open an APDB from its config file, checking that the database answers.
+
+    Parameters
+    ----------
+    config_path : str or Path
+
+    Returns
+    -------
+    ApdbHandle
+        Reads regions and stores visits.
+    """
     from lsst.dax.apdb import Apdb
 
     config_path = Path(config_path)

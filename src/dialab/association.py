@@ -195,10 +195,24 @@ def forced_sources(objects: pd.DataFrame, difference: Exposure, science: Exposur
 
 def store_visit_detector(handle, catalog: pd.DataFrame, difference: Exposure, science: Exposure | None = None,
                          config: AssociateConfig | None = None) -> dict:
-    """Associate one (visit, detector) catalog (fluxes in counts) with the APDB and store it, once.
+    """Associate one (visit, detector) catalog with the APDB's diaObjects and store it, once.
 
-    Returns counts: sources stored, objects new/updated, forced sources; ``stored`` False when the
-    APDB already held this (visit, detector).
+    Parameters
+    ----------
+    handle : ApdbHandle
+    catalog : pandas.DataFrame
+        diaSources (fluxes in counts) of ``difference``.
+    difference : Exposure
+        Its WCS places the sources on the sky; its MAGZERO converts fluxes to nJy.
+    science : Exposure, optional
+        For forced science fluxes of every object in the image.
+    config : AssociateConfig, optional
+
+    Returns
+    -------
+    dict
+        Counts: sources stored, objects new and updated, forced sources; ``stored`` is False when the
+        APDB already held this (visit, detector).
     """
     cfg = config or AssociateConfig()
     visit, detector, band, mjd = difference.visit, difference.detector, difference.band, difference.mjd

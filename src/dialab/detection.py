@@ -69,6 +69,20 @@ def detect_sources(exp, config: DetectConfig | None = None, is_score: bool | Non
 
     Sets CR (when enabled), DETECTED and DETECTED_NEGATIVE in ``exp.mask``; the image itself is not
     changed (the residual background is returned separately).
+
+    Parameters
+    ----------
+    exp : Exposure
+        The difference, with its PSF.
+    config : DetectConfig, optional
+    is_score : bool, optional
+        The image is already PSF-filtered (default: the header's SCORE key).
+    workers : int, optional
+        FFT threads.
+
+    Returns
+    -------
+    Detections
     """
     cfg = config or DetectConfig()
     if exp.psf is None:
@@ -106,6 +120,16 @@ def detect_sources(exp, config: DetectConfig | None = None, is_score: bool | Non
     py = np.concatenate([ymax, ymin]).astype(int)
     px = np.concatenate([xmax, xmin]).astype(int)
     sign = np.concatenate([np.ones(len(ymax)), -np.ones(len(ymin))])
+    footprints, new_labels = _footprints(labels, n, snr, px, py, sign)
+    exp.set_plane("DETECTED", pos_grown & (new_labels > 0))
+    exp.set_plane("DETECTED_NEGATIVE", neg_grown & (new_labels > 0))
+    sky = _sky_positions(new_labels > 0, unusable, cfg.n_sky_sources, int(np.ceil(3 * sigma)), cfg.sky_source_seed)
+    return Detections(footprints, new_labels, snr, bg, sky, is_score, noise_scale)
+
+
+def _footprints(labels: np.ndarray, n: int, snr: np.ndarray, px: np.ndarray, py: np.ndarray, sign: np.ndarray
+                ) -> tuple[list[Footprint], np.ndarray]:
+    """One Footprint per labelled region that holds a peak (renumbered from 1), and the new label image."""
     owner = labels[py, px]
     footprints = []
     slices = ndimage.find_objects(labels)
@@ -127,10 +151,7 @@ def detect_sources(exp, config: DetectConfig | None = None, is_score: bool | Non
         peaks = np.column_stack([px[sel], py[sel], snr[py[sel], px[sel]], sign[sel]])
         peaks = peaks[np.argsort(-np.abs(peaks[:, 2]))]
         footprints.append(Footprint(fid, pixels, bbox, peaks))
-    exp.set_plane("DETECTED", pos_grown & (new_labels > 0))
-    exp.set_plane("DETECTED_NEGATIVE", neg_grown & (new_labels > 0))
-    sky = _sky_positions(new_labels > 0, unusable, cfg.n_sky_sources, int(np.ceil(3 * sigma)), cfg.sky_source_seed)
-    return Detections(footprints, new_labels, snr, bg, sky, is_score, noise_scale)
+    return footprints, new_labels
 
 
 def filtered_noise_scale(snr: np.ndarray, unusable: np.ndarray, threshold: float, grow: int) -> float:

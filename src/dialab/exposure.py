@@ -1,4 +1,4 @@
-"""The Exposure container and its FITS formats (DESIGN section 3).
+"""The Exposure container and its FITS formats (described on the formats page of the docs).
 
 Two layouts are read: the LSST-style multi-extension file (IMAGE / MASK / VARIANCE / [PSF,
 PSF_GRID]) that dialab also writes, and a *plain* single-image FITS as telescopes write it, whose
@@ -229,10 +229,28 @@ def _extra_cards(header: fits.Header) -> fits.Header:
 
 def read_exposure(path: str | Path, psf: str | Path | Psf | None = None, noise: str | Path | None = None,
                   mask: str | Path | None = None) -> Exposure:
-    """Read an Exposure from a multi-extension dialab/LSST file or a plain single-image FITS.
+    """Read an exposure from a multi-extension dialab/LSST file or a plain single-image FITS.
 
-    ``psf`` (a stamp file or model), ``noise`` (a 1-sigma map) and ``mask`` (non-zero = BAD)
-    override or complete what the file holds.
+    Parameters
+    ----------
+    path : str or Path
+        The FITS file (see the formats page for both layouts).
+    psf : str, Path or Psf, optional
+        A PSF stamp file or model; overrides the file's PSF HDU.
+    noise : str or Path, optional
+        A 1-sigma noise map; replaces the variance plane.
+    mask : str or Path, optional
+        A mask image, non-zero = BAD; ORed into the mask plane.
+
+    Returns
+    -------
+    Exposure
+        Image, mask, variance, PSF (None when neither given nor in the file) and metadata.
+
+    Raises
+    ------
+    BadInputError
+        Naming the file and the problem (missing, truncated, not 2-d, ...).
     """
     path = Path(path)
     with _open(path) as hdul:
@@ -417,7 +435,17 @@ def _psf_hdus(psf: Psf) -> list[fits.hdu.base.ExtensionHDU]:
 
 
 def write_exposure(exp: Exposure, path: str | Path, extra_hdus: list | None = None) -> None:
-    """Write the multi-extension layout, atomically (temporary name, then rename)."""
+    """Write an exposure in the multi-extension layout, atomically (a temporary name, then a rename).
+
+    Parameters
+    ----------
+    exp : Exposure
+        What to write (its PSF, when present, as a PSF HDU).
+    path : str or Path
+        The output file.
+    extra_hdus : list of astropy.io.fits HDUs, optional
+        Appended after the standard HDUs (e.g. the kernel image of a difference).
+    """
     path = Path(path)
     primary = fits.Header()
     primary.update(exp.header)

@@ -54,10 +54,24 @@ def _area_deg2(exp: Exposure) -> float:
 
 def make_fake_catalog(science: Exposure, config: InjectConfig | None = None,
                       template: Exposure | None = None, hosts: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Truth table: id, ra, dec, x, y, mag, flux (counts), flux_nJy, target, expected_snr, on_host.
+    """The truth table of fakes for one science exposure, reproducible from (seed, visit, detector).
 
-    With ``hosts`` (columns x, y, mag) a ``host_fraction`` of the fakes sit on randomly chosen
-    hosts inside the edge margin, at host magnitude + N(1, 1), like supernovae on their galaxies.
+    With ``hosts`` (columns x, y, mag) a ``host_fraction`` of the fakes sit on randomly chosen hosts inside the
+    edge margin, at host magnitude + N(1, 1), like supernovae on their galaxies.
+
+    Parameters
+    ----------
+    science : Exposure
+        With its PSF (and MAGZERO; without it an instrumental zeropoint puts the 5-sigma limit at 24).
+    config : InjectConfig, optional
+    template : Exposure, optional
+        For the expected S/N on the difference.
+    hosts : pandas.DataFrame, optional
+
+    Returns
+    -------
+    pandas.DataFrame
+        id, ra, dec, x, y, mag, flux (counts), flux_nJy, target ("visit" or "template"), expected_snr, on_host.
     """
     cfg = config or InjectConfig()
     if science.psf is None:
@@ -154,8 +168,24 @@ def template_counts_per_science_count(science: Exposure, template: Exposure) -> 
 
 def inject_catalog(science: Exposure, template: Exposure, fakes: pd.DataFrame, seed: int = 0
                    ) -> tuple[Exposure, Exposure]:
-    """Inject the visit fakes into the science image and the template fakes into the template
-    (at the template's pixel position of the fake's sky position when both have a WCS)."""
+    """Inject the visit fakes into the science image and the template fakes into the template.
+
+    Template fakes go at the template's pixel position of the fake's sky position when both have a WCS,
+    scaled to the template's flux scale.
+
+    Parameters
+    ----------
+    science, template : Exposure
+    fakes : pandas.DataFrame
+        From :func:`dialab.make_fake_catalog`.
+    seed : int
+        Seed of the Poisson noise added with the fakes.
+
+    Returns
+    -------
+    (Exposure, Exposure)
+        Copies of science and template with the fakes, their variance and INJECTED planes.
+    """
     vis = fakes[fakes.target == "visit"]
     tpl = fakes[fakes.target == "template"]
     sci_out = inject_fakes(science, vis.x.to_numpy(), vis.y.to_numpy(), vis.flux.to_numpy(), seed)

@@ -51,8 +51,26 @@ def match_sky(ra1, dec1, ra2, dec2, radius_arcsec: float) -> tuple[np.ndarray, n
 
 def match_fakes(fakes: pd.DataFrame, sources: pd.DataFrame, difference: Exposure,
                 radius_arcsec: float = 0.5, edge_pix: int = 50) -> pd.DataFrame:
-    """The truth table with diaSourceId (0 if not found), distance (arcsec), forced photometry at the
-    true position on the difference, and ``near_edge`` (excluded from efficiency)."""
+    """Match fakes to diaSources one-to-one and measure forced photometry at the fakes' true positions.
+
+    Parameters
+    ----------
+    fakes : pandas.DataFrame
+        The truth table.
+    sources : pandas.DataFrame
+        The diaSources of the same difference.
+    difference : Exposure
+    radius_arcsec : float
+        Largest fake-source distance of a match.
+    edge_pix : int
+        Fakes closer to the border are marked ``near_edge`` (excluded from efficiency).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The truth table with diaSourceId (0 if not found), distance (arcsec), forced_psfFlux,
+        forced_psfFluxErr, forced_snr and near_edge.
+    """
     scale = pixel_scale_arcsec(difference)
     out = fakes.copy()
     found = sources[["x", "y"]].to_numpy(float) if len(sources) else np.zeros((0, 2))

@@ -64,7 +64,7 @@ def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | Non
 
 # --------------------------------------------------------------------------- diaSource measurement
 
-#: pixelFlags_<name>: (mask plane, "footprint" or "center") per DESIGN section 4.
+#: pixelFlags_<name>: (mask plane, where): "footprint" = anywhere in it, "center" = the 3x3 pixels at the centroid.
 PIXEL_FLAGS = {
     "bad": ("BAD", "footprint"),
     "suspect": ("SUSPECT", "footprint"),
@@ -385,11 +385,28 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = 4.0, min_snr: float 
 
 def detect_and_measure(result, science: Exposure | None = None, matched_template: Exposure | None = None,
                        detect_config=None, measure_config: MeasureConfig | None = None):
-    """Detect diaSources on a SubtractionResult (or a difference Exposure) and measure them.
+    """Detect diaSources on a difference and measure them.
 
-    With ``measure_config.aperture_correction`` PSF fluxes (difference, forced science and template) are
-    aperture-corrected with the correction of the science (template) image, recorded as
-    ``catalog.attrs["apCorr"]``. Returns (catalog, detections, sky-source photometry).
+    Parameters
+    ----------
+    result : SubtractionResult or Exposure
+        The subtraction (or a difference exposure with a PSF, e.g. another tool's).
+    science, matched_template : Exposure, optional
+        For forced PSF fluxes at each diaSource (``scienceFlux``, ``templateFlux``).
+    detect_config : DetectConfig, optional
+    measure_config : MeasureConfig, optional
+        With ``aperture_correction`` PSF fluxes (difference, forced science and template) are
+        aperture-corrected with the correction of the science (template) image, recorded as
+        ``catalog.attrs["apCorr"]``.
+
+    Returns
+    -------
+    catalog : pandas.DataFrame
+        One row per diaSource in APDB column names (fluxes in counts).
+    detections : Detections
+        Footprints, the thresholded S/N image and the filtered-noise scale.
+    sky : pandas.DataFrame
+        PSF photometry at empty sky positions (``DetectConfig.n_sky_sources``).
     """
     diff = result.difference if isinstance(result, SubtractionResult) else result
     if science is not None and science.psf is None and isinstance(result, SubtractionResult):

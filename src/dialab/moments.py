@@ -1,7 +1,7 @@
 """Adaptive (Gaussian-weighted) second moments, the size measure of PSFs and sources.
 
 For a Gaussian profile the adaptive moments equal the profile's covariance exactly, so the sigma
-they give is the sigma of DESIGN section 4; for other profiles they are the moments of the
+they give is dialab's PSF sigma (FWHM = 2.3548 sigma); for other profiles they are the moments of the
 best-matching elliptical Gaussian (Bernstein & Jarvis 2002), finite even for Moffat wings.
 They are GalSim's HSM implementation (Hirata & Seljak 2003), which also takes a bad-pixel mask.
 """

@@ -493,8 +493,33 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
 
     Stars are found twice (the second time with a filter of the size the first found), then the model is
     refined in up to three rounds: fitted per pixel as a polynomial of the position (constant, linear or
-    quadratic, as the stars' sizes show significant variation, or ``order``), and every source whose excess residual against
-    it is an outlier (a galaxy, blend or cosmic ray that passed the size cut) is dropped.
+    quadratic, as the stars' sizes show significant variation, or ``order``), and every source whose excess
+    residual against it is an outlier (a galaxy, blend or cosmic ray that passed the size cut) is dropped.
+
+    Parameters
+    ----------
+    exposure : Exposure
+        The image to measure.
+    size : int, optional
+        Odd stamp size; default six FWHM, between 11 and 75 pixels.
+    max_stars, min_stars : int
+        Most stars used; fewest accepted.
+    min_snr : float
+        Lowest S/N of a PSF star.
+    background : Background, optional
+        A background already estimated for this image.
+    order : int, optional
+        Polynomial order of the spatial variation (default: chosen by an F test on the stars' sizes).
+
+    Returns
+    -------
+    Psf
+        An ``ImagePsf``, or a ``GridPsf`` when the PSF varies.
+
+    Raises
+    ------
+    PsfMeasurementError
+        When too few usable stars are found.
     """
     bg = background or estimate_background(exposure.image, exposure.plane("NO_DATA", "BAD"))
     found = select_psf_stars(exposure, bg, min_snr, max_stars, min_stars)

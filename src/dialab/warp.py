@@ -165,7 +165,23 @@ def measure_offset(src: Exposure, dst: Exposure, max_shift_fraction: float = 0.3
 
 
 def align_to(template: Exposure, science: Exposure) -> Exposure:
-    """The template on the science grid: warped by WCS, shifted by star registration, or as is."""
+    """The template on the science pixel grid: warped by WCS, shifted by star registration, or as is.
+
+    Parameters
+    ----------
+    template, science : Exposure
+        The template to align, and the science exposure whose grid it is aligned to.
+
+    Returns
+    -------
+    Exposure
+        The template resampled flux-conservingly, mask and variance carried, PSF kept.
+
+    Raises
+    ------
+    NoOverlapError
+        When the template does not cover the science image.
+    """
     if template.wcs is not None and science.wcs is not None:
         if same_grid(science, template):
             return template

@@ -229,7 +229,20 @@ _STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}
 
 
 def build_report(folders: list[str | Path], output: str | Path) -> Path:
-    """Write ``index.html``, its PNG figures and CSV tables into ``output``; returns the HTML path."""
+    """Write the flavor-comparison report: ``index.html``, its PNG figures and CSV tables.
+
+    Parameters
+    ----------
+    folders : list of str or Path
+        Run folders (each with one or more flavors).
+    output : str or Path
+        The report folder.
+
+    Returns
+    -------
+    Path
+        ``index.html``.
+    """
     if not folders:
         raise BadInputError("give at least one run folder")
     runs = load_runs(folders)

@@ -1,6 +1,6 @@
 """The pipeline configuration: one YAML file (or several, merged in order), validated by pydantic.
 
-Each stage has its section, with the defaults of DESIGN; unknown keys and wrong types are errors
+Each stage has its section, with defaults that follow LSST ip_diffim; unknown keys and wrong types are errors
 naming the key path. ``flavors`` lists the subtraction flavors to run (default: ``subtract.flavor``).
 """
 
@@ -89,7 +89,23 @@ def _format(exc: ValidationError) -> str:
 
 
 def load_pipeline(paths: list[str | Path] | None = None, overrides: dict | None = None) -> PipelineConfig:
-    """Merge the YAML files in order, then ``overrides``; validate. Errors name the file and key path."""
+    """Merge pipeline YAML files in order, then ``overrides``, and validate.
+
+    Parameters
+    ----------
+    paths : list of str or Path, optional
+    overrides : dict, optional
+        Nested keys as in the YAML.
+
+    Returns
+    -------
+    PipelineConfig
+
+    Raises
+    ------
+    BadInputError
+        Naming the file and the key path of an unknown key or a wrong type.
+    """
     data: dict = {}
     for path in paths or []:
         path = Path(path)

@@ -149,7 +149,29 @@ def associate_flavor(out: Path, manifest: Manifest, flavor: str, units: list[Uni
 
 def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | Path, flavors: list[str] | None = None,
                  resume: bool = False, apdb_url: str | None = None, progress: bool = True) -> RunResult:
-    """Run every (entry, flavor) unit, then associate and store each flavor's diaSources."""
+    """Run every (entry, flavor) unit of a manifest, then associate and store each flavor's diaSources.
+
+    Parameters
+    ----------
+    manifest_path : str or Path
+        The dataset's ``dataset.yaml``.
+    config : PipelineConfig
+        See :func:`dialab.load_pipeline`.
+    out : str or Path
+        The run folder.
+    flavors : list of str, optional
+        Default: the configuration's.
+    resume : bool
+        Continue a run in ``out``: finished units are kept, the rest done.
+    apdb_url : str, optional
+        A PostgreSQL URL instead of one SQLite APDB per flavor.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    RunResult
+    """
     t0 = time.perf_counter()
     manifest = read_manifest(manifest_path)
     out = Path(out)

@@ -2,7 +2,7 @@
 
 Layout under the output folder::
 
-    dataset.yaml                         manifest (DESIGN section 3) + spec, seed, truth paths
+    dataset.yaml                         manifest (see the formats page of the docs) + spec, seed, truth paths
     science/<band>/<visit>/<detector>.fits
     templates/<band>/<detector>.fits
     truth/objects.parquet                every object of the field (static and variable)
@@ -111,7 +111,24 @@ def _check_output(out: Path) -> None:
 
 def simulate_dataset(spec: SurveySpec, output: str | Path, seed: int = 1, workers: int | None = None,
                      progress: bool = True) -> Path:
-    """Render every science exposure and template of ``spec`` into ``output``; returns the manifest path."""
+    """Render every science exposure and template of a survey spec, with their truth tables.
+
+    Parameters
+    ----------
+    spec : SurveySpec
+        See :func:`dialab.get_spec`.
+    output : str or Path
+        The dataset folder.
+    seed : int
+    workers : int, optional
+        Processes.
+    progress : bool
+
+    Returns
+    -------
+    Path
+        The manifest (``dataset.yaml``).
+    """
     out = Path(output)
     _check_output(out)
     conditions = draw_conditions(spec, seed)

@@ -4,8 +4,8 @@ Convolving one input with K correlates its noise; the filter
 phi(f) = sqrt((s1^2 + s2^2 k_s^2) / (s1^2 + s2^2 |K(f)|^2))
 whitens the difference back to variance s1^2 + s2^2 k_s^2. For the preconvolution score
 S = v*N - K*R the filter is phi_S(f) = sqrt((s1^2 + s2^2 k_s^2) |v(f)|^2 / (s1^2 |v(f)|^2 + s2^2 |K(f)|^2)),
-which leaves S with the noise of v * (white noise); DESIGN's phi_S is the same with the square root
-(written there without it), since the noise power spectrum, not its amplitude, is what adds.
+which leaves S with the noise of v * (white noise); the score filter is sometimes written without the square root,
+but the noise power spectrum, not its amplitude, is what adds.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def psf_axes(psf: Psf, x: float | None = None, y: float | None = None) -> tuple[
 
 
 def choose_convolved(science_psf: Psf, template_psf: Psf, flavor: str) -> str:
-    """Which image the kernel convolves: DESIGN's auto rule compares both axes' second moments."""
+    """Which image the kernel convolves. auto convolves the science image only when the template PSF is wider on
+    both axes (adaptive second moments): then convolving the template would be a deconvolution."""
     if flavor in ("convolveTemplate", "preconvolution"):
         return "template"
     if flavor == "convolveScience":
@@ -362,10 +363,34 @@ def check_subtraction(diag: SubtractionDiagnostics, science: Exposure, template:
 
 
 def subtract(science: Exposure, template: Exposure, config: SubtractConfig | None = None) -> SubtractionResult:
-    """PSF-matched difference of ``science`` minus ``template`` (same pixel grid), in the configured flavor.
+    """PSF-matched difference of ``science`` minus ``template`` in the configured flavor.
 
-    Raises BadInputError (shapes), NoOverlapError, InsufficientKernelSourcesError or BadSubtractionError
-    (the fit shows the images do not match) with the file named.
+    Runs the named steps ``prepare_pair -> matching_problem -> select_sources -> fit_kernel -> convolve_pair
+    -> decorrelate -> finalize``.
+
+    Parameters
+    ----------
+    science, template : Exposure
+        On the same pixel grid (see :func:`dialab.align_to`); PSFs are measured from stars when absent.
+    config : SubtractConfig, optional
+        Flavor, kernel basis, candidate selection and checks (defaults follow LSST ip_diffim).
+
+    Returns
+    -------
+    SubtractionResult
+        The difference on the science flux scale (for preconvolution the score image), the matched image,
+        the kernel and the diagnostics.
+
+    Raises
+    ------
+    BadInputError
+        Different shapes.
+    NoOverlapError
+        The template covers too little of the science image.
+    InsufficientKernelSourcesError
+        Too few kernel stamps.
+    BadSubtractionError
+        The fit shows the images do not match (e.g. the template is of another field).
     """
     cfg = config or SubtractConfig()
     pair = prepare_pair(science, template, cfg)
