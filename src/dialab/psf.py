@@ -8,7 +8,6 @@ Every model returns odd-sized stamps with sum 1 centred on the central pixel.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from .background import estimate_background
 from .errors import BadInputError, PsfMeasurementError
 from .imageops import Chebyshev2D
 from .moments import adaptive_moments
-from .stars import select_psf_stars
+from .stars import ArrayColumns, select_psf_stars
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -330,7 +329,7 @@ def map_stamps(psf: Psf, fn) -> Psf:
 
 
 @dataclass(frozen=True)
-class StarStamps:
+class StarStamps(ArrayColumns):
     """Recentred star stamps normalised to unit sum, with their positions and noise (same units)."""
 
     stamps: np.ndarray  # (n, size, size)
@@ -338,12 +337,6 @@ class StarStamps:
     x: np.ndarray
     y: np.ndarray
     snr: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def select(self, keep: np.ndarray) -> StarStamps:
-        return StarStamps(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
 
 
 def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: int,

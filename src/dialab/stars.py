@@ -18,8 +18,18 @@ from .imageops import find_peaks, gaussian_filtered_snr, window_any
 from .moments import adaptive_moments
 
 
+class ArrayColumns:
+    """A dataclass of equal-length arrays (one entry per star): its length, and the rows a mask keeps."""
+
+    def __len__(self) -> int:
+        return len(getattr(self, dataclasses.fields(self)[0].name))
+
+    def select(self, keep: np.ndarray):
+        return type(self)(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
+
+
 @dataclass(frozen=True)
-class StarCandidates:
+class StarCandidates(ArrayColumns):
     """Bright point-like sources in an image (arrays of equal length, brightest first)."""
 
     x: np.ndarray
@@ -30,12 +40,6 @@ class StarCandidates:
     ellipticity: np.ndarray
     isolated: np.ndarray
     clean: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def select(self, keep: np.ndarray) -> StarCandidates:
-        return StarCandidates(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
 
 
 def find_stars(exposure, sigma_guess_pix: float = 2.0, min_snr: float = 20.0, radius_pix: int | None = None,

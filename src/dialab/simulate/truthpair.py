@@ -10,37 +10,38 @@ known flux sit in the science image only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import galsim
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..exposure import Exposure
 from ..psf import GridPsf
 from .render import add_noise, random_star_field
 
 
-@dataclass(frozen=True)
-class TruthPairSpec:
-    """FWHMs in pixels at the image centre; ``fwhm_gradient`` is the fractional change from centre to the left/right
-    edges; ``depth`` the template's exposure relative to the science; ``flux_ratio`` science / template counts."""
+class TruthPairSpec(BaseModel):
+    """A science/template pair on one pixel grid whose every calibration number is known: the yardstick of PSF,
+    kernel-sum and flux measurements."""
 
-    shape: tuple[int, int] = (1024, 1024)
-    science_fwhm: float = 4.0
-    template_fwhm: float = 3.4
-    fwhm_gradient: float = 0.06
-    ellipticity: float = 0.04
-    n_stars: int = 120
-    n_galaxies: int = 400
-    n_transients: int = 60
-    sky: float = 600.0
-    gain: float = 2.0
-    read_noise_e: float = 5.0
-    depth: float = 3.0
-    flux_ratio: float = 0.8
-    magzero: float = 30.0
-    airy_lam_over_diam: float = 0.9  # pixels: the telescope's diffraction scale
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shape: tuple[int, int] = Field((1024, 1024), description="(ny, nx) pixels; science and template share the grid")
+    science_fwhm: float = Field(4.0, gt=0, description="science PSF FWHM (pixels) at the image centre")
+    template_fwhm: float = Field(3.4, gt=0, description="template PSF FWHM (pixels) at the image centre")
+    fwhm_gradient: float = Field(0.06, ge=0, lt=1, description="fractional FWHM change from centre to left/right edge")
+    ellipticity: float = Field(0.04, ge=0, lt=0.5, description="PSF shear g1 (g2 is minus half of it)")
+    n_stars: int = Field(120, ge=0, description="stars, log-uniform in flux")
+    n_galaxies: int = Field(400, ge=0, description="compact exponential galaxies, sizes comparable to the PSF")
+    n_transients: int = Field(60, ge=0, description="point sources in the science image only")
+    sky: float = Field(600.0, ge=0, description="science sky counts per pixel (subtracted, its noise kept)")
+    gain: float = Field(2.0, gt=0, description="electrons per count")
+    read_noise_e: float = Field(5.0, ge=0, description="read noise, electrons")
+    depth: float = Field(3.0, gt=0, description="template exposure relative to the science")
+    flux_ratio: float = Field(0.8, gt=0, description="science counts per template count of one source: the true "
+                              "kernel sum of convolveTemplate")
+    magzero: float = Field(30.0, description="AB magnitude of one science count")
+    airy_lam_over_diam: float = Field(0.9, gt=0, description="the telescope's diffraction scale lambda/D, pixels")
 
 
 def psf_profile(spec: TruthPairSpec, fwhm: float, x: float) -> galsim.GSObject:
@@ -73,12 +74,13 @@ def _draw(canvas: galsim.ImageF, profile: galsim.GSObject, x: float, y: float) -
         canvas[bounds] += stamp[bounds]
 
 
-def simulate_truth_pair(spec: TruthPairSpec = TruthPairSpec(), seed: int = 1
+def simulate_truth_pair(spec: TruthPairSpec | None = None, seed: int = 1
                         ) -> tuple[Exposure, Exposure, pd.DataFrame, pd.DataFrame]:
     """Science, template (PSFs attached: the true ones), the transients' truth and the static sources' truth.
 
     Counts: a source of true flux F has F counts in the science image and F / flux_ratio in the template.
     """
+    spec = spec or TruthPairSpec()
     rng = np.random.default_rng(seed)
     ny, nx = spec.shape
     sx, sy, sflux = random_star_field(spec.shape, spec.n_stars, rng, flux_range=(3e3, 3e5), border_pix=5)
