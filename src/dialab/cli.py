@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from . import __version__
-from .errors import DialabError
+from .errors import BadInputError, DialabError
 
 EXIT_BAD_INPUT = 2
 
@@ -37,16 +40,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subtract_settings(args: argparse.Namespace):
+    """The subtraction and repair configuration: a YAML file (a pipeline file or bare subtract keys), then the
+    command-line options over it."""
+    from .pipeline.config import PipelineConfig, load_pipeline, subtract_section
+    from .subtraction import SubtractConfig
+
+    config = load_pipeline([args.config], wrap=subtract_section) if args.config else PipelineConfig()
+    overrides = {"flavor": args.flavor, "workers": args.workers,
+                 "decorrelate": False if args.no_decorrelate else None}
+    subtract = config.subtract.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    repair = config.repair.model_copy(update={"cosmic_rays": False}) if args.keep_cosmic_rays else config.repair
+    return SubtractConfig.model_validate(subtract.model_dump()), repair
+
+
 def _cmd_subtract(args: argparse.Namespace) -> int:
-    from .pipeline.config import RepairConfig
     from .pipeline.prepare import prepare_science, prepare_template
     from .pipeline.repository import write_difference
-    from .subtraction import SubtractConfig, subtract
+    from .subtraction import subtract
 
-    science = prepare_science(args.science, args.science_psf, args.science_noise,
-                              repair=RepairConfig(cosmic_rays=not args.keep_cosmic_rays))
+    check_output_path(args.output, (".fits", ".fit", ".fits.gz"))
+    config, repair = _subtract_settings(args)
+    science = prepare_science(args.science, args.science_psf, args.science_noise, repair=repair)
     template = prepare_template(science, args.template, args.template_psf, args.template_noise)
-    config = SubtractConfig(flavor=args.flavor, decorrelate=not args.no_decorrelate)
     result = subtract(science, template, config)
     write_difference(result, args.output)
     d = result.diagnostics
@@ -59,20 +75,42 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from .detection import DetectConfig
     from .exposure import read_exposure
     from .measurement import BAD_FLAGS, detect_and_measure
+    from .pipeline.prepare import prepare_science, prepare_template
 
-    diff = read_exposure(args.difference)
+    fmt = check_output_path(args.output, (".parquet", ".pq", ".csv"))
+    diff = read_exposure(args.difference, psf=args.psf)
     if diff.psf is None:
-        from .errors import BadInputError
-
-        raise BadInputError("the difference has no PSF HDU (write it with dialab subtract)", args.difference)
-    cat, _, _ = detect_and_measure(diff, detect_config=DetectConfig(threshold=args.threshold))
-    cat.to_parquet(args.output)
+        raise BadInputError("the difference has no PSF HDU: give --psf (a PSF stamp FITS)", args.difference)
+    science = prepare_science(args.science, args.science_psf) if args.science else None
+    template = None
+    if args.template:
+        grid = science or diff
+        template = prepare_template(grid, args.template, args.template_psf)
+    cat, _, _ = detect_and_measure(diff, science=science, matched_template=template,
+                                   detect_config=DetectConfig(threshold=args.threshold))
+    if fmt == ".csv":
+        cat.to_csv(args.output, index=False)
+    else:
+        cat.to_parquet(args.output)
     flagged = int(cat[list(BAD_FLAGS)].any(axis=1).sum()) if len(cat) else 0
     pos = int((~cat.isNegative & ~cat.isDipole).sum()) if len(cat) else 0
     neg = int((cat.isNegative & ~cat.isDipole).sum()) if len(cat) else 0
     dipoles = int(cat.isDipole.sum()) if len(cat) else 0
     print(f"{args.output}: {len(cat)} diaSources ({pos} positive, {neg} negative, {dipoles} dipoles, {flagged} flagged)")
     return 0
+
+
+def check_output_path(path: str, suffixes: tuple[str, ...]) -> str:
+    """The output's format (its suffix) when the path can be written: a known suffix, an existing folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise BadInputError("is a folder: give a file name", path)
+    if not target.parent.is_dir():
+        raise BadInputError(f"folder {target.parent} does not exist", path)
+    suffix = next((x for x in suffixes if target.name.lower().endswith(x)), None)
+    if suffix is None:
+        raise BadInputError(f"unknown output type: name it {' or '.join('*' + x for x in suffixes)}", path)
+    return suffix
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -94,7 +132,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import time
 
-    from .errors import BadInputError
     from .simulate.specs import get_spec
     from .simulate.survey import simulate_dataset
 
@@ -153,11 +190,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _verbosity(default) -> argparse.ArgumentParser:
+    """-v and -q, accepted before and after the subcommand (after it, they do not reset what came before)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=default,
+                        help="log progress and decisions (-vv: also third-party warnings and debug detail)")
+    common.add_argument("-q", "--quiet", action="store_true", default=default if default is argparse.SUPPRESS
+                        else False, help="print errors only")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dialab", description="Difference image analysis and its evaluation.")
+    parser = argparse.ArgumentParser(prog="dialab", description="Difference image analysis and its evaluation.",
+                                     parents=[_verbosity(0)])
     parser.add_argument("--version", action="version", version=f"dialab {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = _verbosity(argparse.SUPPRESS)
+    add = sub.add_parser
+
+    def subcommand(name, **kwargs):
+        return add(name, parents=[common], **kwargs)
+
+    sub.add_parser = subcommand
 
     info = sub.add_parser("info", help="describe an image: shape, band, WCS, PSF, noise, mask planes")
     info.add_argument("file", help="FITS image (dialab layout or plain)")
@@ -171,8 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub_p = sub.add_parser("subtract", help="PSF-matched difference of a science image and a template")
     sub_p.add_argument("science", help="science FITS")
     sub_p.add_argument("template", help="template FITS (warped onto the science grid when the WCSs differ)")
-    sub_p.add_argument("-o", "--output", required=True, help="difference FITS to write")
-    sub_p.add_argument("--flavor", choices=FLAVORS, default="convolveTemplate")
+    sub_p.add_argument("-o", "--output", required=True, help="difference FITS to write (*.fits)")
+    sub_p.add_argument("--flavor", choices=FLAVORS,
+                       help="which image is convolved: convolveTemplate (default; D = N - K*R), convolveScience "
+                            "(D = K*N - R), auto (convolve the sharper image), preconvolution (the science image "
+                            "filtered by its PSF first; writes the score image)")
+    sub_p.add_argument("-c", "--config", help="YAML with subtraction settings: a pipeline file (its subtract and "
+                       "repair sections) or bare SubtractConfig keys such as 'spatial_order: 2'")
+    sub_p.add_argument("--workers", type=int, help="FFT threads (default: the core count)")
     sub_p.add_argument("--science-psf", help="science PSF stamp FITS (else measured)")
     sub_p.add_argument("--template-psf", help="template PSF stamp FITS (else measured)")
     sub_p.add_argument("--science-noise", help="science 1-sigma noise map FITS")
@@ -183,8 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub_p.set_defaults(func=_cmd_subtract)
 
     det = sub.add_parser("detect", help="detect and measure diaSources on a difference image")
-    det.add_argument("difference", help="difference FITS written by dialab subtract")
-    det.add_argument("-o", "--output", required=True, help="diaSources Parquet file")
+    det.add_argument("difference", help="difference FITS (written by dialab subtract, or by another tool with --psf)")
+    det.add_argument("-o", "--output", required=True, help="diaSources table: *.parquet or *.csv")
+    det.add_argument("--psf", help="PSF stamp FITS of the difference (when the file has no PSF HDU)")
+    det.add_argument("--science", help="science FITS: forced PSF flux at each diaSource (scienceFlux)")
+    det.add_argument("--science-psf", help="science PSF stamp FITS (else measured)")
+    det.add_argument("--template", help="template FITS (PSF-matched or not): forced PSF flux (templateFlux)")
+    det.add_argument("--template-psf", help="template PSF stamp FITS (else measured)")
     det.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
     det.set_defaults(func=_cmd_detect)
 
@@ -214,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pipeline YAML (repeat to layer, e.g. pipelines/default.yaml pipelines/with_fakes.yaml)")
     run.add_argument("-o", "--output", required=True, help="output repository folder")
     run.add_argument("--flavor", action="append", choices=FLAVORS, help="flavor(s) to run (default: the config's)")
-    run.add_argument("--executor", choices=("local", "dask"))
+    run.add_argument("--executor", choices=("local", "dask"), help="local processes (default) or a Dask cluster")
     run.add_argument("--workers", type=int, help="parallel units (default: the core count)")
     run.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
     run.add_argument("--apdb", help="APDB database URL (default: a SQLite file per flavor in the output)")
@@ -229,24 +294,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="simulate hsc-sprint-mini, run every flavor with fakes, write the report")
     demo.add_argument("-o", "--output", default="demo-output", help="folder for the demo's files")
-    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--seed", type=int, default=1, help="the simulation's and the fakes' seed")
     demo.add_argument("--workers", type=int, help="parallel units (default: the core count)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
 
+def _configure_output(verbosity: int, quiet: bool) -> None:
+    """dialab's warnings always show (unless -q); -v adds its progress and decisions, -vv third-party warnings."""
+    level = logging.ERROR if quiet else logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity else \
+        logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.captureWarnings(True)
+    if verbosity < 2:
+        warnings.simplefilter("ignore")  # third-party chatter (FITS header fixes, deprecations)
+        if not quiet:
+            warnings.filterwarnings("default", module=r"dialab(\.|$)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        warnings.simplefilter("ignore")
+    _configure_output(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)
     except DialabError as exc:
         print(f"dialab {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ValidationError as exc:  # a setting out of range (e.g. --threshold 0)
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
+        print(f"dialab {args.command}: error: {problems}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:  # the reader (e.g. head) has gone: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -88,7 +88,12 @@ def _format(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_pipeline(paths: list[str | Path] | None = None, overrides: dict | None = None) -> PipelineConfig:
+def subtract_section(loaded: dict) -> dict:
+    """A YAML of bare subtraction keys (``flavor: auto``...) as the pipeline's ``subtract`` section."""
+    return {"subtract": loaded} if loaded and set(loaded) <= set(SubtractConfig.model_fields) else loaded
+
+
+def load_pipeline(paths: list[str | Path] | None = None, overrides: dict | None = None, wrap=None) -> PipelineConfig:
     """Merge pipeline YAML files in order, then ``overrides``, and validate.
 
     Parameters
@@ -96,6 +101,8 @@ def load_pipeline(paths: list[str | Path] | None = None, overrides: dict | None 
     paths : list of str or Path, optional
     overrides : dict, optional
         Nested keys as in the YAML.
+    wrap : callable, optional
+        Applied to each file's mapping first (e.g. :func:`subtract_section`).
 
     Returns
     -------
@@ -117,6 +124,7 @@ def load_pipeline(paths: list[str | Path] | None = None, overrides: dict | None 
             raise BadInputError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
         if not isinstance(loaded, dict):
             raise BadInputError("a pipeline file must be a mapping of sections", path)
+        loaded = wrap(loaded) if wrap else loaded
         try:
             PipelineConfig.model_validate(loaded)
         except ValidationError as exc:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import __version__
 from ..exposure import write_exposure
 
 
@@ -64,11 +65,18 @@ def mark_done(out: str | Path, unit: Unit, summary: dict) -> None:
 
 
 def write_difference(result, path: str | Path) -> None:
-    """The difference Exposure plus the kernel image (``KERNEL``) and, for preconvolution, ``SCORE``."""
+    """The difference Exposure plus the kernel image (``KERNEL``) and, for preconvolution, ``SCORE``; its
+    primary header records how it was made (flavor, convolved image, kernel sum, noise ratio, dialab version)."""
     import numpy as np
     from astropy.io import fits
 
-
+    d = result.diagnostics
+    header = result.difference.header
+    header["DIAFLAV"] = (d.flavor, "dialab subtraction flavor")
+    header["DIACONV"] = (d.convolved, "image convolved by the matching kernel")
+    header["KERNSUM"] = (float(d.kernel_sum), "matching kernel sum (photometric scale)")
+    header["NOISERAT"] = (float(d.noise_ratio), "measured / propagated noise of the difference")
+    header["DIALABV"] = (__version__, "dialab version")
     extra = [fits.ImageHDU(result.kernel.center_image.astype(np.float32), name="KERNEL")]
     if result.score is not None:
         extra.append(fits.ImageHDU(result.score.image, name="SCORE"))
