@@ -213,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser = subcommand
 
+    _add_image_commands(sub)
+    _add_dataset_commands(sub)
+    return parser
+
+
+def _add_image_commands(sub) -> None:
+    """info, subtract and detect: one image, one pair, one difference."""
     info = sub.add_parser("info", help="describe an image: shape, band, WCS, PSF, noise, mask planes")
     info.add_argument("file", help="FITS image (dialab layout or plain)")
     info.add_argument("--psf", help="PSF stamp FITS (odd size); measured from stars when absent")
@@ -253,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
     det.set_defaults(func=_cmd_detect)
 
+
+def _add_dataset_commands(sub) -> None:
+    """simulate, apdb, run, report and demo: datasets, databases and runs."""
     from .simulate.specs import SPECS
+    from .subtraction import FLAVORS
 
     sim = sub.add_parser("simulate", help="write a simulated dataset with its manifest and truth tables")
     sim.add_argument("spec", help=f"dataset spec: {', '.join(SPECS)}")
@@ -297,7 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1, help="the simulation's and the fakes' seed")
     demo.add_argument("--workers", type=int, help="parallel units (default: the core count)")
     demo.set_defaults(func=_cmd_demo)
-    return parser
 
 
 def _configure_output(verbosity: int, quiet: bool) -> None:
