@@ -1,6 +1,8 @@
 # Sourced by .ci/run: a throwaway PostgreSQL cluster on 127.0.0.1 for the APDB tests.
 # Installs Debian's server when missing, runs initdb/pg_ctl as the `postgres` user (the server
 # refuses root), exports DIALAB_TEST_POSTGRES_URL, and stops the cluster when the shell exits.
+# TCP connections need a password (scram-sha-256), as on a real server: the URL carries a random one,
+# so the tests can check that no file or log of a run ever holds it.
 
 pg_bin() {
   local found
@@ -35,10 +37,15 @@ start_test_postgres() {
   dir=$(mktemp -d /tmp/dialab-pg.XXXXXX)
   chmod 755 "$dir"
   [ "$(id -u)" -eq 0 ] && chown postgres "$dir"
-  as_postgres "'$bin/initdb' -D '$dir/data' -U postgres -A trust --no-sync" >/dev/null
+  password=$(python3 -c 'import secrets; print(secrets.token_hex(12))')
+  echo "$password" > "$dir/pw"
+  [ "$(id -u)" -eq 0 ] && chown postgres "$dir/pw"
+  as_postgres "'$bin/initdb' -D '$dir/data' -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+    --pwfile='$dir/pw' --no-sync" >/dev/null
+  rm -f "$dir/pw"
   as_postgres "'$bin/pg_ctl' -D '$dir/data' -l '$dir/log' -w -o \"-h 127.0.0.1 -p $port -k '$dir' -F\" start" >/dev/null
-  as_postgres "'$bin/createdb' -h 127.0.0.1 -p $port -U postgres dialab_test"
-  export DIALAB_TEST_POSTGRES_URL="postgresql://postgres@127.0.0.1:$port/dialab_test"
+  as_postgres "'$bin/createdb' -h '$dir' -p $port -U postgres dialab_test"
+  export DIALAB_TEST_POSTGRES_URL="postgresql://postgres:$password@127.0.0.1:$port/dialab_test"
   export DIALAB_PG_DIR="$dir" DIALAB_PG_BIN="$bin"
   trap stop_test_postgres EXIT
   echo "PostgreSQL test server on 127.0.0.1:$port" >&2

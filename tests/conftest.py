@@ -25,6 +25,27 @@ def real_data() -> Path:
     return REAL
 
 
+def postgres_url(with_password: bool = False) -> str:
+    """The test server's URL (``.ci/run`` starts one; its TCP logins need a password). Without
+    ``with_password`` the password is left to PGPASSWORD, as an operator would set it: this process and its
+    children get it there. Skips where no server is configured, never in CI."""
+    url = os.environ.get("DIALAB_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must provide a PostgreSQL server in DIALAB_TEST_POSTGRES_URL (.ci/run starts one)")
+        pytest.skip("no PostgreSQL server: set DIALAB_TEST_POSTGRES_URL (bash .ci/run starts one)")
+    import sqlalchemy
+
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.password:
+        os.environ["PGPASSWORD"] = str(parsed.password)
+    if with_password:
+        return url
+    bare = sqlalchemy.engine.URL.create(parsed.drivername, username=parsed.username, host=parsed.host,
+                                        port=parsed.port, database=parsed.database)
+    return bare.render_as_string(hide_password=False)
+
+
 def make_exposure(image: np.ndarray, variance: np.ndarray | float, **kwargs) -> Exposure:
     """An Exposure with an empty mask and a constant or given variance."""
     image = np.asarray(image, dtype=np.float32)

@@ -5,7 +5,6 @@ in CI a missing URL fails them, elsewhere it skips them with the reason.
 """
 
 import multiprocessing
-import os
 import uuid
 
 import numpy as np
@@ -19,18 +18,15 @@ from dialab.exposure import Exposure
 from dialab.psf import GaussianPsf
 from dialab.simulate.observe import tan_wcs
 
+from .conftest import postgres_url
+
 RA0, DEC0 = 150.1, 2.2
 SHAPE = (200, 200)
 ARCSEC = 1 / 3600
 
 
 def _postgres_url() -> str:
-    url = os.environ.get("DIALAB_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must provide a PostgreSQL server in DIALAB_TEST_POSTGRES_URL (.ci/run starts one)")
-        pytest.skip("no PostgreSQL server: set DIALAB_TEST_POSTGRES_URL (bash .ci/run starts one)")
-    return url
+    return postgres_url()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -10,6 +10,7 @@ whole tables for analysis. Passwords never appear in errors or logs.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +50,23 @@ def database_url(url: str | Path) -> str:
         return f"sqlite:///{Path(text).expanduser().resolve()}"
     try:
         parsed = sqlalchemy.engine.make_url(text)
-    except sqlalchemy.exc.ArgumentError:
+        _ = parsed.port
+    except (sqlalchemy.exc.ArgumentError, ValueError):
         raise BadInputError(f"not a database URL: {_redact(text)!r}") from None
-    if parsed.drivername in ("postgresql", "postgres"):
+    backend = parsed.drivername.split("+")[0]
+    if backend not in ("sqlite", "postgresql", "postgres"):
+        raise BadInputError(f"{backend}:// databases are not supported: use a SQLite file or a PostgreSQL URL "
+                            f"({_redact(text)!r})")
+    if backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg2")
     if parsed.drivername.startswith("sqlite") and parsed.database:
         parsed = parsed.set(database=str(Path(parsed.database).expanduser().resolve()))
     return parsed.render_as_string(hide_password=False)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password masked (for files, logs and errors)."""
+    return _redact(url)
 
 
 def _redact(url: str) -> str:
@@ -103,16 +114,86 @@ def create_apdb(url: str | Path, config_path: str | Path, namespace: str | None 
 
     db = database_url(url)
     config_path = Path(config_path)
+    _check_writable(config_path)
     if db.startswith("sqlite"):
         Path(sqlalchemy.engine.make_url(db).database).parent.mkdir(parents=True, exist_ok=True)
     try:
         config = ApdbSql.init_database(db, namespace=namespace, connection_timeout=10)
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise _database_error(db, exc) from None
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config.save(str(config_path))
+    config.model_copy(update={"db_url": _stored_url(db, config_path.parent)}).save(str(config_path))
     log.info("created APDB (%s), config %s", _describe(db), config_path)
     return config_path
+
+
+#: Passwords given inside a URL, for this process only (files never hold them): redacted URL -> password.
+_PASSWORDS: dict[str, str] = {}
+
+
+def _check_writable(config_path: Path) -> None:
+    """Refuse a config path that cannot be written before any table is made (nothing is left behind)."""
+    if config_path.is_dir():
+        raise BadInputError("is a folder: give the config file's name (e.g. apdb.yaml)", config_path)
+    try:
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        probe = config_path.with_name(f".{config_path.name}.{os.getpid()}.probe")
+        probe.write_text("")
+        probe.unlink()
+        if config_path.exists() and not os.access(config_path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise BadInputError(f"cannot write the APDB config there ({exc.strerror or exc})", config_path) from None
+
+
+def _stored_url(db: str, folder: Path) -> str:
+    """The URL as apdb.yaml holds it: never a password (libpq finds it in PGPASSWORD, ~/.pgpass or a service
+    file; one given in the URL is remembered for this process); a SQLite file beside the config as a relative
+    path, so that a moved or copied run keeps using its own database."""
+    import sqlalchemy
+
+    u = sqlalchemy.engine.make_url(db)
+    if u.drivername.startswith("sqlite"):
+        path = Path(u.database).resolve()
+        try:
+            return f"sqlite:///{path.relative_to(folder.resolve())}"
+        except ValueError:
+            return f"sqlite:///{path}"
+    if u.password is not None:
+        bare = _without_password(u).render_as_string(hide_password=False)
+        _PASSWORDS[bare] = str(u.password)
+        log.warning("the database password in the URL is used by this process only and written nowhere; set "
+                    "PGPASSWORD or use ~/.pgpass so that a resumed run can connect")
+        return bare
+    return u.render_as_string(hide_password=False)
+
+
+def _without_password(u):
+    import sqlalchemy
+
+    return sqlalchemy.engine.URL.create(u.drivername, username=u.username, host=u.host, port=u.port,
+                                        database=u.database, query=u.query)
+
+
+def _usable_url(stored: str, folder: Path) -> str:
+    """The stored URL made usable: a relative SQLite path resolved against the config's folder (opened
+    read-write, never created empty), a password remembered from this process's URL."""
+    import sqlalchemy
+
+    u = sqlalchemy.engine.make_url(stored)
+    if u.drivername.startswith("sqlite"):
+        if not u.database or u.database.startswith("file:"):
+            return stored
+        path = Path(u.database) if Path(u.database).is_absolute() else folder / u.database
+        if not path.is_file():
+            raise ApdbMissingError(f"its SQLite database {path} is missing", folder / "apdb.yaml")
+        return f"sqlite:///file:{path.resolve()}?mode=rw&uri=true"
+    if u.password is None and stored in _PASSWORDS:
+        return u.set(password=_PASSWORDS[stored]).render_as_string(hide_password=False)
+    return stored
+
+
+class ApdbMissingError(BadInputError):
+    """The APDB config is there but its SQLite database file is not."""
 
 
 @dataclass
@@ -235,15 +316,21 @@ def open_apdb(config_path: str | Path) -> ApdbHandle:
     ApdbHandle
         Reads regions and stores visits.
     """
-    from lsst.dax.apdb import Apdb
+    from lsst.dax.apdb import ApdbConfig
+    from lsst.dax.apdb.factory import make_apdb
 
     config_path = Path(config_path)
     if not config_path.is_file():
         raise BadInputError("APDB config file not found (make one with `dialab apdb create`)", config_path)
     try:
-        apdb = Apdb.from_uri(str(config_path.resolve()))
+        config = ApdbConfig.from_uri(str(config_path.resolve()))
     except Exception as exc:
         raise BadInputError(f"not an APDB config ({str(exc).splitlines()[0]})", config_path) from None
+    config = config.model_copy(update={"db_url": _usable_url(config.db_url, config_path.parent)})
+    try:
+        apdb = make_apdb(config)
+    except Exception as exc:
+        raise _database_error(config.db_url, exc) from None
     handle = ApdbHandle(apdb, config_path)
     for attempt in range(3):
         try:

@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from . import __version__
-from .errors import BadInputError, DialabError
+from .errors import BadInputError, DialabError, RunInterrupted
 
 EXIT_BAD_INPUT = 2
 
@@ -178,8 +178,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.fakes:
         overrides["inject"] = {"enabled": True}
     config = load_pipeline(args.pipeline, overrides)
-    result = run_pipeline(args.manifest, config, args.output, flavors=args.flavor, resume=args.resume,
-                          apdb_url=args.apdb)
+    try:
+        result = run_pipeline(args.manifest, config, args.output, flavors=args.flavor, resume=args.resume,
+                              apdb_url=args.apdb, skip_failed=args.skip_failed)
+    except RunInterrupted as exc:
+        print(f"dialab run: {exc}: finished units are kept; continue with --resume", file=sys.stderr)
+        return exc.exit_status
     stored = ", ".join(f"{f} {n}" for f, n in result.stored.items())
     print(f"{args.output}: {result.done} units done, {result.skipped} skipped (done before), "
           f"{len(result.failures)} failed; (visit, detector)s stored in the APDB: {stored}; {result.seconds:.0f} s")
@@ -296,6 +300,9 @@ def _add_dataset_commands(sub) -> None:
     run.add_argument("--apdb", help="APDB database URL (default: a SQLite file per flavor in the output)")
     run.add_argument("--fakes", action="store_true", help="inject fakes (same as inject.enabled: true)")
     run.add_argument("--resume", action="store_true", help="continue a run: skip done units, store nothing twice")
+    run.add_argument("--skip-failed", action="store_true",
+                     help="units that fail are final: listed in failures.csv and run.yaml, and the APDB is filled "
+                          "past them (without it, association waits at the first failed visit)")
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="compare the flavors of one or more runs: tables, figures, index.html")

@@ -35,3 +35,18 @@ class NoOverlapError(DialabError):
 class BadSubtractionError(BadInputError):
     """The subtraction failed its own checks: a kernel sum far from the zeropoint ratio, stars whose fluxes
     do not match between the images, or too much residual in the stars' footprints (LSST's BadSubtraction)."""
+
+
+class RunInterrupted(BaseException):
+    """A run stopped by SIGINT or SIGTERM: finished units stay finished, a resume continues exactly. A
+    BaseException, like KeyboardInterrupt, so that no "one failed unit must not stop the run" handler swallows it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = int(signum)
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name}")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # as a shell reports a process a signal ended: 130 (SIGINT), 143 (SIGTERM)

@@ -142,7 +142,22 @@ def _open(path: Path) -> fits.HDUList:
         _ = [h.header for h in hdul]
     except (OSError, ValueError, TypeError) as exc:
         raise BadInputError(f"not a readable FITS file ({exc})", path) from None
+    _check_complete(hdul, path)
     return hdul
+
+
+def _check_complete(hdul: fits.HDUList, path: Path) -> None:
+    """A file cut short (an interrupted copy or download) ends inside an HDU's data: say so, naming the HDU."""
+    if not hdul or getattr(hdul[0].fileinfo()["file"], "compression", None):
+        return  # offsets of a compressed file refer to its uncompressed bytes (astropy reports truncation itself)
+    size = path.stat().st_size
+    for index, hdu in enumerate(hdul):
+        end = hdu.fileinfo()["datLoc"] + hdu.size
+        if end > size:
+            name = hdu.name or f"#{index}"
+            hdul.close()
+            raise BadInputError(f"truncated FITS file: it ends {end - size} bytes into the data of HDU {name} "
+                                "(an incomplete copy?)", path)
 
 
 def _read_wcs(header: fits.Header) -> WCS | None:
@@ -163,6 +178,9 @@ def _first_image(hdul: fits.HDUList, path: Path) -> tuple[np.ndarray, fits.Heade
                 return data, hdu.header
             if data.ndim > 2 and all(n == 1 for n in data.shape[:-2]):
                 return data.reshape(data.shape[-2:]), hdu.header
+            if data.ndim > 2:
+                raise BadInputError(f"the image is a {data.ndim}-d cube of shape {data.shape}: give one 2-d image "
+                                    "(one plane per file)", path)
     raise BadInputError("no 2-d image data in any HDU (empty file?)", path)
 
 

@@ -3,15 +3,19 @@
 Results stream back as units finish, so the driver only ever holds small summaries. For a
 cluster, start a scheduler and workers (e.g. with dask-jobqueue's SLURMCluster or
 HTCondorCluster) and pass the scheduler address; without one a LocalCluster is started.
+When the driver stops early (an interrupt), queued units are cancelled and the workers stopped:
+no process goes on writing units.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+from ..errors import BadInputError
 from .config import PipelineConfig
 from .manifest import Entry
 from .repository import Unit
@@ -24,6 +28,11 @@ def worker_count(config: PipelineConfig) -> int:
     return config.execution.workers or os.cpu_count() or 1
 
 
+def _ignore_interrupts() -> None:
+    """Workers leave SIGINT (a terminal's Ctrl-C reaches the whole process group) to the driver."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _local(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> Iterator[tuple[Unit, dict]]:
     workers = min(worker_count(config), max(len(tasks), 1))
     if workers == 1:
@@ -32,10 +41,34 @@ def _local(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> It
         return
     # forkserver: workers start clean, not as forks of a driver that runs a progress-bar thread
     ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_interrupts)
+    try:
         futures = {pool.submit(run_unit, unit, entry, root, config, out): unit for unit, entry in tasks}
         for fut in as_completed(futures):
             yield futures[fut], fut.result()
+    except BaseException:  # an interrupt, or the driver closing this generator early
+        processes = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            proc.join(timeout=10)
+        raise
+    pool.shutdown(wait=True)
+
+
+def check_scheduler(config: PipelineConfig, timeout_s: float = 10.0) -> None:
+    """Fail before any unit runs when the configured Dask scheduler does not answer."""
+    if config.execution.executor != "dask" or not config.execution.scheduler:
+        return
+    from distributed import Client
+
+    try:
+        Client(config.execution.scheduler, timeout=f"{timeout_s}s").close()
+    except (OSError, TimeoutError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise BadInputError(f"the Dask scheduler does not answer ({reason[:200]})",
+                            config.execution.scheduler) from None
 
 
 def _dask(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> Iterator[tuple[Unit, dict]]:
@@ -44,16 +77,20 @@ def _dask(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> Ite
 
     cluster = None
     if config.execution.scheduler:
-        client = Client(config.execution.scheduler)
+        client = Client(config.execution.scheduler, timeout="10s")
     else:
         cluster = LocalCluster(n_workers=worker_count(config), threads_per_worker=1, processes=True,
                                dashboard_address=None)
         client = Client(cluster)
+    futures = {}
     try:
         futures = {client.submit(run_unit, unit, entry, root, config, out, pure=False,
                                  key=f"unit-{unit.label.replace('/', '-')}"): unit for unit, entry in tasks}
         for fut in dask_completed(futures):
             yield futures[fut], fut.result()
+    except BaseException:
+        client.cancel(list(futures), force=True)
+        raise
     finally:
         client.close()
         if cluster is not None:

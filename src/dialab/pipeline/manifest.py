@@ -11,18 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import BadInputError
+
+#: What a manifest may hold besides ``entries`` (the simulator records its spec, seed and truth tables).
+MANIFEST_KEYS = {"entries", "name", "seed", "spec", "truth"}
 
 
 class Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    visit: int
-    detector: int
-    band: str
-    mjd: float
+    visit: int = Field(ge=0)
+    detector: int = Field(ge=0, lt=1000)
+    band: str = Field(min_length=1)
+    mjd: float = Field(allow_inf_nan=False)
     science: str
     template: str
     science_psf: str | None = None
@@ -65,6 +68,10 @@ def read_manifest(path: str | Path) -> Manifest:
         raise BadInputError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
     if not isinstance(data, dict) or not isinstance(data.get("entries"), list) or not data["entries"]:
         raise BadInputError("a manifest needs a non-empty `entries` list", path)
+    unknown = sorted(set(data) - MANIFEST_KEYS)
+    if unknown:
+        raise BadInputError(f"unknown top-level key(s) {', '.join(unknown)} (known: {', '.join(sorted(MANIFEST_KEYS))})",
+                            path)
     entries = []
     for i, raw in enumerate(data["entries"]):
         try:

@@ -9,6 +9,7 @@ units that failed, with their reasons.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -60,8 +61,60 @@ def write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: Files of a unit folder that describe it rather than belong to its result.
+_BOOKKEEPING = ("unit.json", "failed.json", "error.log")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def mark_done(out: str | Path, unit: Unit, summary: dict) -> None:
-    write_text(json.dumps({**asdict(unit), **summary}, indent=1, default=float), unit_dir(out, unit) / "unit.json")
+    """Write ``unit.json`` last, with a checksum of every result file (verified when a run resumes)."""
+    where = unit_dir(out, unit)
+    files = {p.name: _sha256(p) for p in sorted(where.iterdir())
+             if p.is_file() and p.name not in _BOOKKEEPING and not p.name.endswith(".tmp")}
+    (where / "failed.json").unlink(missing_ok=True)
+    write_text(json.dumps({**asdict(unit), **summary, "files": files}, indent=1, default=float), where / "unit.json")
+
+
+def verify_unit(out: str | Path, unit: Unit) -> str | None:
+    """None when a done unit's files are all there and unchanged, else what is wrong (the unit is then redone)."""
+    where = unit_dir(out, unit)
+    try:
+        files = json.loads((where / "unit.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unit.json unreadable"
+    for name, digest in files.items():
+        path = where / name
+        if not path.is_file():
+            return f"{name} missing"
+        if _sha256(path) != digest:
+            return f"{name} changed or corrupt"
+    return None
+
+
+def undo(out: str | Path, unit: Unit) -> None:
+    """Forget a unit's result, so that it is run again."""
+    (unit_dir(out, unit) / "unit.json").unlink(missing_ok=True)
+
+
+def mark_failed(out: str | Path, unit: Unit, reason: str) -> None:
+    """Record a final failure (``--skip-failed``): association goes on past the unit."""
+    write_text(json.dumps({**asdict(unit), "status": "failed", "reason": reason}, indent=1),
+               unit_dir(out, unit) / "failed.json")
+
+
+def failure_reason(out: str | Path, unit: Unit) -> str | None:
+    """The reason of a unit's recorded final failure, or None."""
+    try:
+        return json.loads((unit_dir(out, unit) / "failed.json").read_text())["reason"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def write_difference(result, path: str | Path) -> None:

@@ -11,8 +11,11 @@ import csv
 import hashlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,15 +27,25 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..apdb import create_apdb, open_apdb
+from ..apdb import ApdbMissingError, create_apdb, open_apdb, redact_url
 from ..association import store_visit_detector
-from ..errors import BadInputError, DialabError
+from ..errors import BadInputError, DialabError, RunInterrupted
 from ..exposure import read_exposure
 from .config import PipelineConfig
-from .executors import execute, worker_count
+from .executors import check_scheduler, execute, worker_count
 from .manifest import Entry, Manifest, read_manifest
 from .prepare import prepare_science
-from .repository import Unit, flavor_dir, is_done, unit_dir, write_text
+from .repository import (
+    Unit,
+    failure_reason,
+    flavor_dir,
+    is_done,
+    mark_failed,
+    undo,
+    unit_dir,
+    verify_unit,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 VERSIONED = ("dialab", "numpy", "scipy", "astropy", "galsim", "pandas", "lsst-dax-apdb", "sqlalchemy", "dask",
@@ -76,7 +89,16 @@ def _config_digest(config: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()
 
 
+def _redacted(config: PipelineConfig) -> dict:
+    """The config as run.yaml records it: a database URL without its password."""
+    data = config.model_dump(mode="json")
+    if data["apdb"]["url"]:
+        data["apdb"]["url"] = redact_url(data["apdb"]["url"])
+    return data
+
+
 def _prepare_output(out: Path, manifest: Manifest, config: PipelineConfig, flavors: list[str], resume: bool) -> dict:
+    """The run's record: a new one with a new run id, or the resumed run's (same config and manifest)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").write_text("")
@@ -84,8 +106,12 @@ def _prepare_output(out: Path, manifest: Manifest, config: PipelineConfig, flavo
     except OSError as exc:
         raise BadInputError(f"cannot write the run there ({exc.strerror or exc})", out) from None
     run_yaml = out / "run.yaml"
+    run_id = uuid.uuid4().hex[:12]
     if run_yaml.exists():
-        previous = yaml.safe_load(run_yaml.read_text()) or {}
+        try:
+            previous = yaml.safe_load(run_yaml.read_text()) or {}
+        except yaml.YAMLError:
+            raise BadInputError("run.yaml is not valid YAML: the run cannot be resumed", run_yaml) from None
         if not resume:
             raise BadInputError("holds a run already: pass --resume to continue it, or choose a new folder", out)
         if previous.get("config_sha256") != _config_digest(config):
@@ -93,62 +119,158 @@ def _prepare_output(out: Path, manifest: Manifest, config: PipelineConfig, flavo
         if previous.get("manifest_sha256") != manifest.sha256:
             raise BadInputError("holds a run of another manifest (its hash differs)", out)
         flavors = sorted(set(previous.get("flavors", [])) | set(flavors))
-    record = {"dialab_run": 1, "manifest": str(manifest.path.resolve()), "manifest_sha256": manifest.sha256,
-              "dataset": manifest.name, "flavors": flavors, "config_sha256": _config_digest(config),
-              "config": config.model_dump(mode="json"), "versions": _versions(),
-              "started": datetime.now(UTC).isoformat(timespec="seconds"), "status": "running"}
-    write_text(yaml.safe_dump(record, sort_keys=False), run_yaml)
-    return record
+        run_id = previous.get("run_id") or run_id
+    return {"dialab_run": 1, "run_id": run_id, "manifest": str(manifest.path.resolve()),
+            "manifest_sha256": manifest.sha256, "dataset": manifest.name, "flavors": flavors,
+            "config_sha256": _config_digest(config), "config": _redacted(config), "versions": _versions(),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"), "status": "running"}
 
 
-def _flavor_apdb(out: Path, flavor: str, config: PipelineConfig, apdb_url: str | None):
-
-    config_path = flavor_dir(out, flavor) / "apdb.yaml"
-    if not config_path.exists():
-        url = apdb_url or config.apdb.url
-        if url is None:
-            create_apdb(flavor_dir(out, flavor) / "apdb.sqlite3", config_path)
-        else:
-            run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:8]
-            namespace = f"{config.apdb.namespace_prefix}_{run_id}_{flavor}".lower()
-            create_apdb(url, config_path, namespace=namespace)
+def _flavor_apdb(out: Path, flavor: str, config: PipelineConfig, apdb_url: str | None, run_id: str):
+    """The flavor's APDB, made on first use: a SQLite file in the flavor's folder (recreated when it has gone
+    missing: every done unit is then stored again), or a PostgreSQL schema named after the run id, so a new run
+    in a reused folder never sees an earlier run's rows."""
+    folder = flavor_dir(out, flavor)
+    config_path = folder / "apdb.yaml"
+    url = apdb_url or config.apdb.url
+    if config_path.exists():
+        try:
+            return open_apdb(config_path)
+        except ApdbMissingError:
+            log.warning("%s: the APDB file is missing; made again, and every done unit is stored again", folder)
+            url = None
+    if url is None:
+        create_apdb(folder / "apdb.sqlite3", config_path)
+    else:
+        create_apdb(url, config_path, namespace=f"{config.apdb.namespace_prefix}_{run_id}_{flavor}".lower())
     return open_apdb(config_path)
 
 
-def associate_flavor(out: Path, manifest: Manifest, flavor: str, units: list[Unit], config: PipelineConfig,
-                     apdb_url: str | None) -> tuple[int, int | None, list[tuple[str, str]]]:
+class _Signals:
+    """SIGINT and SIGTERM end the run cleanly: at once while units run (queued units are cancelled, workers
+    stopped), between two (visit, detector) stores while the APDB is written."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.defer = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        if not self.defer:
+            raise RunInterrupted(signum)
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise RunInterrupted(self.received)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _settled(out: Path, unit: Unit, skip_failed: bool) -> bool:
+    return is_done(out, unit) or (skip_failed and failure_reason(out, unit) is not None)
+
+
+def associate_flavor(out: Path, manifest: Manifest, units: list[Unit], config: PipelineConfig, handle,
+                     signals: _Signals | None = None, skip_failed: bool = False
+                     ) -> tuple[int, int | None, list[tuple[str, str]]]:
     """Store the flavor's done units visit by visit in time order.
 
-    Returns (units stored, the visit it stopped at or None, failures). A unit that cannot be stored
-    (e.g. no WCS) stops the flavor's association there, so that a later resume keeps the order.
+    Returns (units stored, the visit it stopped at or None, failures). A visit with a unit that is neither
+    done nor (with ``skip_failed``) failed for good stops the association there, so that a resumed run
+    stores in the same order; with ``skip_failed`` a unit that cannot be stored is recorded and passed over.
     """
-    handle = _flavor_apdb(out, flavor, config, apdb_url)
     entries = {(e.visit, e.detector): e for e in manifest.entries}
     by_visit: dict[int, list[Unit]] = defaultdict(list)
     for u in units:
         by_visit[u.visit].append(u)
     stored = 0
+    failures = []
     for visit in sorted(by_visit, key=lambda v: (min(u.mjd for u in by_visit[v]), v)):
         group = sorted(by_visit[visit], key=lambda u: u.detector)
-        if not all(is_done(out, u) for u in group):
-            return stored, visit, []
-        for u in group:
-            where = unit_dir(out, u)
+        if not all(_settled(out, u, skip_failed) for u in group):
+            return stored, visit, failures
+        for u in (u for u in group if is_done(out, u)):
+            if signals is not None:
+                signals.check()
             try:
-                catalog = pd.read_parquet(where / "diaSources.parquet")
-                difference = read_exposure(where / "difference.fits")
-                entry = entries[(u.visit, u.detector)]
-                # the science image as it was subtracted (repaired, with its PSF; without the unit's fakes)
-                science = prepare_science(manifest.resolve(entry.science), manifest.resolve(entry.science_psf),
-                                          manifest.resolve(entry.science_noise), entry=entry, repair=config.repair)
-                stored += store_visit_detector(handle, catalog, difference, science, config.associate)["stored"]
-            except DialabError as exc:
-                return stored, visit, [(f"APDB {u.label}", str(exc))]
-    return stored, None, []
+                stored += _store_unit(out, manifest, entries[(u.visit, u.detector)], u, config, handle)
+            except (DialabError, OSError, ValueError) as exc:  # ValueError: a damaged Parquet or FITS file
+                failures.append((f"APDB {u.label}", " ".join(str(exc).split())))
+                if not skip_failed:
+                    return stored, visit, failures
+                mark_failed(out, u, f"APDB: {failures[-1][1]}")
+    return stored, None, failures
+
+
+def _store_unit(out: Path, manifest: Manifest, entry: Entry, unit: Unit, config: PipelineConfig, handle) -> int:
+    where = unit_dir(out, unit)
+    catalog = pd.read_parquet(where / "diaSources.parquet")
+    difference = read_exposure(where / "difference.fits")
+    # the science image as it was subtracted (repaired, with its PSF; without the unit's fakes)
+    science = prepare_science(manifest.resolve(entry.science), manifest.resolve(entry.science_psf),
+                              manifest.resolve(entry.science_noise), entry=entry, repair=config.repair)
+    return int(store_visit_detector(handle, catalog, difference, science, config.associate)["stored"])
+
+
+def _units_to_run(out: Path, planned: list[tuple[Unit, Entry]], resume: bool, skip_failed: bool,
+                  result: RunResult) -> list[tuple[Unit, Entry]]:
+    """Every unit not done yet; on resume a done unit whose files fail their checksums is redone."""
+    todo = []
+    for unit, entry in planned:
+        if resume and is_done(out, unit):
+            problem = verify_unit(out, unit)
+            if problem is None:
+                result.skipped += 1
+                continue
+            log.warning("%s: %s; the unit is run again", unit.label, problem)
+            undo(out, unit)
+        if resume and skip_failed and failure_reason(out, unit) is not None:
+            continue  # failed for good in an earlier run
+        todo.append((unit, entry))
+    return todo
+
+
+def _run_units(todo, manifest: Manifest, config: PipelineConfig, out: Path, skip_failed: bool, bar, tasks,
+               result: RunResult) -> None:
+    failed_per_flavor: dict[str, int] = defaultdict(int)
+    units = execute(todo, str(manifest.root.resolve()), config, str(out))
+    try:
+        for unit, summary in units:
+            if summary.get("status") == "done":
+                result.done += 1
+            else:
+                reason = summary.get("reason", "unknown")
+                result.failures.append((unit.label, reason))
+                failed_per_flavor[unit.flavor] += 1
+                if skip_failed:
+                    mark_failed(out, unit, reason)
+                bar.console.log(f"FAILED {unit.label}: {reason}")
+            bar.update(tasks[unit.flavor], advance=1, failed=failed_per_flavor[unit.flavor])
+    finally:
+        if hasattr(units, "close"):
+            units.close()  # on an interrupt: cancels queued units and stops the workers
+
+
+def _progress_bar(progress: bool) -> Progress:
+    console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
+    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn())
+    return Progress(*columns, console=console, disable=not progress)
 
 
 def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | Path, flavors: list[str] | None = None,
-                 resume: bool = False, apdb_url: str | None = None, progress: bool = True) -> RunResult:
+                 resume: bool = False, apdb_url: str | None = None, progress: bool = True,
+                 skip_failed: bool = False) -> RunResult:
     """Run every (entry, flavor) unit of a manifest, then associate and store each flavor's diaSources.
 
     Parameters
@@ -162,68 +284,81 @@ def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | P
     flavors : list of str, optional
         Default: the configuration's.
     resume : bool
-        Continue a run in ``out``: finished units are kept, the rest done.
+        Continue a run in ``out``: finished (and intact) units are kept, the rest done.
     apdb_url : str, optional
-        A PostgreSQL URL instead of one SQLite APDB per flavor.
+        A PostgreSQL URL instead of one SQLite APDB per flavor (passwords from PGPASSWORD or ~/.pgpass).
     progress : bool
         Show a progress bar.
+    skip_failed : bool
+        Units that fail are final: recorded in ``failures.csv`` and ``run.yaml``, and association goes on
+        past them.
 
     Returns
     -------
     RunResult
+
+    Raises
+    ------
+    RunInterrupted
+        On SIGINT or SIGTERM; ``run.yaml`` then says "interrupted" and ``--resume`` continues exactly.
     """
     t0 = time.perf_counter()
     manifest = read_manifest(manifest_path)
     out = Path(out)
     flavors = flavors or config.flavors_to_run()
     record = _prepare_output(out, manifest, config, flavors, resume)
+    check_scheduler(config)  # a dead scheduler or database is found before any unit runs
+    handles = {f: _flavor_apdb(out, f, config, apdb_url, record["run_id"]) for f in flavors}
+    write_text(yaml.safe_dump(record, sort_keys=False), out / "run.yaml")
     planned = plan_units(manifest, flavors)
     result = RunResult(out=out)
-    todo = []
-    for unit, entry in planned:
-        if resume and is_done(out, unit):
-            result.skipped += 1
-        else:
-            todo.append((unit, entry))
-    console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
-    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn())
+    todo = _units_to_run(out, planned, resume, skip_failed, result)
     log.info("%d units to run (%d already done) with %s x %d", len(todo), result.skipped,
              config.execution.executor, worker_count(config))
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        tasks = {f: bar.add_task(f, total=sum(u.flavor == f for u, _ in planned), failed=0,
-                                 completed=sum(u.flavor == f and is_done(out, u) for u, _ in planned) if resume else 0)
-                 for f in flavors}
-        failed_per_flavor: dict[str, int] = defaultdict(int)
-        for unit, summary in execute(todo, str(manifest.root.resolve()), config, str(out)):
-            if summary.get("status") == "done":
-                result.done += 1
-            else:
-                result.failures.append((unit.label, summary.get("reason", "unknown")))
-                failed_per_flavor[unit.flavor] += 1
-                bar.console.log(f"FAILED {unit.label}: {summary.get('reason')}")
-            bar.update(tasks[unit.flavor], advance=1, failed=failed_per_flavor[unit.flavor])
-        for flavor in flavors:
-            units = [u for u, _ in planned if u.flavor == flavor]
-            assoc = bar.add_task(f"APDB {flavor}", total=None, failed=0)
-            n, stopped, failed = associate_flavor(out, manifest, flavor, units, config, apdb_url)
-            result.stored[flavor] = n
-            for label, reason in failed:
-                result.failures.append((label, reason))
-                bar.console.log(f"FAILED {label}: {reason}")
-            if stopped is not None:
-                result.association_stopped[flavor] = stopped
-                bar.console.log(f"{flavor}: association stopped at visit {stopped} (a unit is not done; "
-                                "resume the run to continue)")
-            bar.update(assoc, total=1, completed=1)
-    _write_failures(out, result.failures)
-    result.seconds = time.perf_counter() - t0
-    record.update(status="complete" if result.ok and not result.association_stopped else "incomplete",
-                  finished=datetime.now(UTC).isoformat(timespec="seconds"),
-                  units={"planned": len(planned), "done_now": result.done, "skipped": result.skipped,
-                         "failed": len(result.failures)})
-    write_text(yaml.safe_dump(record, sort_keys=False), out / "run.yaml")
+    try:
+        with _Signals() as signals, _progress_bar(progress) as bar:
+            tasks = {f: bar.add_task(f, total=sum(u.flavor == f for u, _ in planned), failed=0,
+                                     completed=sum(u.flavor == f for u, _ in planned) - sum(u.flavor == f for u, _ in todo))
+                     for f in flavors}
+            _run_units(todo, manifest, config, out, skip_failed, bar, tasks, result)
+            signals.defer = True
+            for flavor in flavors:
+                _associate(out, manifest, flavor, planned, config, handles[flavor], signals, skip_failed, bar,
+                           result)
+    except RunInterrupted:
+        _finish(out, record, result, planned, t0, "interrupted", skip_failed)
+        raise
+    status = "complete" if result.ok and not result.association_stopped else "incomplete"
+    _finish(out, record, result, planned, t0, status, skip_failed)
     return result
+
+
+def _associate(out, manifest, flavor, planned, config, handle, signals, skip_failed, bar, result) -> None:
+    units = [u for u, _ in planned if u.flavor == flavor]
+    assoc = bar.add_task(f"APDB {flavor}", total=None, failed=0)
+    n, stopped, failed = associate_flavor(out, manifest, units, config, handle, signals, skip_failed)
+    result.stored[flavor] = n
+    for label, reason in failed:
+        result.failures.append((label, reason))
+        bar.console.log(f"FAILED {label}: {reason}")
+    if stopped is not None:
+        result.association_stopped[flavor] = stopped
+        bar.console.log(f"{flavor}: association stopped at visit {stopped} (a unit is not done; "
+                        "resume the run to continue, or pass --skip-failed)")
+    bar.update(assoc, total=1, completed=1)
+
+
+def _finish(out: Path, record: dict, result: RunResult, planned, t0: float, status: str, skip_failed: bool) -> None:
+    """failures.csv and run.yaml: this run's failures and every unit failed for good."""
+    final = {u.label: reason for u, _ in planned if (reason := failure_reason(out, u)) is not None}
+    failures = list(dict([*final.items(), *result.failures]).items())
+    _write_failures(out, failures)
+    result.seconds = time.perf_counter() - t0
+    record.update(status=status, finished=datetime.now(UTC).isoformat(timespec="seconds"),
+                  units={"planned": len(planned), "done_now": result.done, "skipped": result.skipped,
+                         "failed": len(failures)},
+                  failed_units=[{"unit": label, "reason": reason} for label, reason in failures])
+    write_text(yaml.safe_dump(record, sort_keys=False), out / "run.yaml")
 
 
 def _write_failures(out: Path, failures: list[tuple[str, str]]) -> None:
