@@ -46,6 +46,19 @@ def postgres_url(with_password: bool = False) -> str:
     return bare.render_as_string(hide_password=False)
 
 
+def apdb_rows(out: Path, flavor: str) -> dict:
+    """Every APDB table of a run's flavor, sorted by id, without the processing time (it differs per run)."""
+    from dialab.apdb import open_apdb
+
+    handle = open_apdb(Path(out) / flavor / "apdb.yaml")
+    tables = {}
+    for name, key in (("DiaSource", "diaSourceId"), ("DiaObject", "diaObjectId"),
+                      ("DiaForcedSource", "diaForcedSourceId")):
+        t = handle.table(name).drop(columns=["timeProcessedMjdTai"], errors="ignore")
+        tables[name] = t.sort_values(key).reset_index(drop=True)
+    return tables
+
+
 def make_exposure(image: np.ndarray, variance: np.ndarray | float, **kwargs) -> Exposure:
     """An Exposure with an empty mask and a constant or given variance."""
     image = np.asarray(image, dtype=np.float32)

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from astropy.io import fits
 
 from dialab.cli import main
@@ -97,3 +98,86 @@ def test_info_into_a_closed_pipe_ends_quietly(pair):
     run = subprocess.run(f"'{sys.executable}' -m dialab.cli info '{folder / 'science.fits'}' | head -1",
                          shell=True, capture_output=True, text=True)
     assert run.stdout.startswith("file") and "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(pair):
+    """Broken files of every kind, beside the good pair."""
+    folder, _ = pair
+    bad = folder / "bad"
+    bad.mkdir(exist_ok=True)
+    good = (folder / "science.fits").read_bytes()
+    (bad / "truncated.fits").write_bytes(good[: len(good) // 3])
+    (bad / "text.fits").write_text("not a FITS file\n")
+    fits.PrimaryHDU(np.zeros((3, 40, 40), np.float32)).writeto(bad / "cube.fits", overwrite=True)
+    fits.PrimaryHDU(np.full((64, 64), np.nan, np.float32)).writeto(bad / "nan.fits", overwrite=True)
+    fits.PrimaryHDU(np.ones((10, 10), np.float32) / 100).writeto(bad / "even_psf.fits", overwrite=True)
+    fits.PrimaryHDU(np.ones((7, 7), np.float32)).writeto(bad / "small_noise.fits", overwrite=True)
+    (bad / "not_apdb.yaml").write_text("hello: world\n")
+    (bad / "bad_key.yaml").write_text("subtract:\n  flavr: auto\n")
+    science, template = folder / "science.fits", folder / "template.fits"
+    entry = {"visit": 1, "detector": 1, "band": "r", "mjd": 60000.0, "science": str(science), "template": str(template)}
+    for name, change in (("nan_mjd", {"mjd": float("nan")}), ("no_template", {"template": None}),
+                         ("big_detector", {"detector": 5000})):
+        e = {k: v for k, v in {**entry, **change}.items() if v is not None}
+        (bad / f"{name}.yaml").write_text(yaml.safe_dump({"entries": [e]}))
+    (bad / "unknown_key.yaml").write_text(yaml.safe_dump({"entries": [entry], "entrys": []}))
+    (bad / "empty_run").mkdir(exist_ok=True)
+    return folder, bad
+
+
+BAD_INPUTS = [  # (command line with {f} = the pair's folder, {b} = the broken files, a word the message must hold)
+    ("info {b}/missing.fits", "missing.fits"),
+    ("info {b}", "directory"),
+    ("info {b}/text.fits", "text.fits"),
+    ("info {b}/truncated.fits", "truncated"),
+    ("info {b}/cube.fits", "cube"),
+    ("info {b}/nan.fits", "non-finite"),
+    ("info {f}/science.fits --psf {b}/even_psf.fits", "even_psf.fits"),
+    ("info {f}/science.fits --noise {b}/small_noise.fits", "small_noise.fits"),
+    ("subtract {f}/science.fits {b}/missing.fits -o {f}/d.fits", "missing.fits"),
+    ("subtract {f}/science.fits {b}/truncated.fits -o {f}/d.fits", "truncated"),
+    ("subtract {f}/science.fits {f}/template.fits -o {f}", "is a folder"),
+    ("subtract {f}/science.fits {f}/template.fits -o {f}/nowhere/d.fits", "does not exist"),
+    ("subtract {f}/science.fits {f}/template.fits -o {f}/d.fits -c {b}/missing.yaml", "missing.yaml"),
+    ("subtract {f}/science.fits {f}/template.fits -o {f}/d.fits -c {b}/bad_key.yaml", "flavr"),
+    ("subtract {f}/science.fits {f}/template.fits -o {f}/d.fits --workers 0", "workers"),
+    ("detect {f}/science.fits -o {f}/x.parquet --threshold 0", "threshold"),
+    ("detect {f}/science.fits -o {f}/x.parquet --threshold -5", "threshold"),
+    ("detect {f}/science.fits -o {f}/x.parquet --threshold nan", "threshold"),
+    ("detect {f}/science.fits -o {f}/nowhere/x.parquet", "does not exist"),
+    ("detect {f}/science.fits -o {f}/x.txt", "unknown output type"),
+    ("detect {b}/nan.fits -o {f}/x.parquet", "nan.fits"),
+    ("detect {f}/science.fits -o {f}/x.parquet --psf {b}/missing.fits", "missing.fits"),
+    ("simulate hsc-sprint-mini -o {f}/sim --seed -1", "seed"),
+    ("simulate hsc-sprint-mini -o {f}/sim --size 100000 100000", "GiB"),
+    ("simulate hsc-sprint-mini -o {f}/sim --size 10 10", "at least 128"),
+    ("simulate no-such-spec -o {f}/sim", "no-such-spec"),
+    ("simulate hsc-sprint-mini -o {f}/sim --workers 0", "workers"),
+    ("apdb create mysql://u@host/db -c {f}/a.yaml", "mysql"),
+    ("apdb create postgresql://u:pw@host:notaport/db -c {f}/a.yaml", "not a database URL"),
+    ("apdb create {f}/db.sqlite3 -c /proc/dialab-test/apdb.yaml", "/proc/dialab-test/apdb.yaml"),
+    ("apdb create {f}/db.sqlite3 -c {b}", "is a folder"),
+    ("apdb summary {b}/missing.yaml", "missing.yaml"),
+    ("apdb summary {b}/not_apdb.yaml", "not an APDB config"),
+    ("run {b}/missing.yaml -o {f}/run", "missing.yaml"),
+    ("run {b}/nan_mjd.yaml -o {f}/run", "mjd"),
+    ("run {b}/no_template.yaml -o {f}/run", "template"),
+    ("run {b}/big_detector.yaml -o {f}/run", "detector"),
+    ("run {b}/unknown_key.yaml -o {f}/run", "entrys"),
+    ("run {b}/nan_mjd.yaml -o {f}/run -p {b}/bad_key.yaml", "flavr"),
+    ("report {b}/missing -o {f}/rep", "missing"),
+    ("report {b}/empty_run -o {f}/rep", "run.yaml"),
+]
+
+
+@pytest.mark.parametrize("command, word", BAD_INPUTS, ids=[c for c, _ in BAD_INPUTS])
+def test_every_bad_input_is_one_line_and_exit_2(bad_inputs, capsys, command, word):
+    folder, bad = bad_inputs
+    args = command.format(f=folder, b=bad).split()
+    before = sorted(str(p) for p in folder.rglob("*"))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"dialab {args[0]}: error:") and word in err, err
+    assert sorted(str(p) for p in folder.rglob("*")) == before  # nothing half-written

@@ -6,12 +6,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from dialab.apdb import open_apdb
 from dialab.cli import main
 from dialab.pipeline.config import load_pipeline
 from dialab.pipeline.runner import run_pipeline
 from dialab.simulate.specs import get_spec
 from dialab.simulate.survey import simulate_dataset
+
+from .conftest import apdb_rows as _apdb_rows
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
@@ -36,15 +37,6 @@ def local_run(dataset, config, tmp_path_factory):
 
 def _catalogs(out: Path, flavor: str) -> dict[str, pd.DataFrame]:
     return {str(p.relative_to(out)): pd.read_parquet(p) for p in sorted((out / flavor).glob("*/*/*/diaSources.parquet"))}
-
-
-def _apdb_rows(out: Path, flavor: str) -> dict[str, pd.DataFrame]:
-    handle = open_apdb(out / flavor / "apdb.yaml")
-    tables = {}
-    for name, key in (("DiaSource", "diaSourceId"), ("DiaObject", "diaObjectId"), ("DiaForcedSource", "diaForcedSourceId")):
-        t = handle.table(name).drop(columns=["timeProcessedMjdTai"], errors="ignore")
-        tables[name] = t.sort_values(key).reset_index(drop=True)
-    return tables
 
 
 def test_every_flavor_runs_end_to_end(local_run, dataset):

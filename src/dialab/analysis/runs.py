@@ -6,6 +6,7 @@ that tests can also build by hand.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import yaml
 
 from ..apdb import open_apdb
 from ..errors import BadInputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,9 +58,12 @@ def load_run(out: str | Path) -> list[FlavorRun]:
     if not run_yaml.is_file():
         raise BadInputError("not a dialab run folder (no run.yaml; make one with `dialab run`)", out)
     record = yaml.safe_load(run_yaml.read_text()) or {}
-    if record.get("status") != "complete":
+    if record.get("status") not in ("complete", "complete-with-failures"):
         raise BadInputError(f"the run is {record.get('status', 'unknown')}, not complete "
                             "(see its failures.csv; finish it with `dialab run --resume`)", out)
+    if record.get("status") == "complete-with-failures":
+        log.warning("%s: %d unit(s) failed for good and are left out (failures.csv)", out,
+                    len(record.get("failed_units", [])))
     manifest = Path(record["manifest"]) if record.get("manifest") else None
     truth = None
     if manifest is not None and manifest.is_file():

@@ -328,7 +328,9 @@ def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | P
     except RunInterrupted:
         _finish(out, record, result, planned, t0, "interrupted", skip_failed)
         raise
-    status = "complete" if result.ok and not result.association_stopped else "incomplete"
+    final = _final_labels(out, planned)
+    settled = not result.association_stopped and all(label.removeprefix("APDB ") in final for label, _ in result.failures)
+    status = "complete" if settled else "incomplete"
     _finish(out, record, result, planned, t0, status, skip_failed)
     return result
 
@@ -353,12 +355,18 @@ def _finish(out: Path, record: dict, result: RunResult, planned, t0: float, stat
     final = {u.label: reason for u, _ in planned if (reason := failure_reason(out, u)) is not None}
     failures = list(dict([*final.items(), *result.failures]).items())
     _write_failures(out, failures)
+    if status == "complete" and final:
+        status = "complete-with-failures"  # every unit settled, some failed for good (--skip-failed)
     result.seconds = time.perf_counter() - t0
     record.update(status=status, finished=datetime.now(UTC).isoformat(timespec="seconds"),
                   units={"planned": len(planned), "done_now": result.done, "skipped": result.skipped,
                          "failed": len(failures)},
                   failed_units=[{"unit": label, "reason": reason} for label, reason in failures])
     write_text(yaml.safe_dump(record, sort_keys=False), out / "run.yaml")
+
+
+def _final_labels(out: Path, planned) -> set[str]:
+    return {u.label for u, _ in planned if failure_reason(out, u) is not None}
 
 
 def _write_failures(out: Path, failures: list[tuple[str, str]]) -> None:

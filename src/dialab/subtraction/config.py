@@ -40,4 +40,4 @@ class SubtractConfig(BaseModel):
                                               "not checked)")
     max_stamp_residual_rms: float = Field(10.0, gt=0, description="largest mean normalised residual rms of the kernel "
                                           "stamps after the fit (about 1 for a good subtraction, a few at high S/N)")
-    workers: int | None = Field(None, description="FFT threads (default: all cores)")
+    workers: int | None = Field(None, ge=1, description="FFT threads (default: all cores)")
