@@ -194,3 +194,16 @@ def test_ids_pack_and_unpack_with_range_checks():
     for visit, detector, n in [(-1, 0, 1), (MAX_VISIT + 1, 0, 1), (1, 1000, 1), (1, 0, 100_000)]:
         with pytest.raises(BadInputError, match="cannot number"):
             pack_ids(visit, detector, n)
+
+
+def test_forced_source_ids_do_not_depend_on_the_order_objects_come_in():
+    from dialab.association import forced_sources
+
+    e = difference(3)
+    rng = np.random.default_rng(0)
+    objects = pd.DataFrame({"diaObjectId": np.arange(100, 130) * 7, "ra": RA0 + rng.uniform(-5, 5, 30) * ARCSEC,
+                            "dec": DEC0 + rng.uniform(-5, 5, 30) * ARCSEC})
+    one = forced_sources(objects, e, None, 3, 1, "r", 60000.0, 60000.1)
+    two = forced_sources(objects.sample(frac=1, random_state=1), e, None, 3, 1, "r", 60000.0, 60000.1)
+    pd.testing.assert_frame_equal(one.reset_index(drop=True), two.reset_index(drop=True))
+    assert one.diaForcedSourceId.is_unique
