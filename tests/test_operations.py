@@ -194,14 +194,18 @@ def test_postgresql_runs_keep_no_password_and_a_reused_folder_starts_empty(datas
         if path.is_file():
             assert password.encode() not in path.read_bytes(), path
     assert password not in caplog.text
-    # a resume in a new process finds the password where an operator keeps it (PGPASSWORD here)
-    bare = postgres_url()
-    resumed = _cli(*_run_args(dataset, out, "--resume", "--apdb", bare), env={"PGPASSWORD": password})
+    # the run is moved, one unit is lost, and a resume in a new process finds the password where an operator
+    # keeps it (PGPASSWORD here): the unit is redone and stored in the run's own namespace, nothing twice
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    n_first = len(apdb_rows(moved, FLAVOR)["DiaSource"])
+    next(moved.glob(f"{FLAVOR}/*/*/*/unit.json")).unlink()
+    resumed = _cli(*_run_args(dataset, moved, "--resume", "--apdb", postgres_url()), env={"PGPASSWORD": password})
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
+    assert len(apdb_rows(moved, FLAVOR)["DiaSource"]) == n_first
     # the folder is deleted and reused with another threshold: the new run sees none of the old rows
-    n_first = len(apdb_rows(out, FLAVOR)["DiaSource"])
-    shutil.rmtree(out)
+    shutil.rmtree(moved)
     stricter = load_pipeline([DEFAULT], {"flavors": [FLAVOR], "execution": {"workers": 2},
                                          "detect": {"threshold": 8.0}})
     second = run_pipeline(dataset, stricter, out, apdb_url=url, progress=False)

@@ -234,3 +234,38 @@ def test_kernel_sum_far_from_the_zeropoints_is_a_bad_subtraction():
     template.magzero -= 1.0
     with pytest.raises(BadSubtractionError, match="zeropoint ratio"):
         subtract(science, template)
+
+
+def test_each_named_step_alone_on_a_pair_of_known_gaussians():
+    """The steps of subtract() run one by one: sources at the stars, a kernel of the quadrature width and the
+    flux ratio, the raw difference free of stars, white noise after decorrelation, and the same result as
+    subtract() itself."""
+    from dialab.subtraction import flavors as steps
+
+    rng = np.random.default_rng(11)
+    stars = star_positions(SHAPE, 300, rng, (1000.0, 4000.0))
+    sci = gaussian_exposure(SHAPE, (stars[0], stars[1], 1.3 * stars[2]), 2.4, 1.0, rng)
+    tpl = gaussian_exposure(SHAPE, stars, 2.0, 0.25, rng)
+    cfg = SubtractConfig(spatial_order=0, workers=1)
+    pair = steps.prepare_pair(sci, tpl, cfg)
+    assert pair.convolved == "template" and pair.science_psf.sigma == pytest.approx(2.4, rel=0.01)
+    problem = steps.matching_problem(pair, cfg)
+    assert problem.prefilter is None and problem.target_image is pair.science_image
+    sources = steps.select_sources(pair, problem, cfg)
+    d = np.hypot(sources.positions[:, 0, None] - stars[0][None], sources.positions[:, 1, None] - stars[1][None])
+    assert len(sources.positions) >= 30 and (d.min(axis=1) < 1.0).all()
+    assert sources.scale.scale == pytest.approx(1.3, rel=0.01)
+    fit = steps.fit_kernel(problem, sources, cfg)
+    matched = fftconvolve(GaussianPsf(sigma_pix=2.0).stamp(41), fit.kernel.center_image, mode="same")
+    science = 1.3 * GaussianPsf(sigma_pix=2.4).stamp(41)
+    assert fit.kernel.kernel_sum == pytest.approx(1.3, rel=0.005)
+    assert np.abs(matched - science).max() < 0.02 * science.max()
+    convolved = steps.convolve_pair(pair, problem, fit, cfg)
+    free = source_free(sci, stars, 12)
+    raw = convolved.difference[free] / np.sqrt(pair.science_variance[free] + convolved.matched_variance[free])
+    assert abs(np.mean(convolved.difference[free])) < 0.05 and np.std(raw) == pytest.approx(1.0, abs=0.05)
+    decorrelated = steps.decorrelate(pair, problem, fit, convolved, cfg)
+    white = decorrelated.image[free] / np.sqrt(decorrelated.variance[free])
+    assert np.std(white) == pytest.approx(1.0, abs=0.05)
+    result = steps.finalize(pair, problem, sources, fit, convolved, decorrelated, cfg)
+    np.testing.assert_array_equal(result.difference.image, subtract(sci, tpl, cfg).difference.image)
