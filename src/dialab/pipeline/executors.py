@@ -57,7 +57,7 @@ def _local(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> It
     pool.shutdown(wait=True)
 
 
-def check_scheduler(config: PipelineConfig, timeout_s: float = 10.0) -> None:
+def check_scheduler(config: PipelineConfig, timeout_s: float = 5.0) -> None:
     """Fail before any unit runs when the configured Dask scheduler does not answer."""
     if config.execution.executor != "dask" or not config.execution.scheduler:
         return
