@@ -11,7 +11,7 @@ from .pipeline.runner import run_pipeline
 from .simulate.specs import get_spec
 from .simulate.survey import simulate_dataset
 
-FLAVORS = ["convolveTemplate", "auto", "preconvolution"]
+FLAVORS = ["convolveTemplate", "auto", "preconvolution", "zogy"]
 
 
 def run_demo(output: str | Path, seed: int = 1, workers: int | None = None) -> Path:

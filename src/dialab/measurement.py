@@ -383,6 +383,15 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = 4.0, min_snr: float 
     return (float(np.median(ratio)), len(ratio)) if len(ratio) >= 5 else (1.0, 0)
 
 
+def _detect_on_score(score: Exposure, difference: Exposure, detect_config):
+    """Detections thresholded on a separate score image (its S/N is the score), with the planes copied to the
+    difference; the difference is measured as it is (no residual background of the score's units)."""
+    det = detect_sources(score, detect_config, is_score=True)
+    for name in ("DETECTED", "DETECTED_NEGATIVE"):
+        difference.set_plane(name, score.plane(name))
+    return dataclasses.replace(det, background=np.zeros(difference.shape, np.float32))
+
+
 def detect_and_measure(result, science: Exposure | None = None, matched_template: Exposure | None = None,
                        detect_config=None, measure_config: MeasureConfig | None = None):
     """Detect diaSources on a difference and measure them.
@@ -411,7 +420,12 @@ def detect_and_measure(result, science: Exposure | None = None, matched_template
     diff = result.difference if isinstance(result, SubtractionResult) else result
     if science is not None and science.psf is None and isinstance(result, SubtractionResult):
         science = dataclasses.replace(science, psf=result.science_psf)
-    det = detect_sources(diff, detect_config)
+    separate_score = isinstance(result, SubtractionResult) and result.score is not None \
+        and result.score is not diff
+    if separate_score:  # zogy: detect on S_corr, measure on D with P_D
+        det = _detect_on_score(result.score, diff, detect_config)
+    else:
+        det = detect_sources(diff, detect_config)
     cat = measure_sources(diff, det, science, matched_template, measure_config)
     mcfg = measure_config or MeasureConfig()
     corr, n_stars = aperture_correction(science) if science is not None and mcfg.aperture_correction else (1.0, 0)

@@ -118,8 +118,9 @@ def failure_reason(out: str | Path, unit: Unit) -> str | None:
 
 
 def write_difference(result, path: str | Path) -> None:
-    """The difference Exposure plus the kernel image (``KERNEL``) and, for preconvolution, ``SCORE``; its
-    primary header records how it was made (flavor, convolved image, kernel sum, noise ratio, dialab version)."""
+    """The difference Exposure plus the kernel image (``KERNEL``, A&L flavors) and ``SCORE`` (preconvolution: the
+    score image; zogy: S_corr); its primary header records how it was made (flavor, convolved image, kernel sum
+    or flux ratio, noise ratio, dialab version)."""
     import numpy as np
     from astropy.io import fits
 
@@ -130,7 +131,11 @@ def write_difference(result, path: str | Path) -> None:
     header["KERNSUM"] = (float(d.kernel_sum), "matching kernel sum (photometric scale)")
     header["NOISERAT"] = (float(d.noise_ratio), "measured / propagated noise of the difference")
     header["DIALABV"] = (__version__, "dialab version")
-    extra = [fits.ImageHDU(result.kernel.center_image.astype(np.float32), name="KERNEL")]
-    if result.score is not None:
+    extra = [] if result.kernel is None else [fits.ImageHDU(result.kernel.center_image.astype(np.float32),
+                                                             name="KERNEL")]
+    if result.score is not None and result.score is not result.difference:
+        s_corr = result.score.image / np.sqrt(np.maximum(result.score.variance, 1e-30))
+        extra.append(fits.ImageHDU(s_corr.astype(np.float32), name="SCORE"))
+    elif result.score is not None:
         extra.append(fits.ImageHDU(result.score.image, name="SCORE"))
     write_exposure(result.difference, path, extra_hdus=extra)

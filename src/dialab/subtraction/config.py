@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Flavor = Literal["convolveTemplate", "convolveScience", "auto", "preconvolution"]
-FLAVORS: tuple[str, ...] = ("convolveTemplate", "convolveScience", "auto", "preconvolution")
+Flavor = Literal["convolveTemplate", "convolveScience", "auto", "preconvolution", "zogy"]
+FLAVORS: tuple[str, ...] = ("convolveTemplate", "convolveScience", "auto", "preconvolution", "zogy")
 
 
 class SubtractConfig(BaseModel):

@@ -50,8 +50,8 @@ def psf_axes(psf: Psf, x: float | None = None, y: float | None = None) -> tuple[
 def choose_convolved(science_psf: Psf, template_psf: Psf, flavor: str) -> str:
     """Which image the kernel convolves. auto convolves the science image only when the template PSF is wider on
     both axes (adaptive second moments): then convolving the template would be a deconvolution."""
-    if flavor in ("convolveTemplate", "preconvolution"):
-        return "template"
+    if flavor in ("convolveTemplate", "preconvolution", "zogy"):
+        return "template"  # zogy convolves both; the template is the one whose counts are rescaled
     if flavor == "convolveScience":
         return "science"
     sxx, syy = psf_axes(science_psf)
@@ -162,7 +162,7 @@ def prepare_pair(science: Exposure, template: Exposure, cfg: SubtractConfig) -> 
     t_scale = variance_scale(template, tpl_bg) if cfg.rescale_variance else 1.0
     nodata = science.plane("NO_DATA") | template.plane("NO_DATA")
     convolved = choose_convolved(sci_psf, tpl_psf, cfg.flavor)
-    science_convolved = convolved == "science" or cfg.flavor == "preconvolution"
+    science_convolved = convolved == "science" or cfg.flavor in ("preconvolution", "zogy")
     return PreparedPair(
         science, template, sci_bg, tpl_bg, sci_psf, tpl_psf,
         _filled(science, nodata, sci_bg, sci_psf, science_convolved),
@@ -362,8 +362,8 @@ def check_subtraction(diag: SubtractionDiagnostics, science: Exposure, template:
         raise BadSubtractionError("bad subtraction: " + "; ".join(problems), source)
 
 
-def subtract(science: Exposure, template: Exposure, config: SubtractConfig | None = None) -> SubtractionResult:
-    """PSF-matched difference of ``science`` minus ``template`` in the configured flavor.
+def subtract_alard_lupton(science: Exposure, template: Exposure, config: SubtractConfig | None = None) -> SubtractionResult:
+    """PSF-matched (Alard & Lupton) difference of ``science`` minus ``template`` in the configured flavor.
 
     Runs the named steps ``prepare_pair -> matching_problem -> select_sources -> fit_kernel -> convolve_pair
     -> decorrelate -> finalize``.

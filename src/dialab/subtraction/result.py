@@ -52,7 +52,7 @@ class SubtractionResult:
 
     difference: Exposure
     matched_image: Exposure
-    kernel: SpatialKernel
+    kernel: SpatialKernel | None  # None for zogy (no matching kernel)
     background: np.ndarray
     score: Exposure | None
     diagnostics: SubtractionDiagnostics
