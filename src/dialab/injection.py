@@ -76,6 +76,9 @@ def make_fake_catalog(science: Exposure, config: InjectConfig | None = None,
     cfg = config or InjectConfig()
     if science.psf is None:
         raise ValueError("fakes need the science exposure's PSF (measure it first)")
+    paired = template is not None and template.shape == science.shape
+    # the template's noise in science counts: its variance over (template counts per science count)^2
+    tpl_scale = template_counts_per_science_count(science, template) if paired else 1.0
     if not math.isfinite(science.magzero):
         # No calibration: an instrumental zeropoint that puts the 5-sigma limit at magnitude 24, so the
         # fakes still span 20 to maglim + 1 (fluxes in counts are what the truth table compares).
@@ -112,8 +115,8 @@ def make_fake_catalog(science: Exposure, config: InjectConfig | None = None,
     ix = np.clip(np.round(x).astype(int), 0, nx - 1)
     iy = np.clip(np.round(y).astype(int), 0, ny - 1)
     var = science.variance[iy, ix].astype(float)
-    if template is not None and template.shape == science.shape:
-        var = var + template.variance[iy, ix]
+    if paired:
+        var = var + template.variance[iy, ix] / tpl_scale**2
     cat["expected_snr"] = flux / np.sqrt(science.psf.nea * var)
     return cat
 

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Tile spacing (pixels): the PSF is taken as constant over a tile; blending is bilinear between tile centres.
 TILE_PIX = 512
+#: Largest half-size of the P_D stamp.
+MAX_PSF_HALF = 50
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def _zogy_tile(n, r, vn, vr, pn_stamp, pr_stamp, z: ZogyInputs, workers: int):
     """D (science units), Var(D), S (science units: a source of flux f peaks at f), Var(S) incl. registration,
     and the PSF of D, for one tile padded to a fast FFT size."""
     ny, nx = n.shape
-    size = max(pn_stamp.shape[0], pr_stamp.shape[0])
+    size = pn_stamp.shape[0] + pr_stamp.shape[0]
     shape = (fft.next_fast_len(ny + size, real=True), fft.next_fast_len(nx + size, real=True))
     fr, fn = z.flux_ratio, 1.0
     pn = fft.rfft2(_embed(pn_stamp, shape), workers=workers)
@@ -116,7 +118,8 @@ def _zogy_tile(n, r, vn, vr, pn_stamp, pr_stamp, z: ZogyInputs, workers: int):
         var_s += sx**2 * gx**2 + sy**2 * gy**2
     p_d = np.fft.fftshift(fft.irfft2(fr * fn * pr * pn / (f_d * root), s=shape, workers=workers))
     c0, c1 = shape[0] // 2, shape[1] // 2
-    h = size // 2
+    # P_D reaches as far as both PSFs together: cut at their summed reach, so its wings are not lost
+    h = min(pn_stamp.shape[0] // 2 + pr_stamp.shape[0] // 2, MAX_PSF_HALF, c0, c1)
     psf_d = p_d[c0 - h : c0 + h + 1, c1 - h : c1 + h + 1]
     return (d[cut], var_d[cut], (s_n - s_r)[cut] / f_s, var_s[cut] / f_s**2, psf_d / psf_d.sum())
 
