@@ -35,6 +35,8 @@ class InjectConfig(BaseModel):
     mag_bright: float = Field(20.0, description="brightest fake magnitude (AB)")
     mag_faint_cap: float = Field(26.0, description="faintest fake magnitude is min(maglim + 1, this)")
     edge_pix: int = Field(50, ge=0, description="fakes kept this far from the detector edges")
+    min_separation_fwhm: float = Field(0.0, ge=0, description="fakes at least this many science PSF FWHM apart, so "
+                                       "that dense injections do not blend fakes with each other (0: independent)")
     seed: int = Field(0, description="combined with (visit, detector) to seed each catalog")
     host_fraction: float = Field(0.0, ge=0, le=1, description="fraction placed on host galaxies (needs hosts)")
 
@@ -90,8 +92,8 @@ def make_fake_catalog(science: Exposure, config: InjectConfig | None = None,
     n = max(cfg.min_per_detector, int(round(cfg.density_per_deg2 * _area_deg2(science))))
     ny, nx = science.shape
     e = cfg.edge_pix
-    x = rng.uniform(e, nx - 1 - e, n)
-    y = rng.uniform(e, ny - 1 - e, n)
+    x, y = _positions(rng, n, (e, nx - 1 - e), (e, ny - 1 - e), cfg.min_separation_fwhm * science.psf.fwhm)
+    n = len(x)
     faint = min(limiting_magnitude(science) + 1.0, cfg.mag_faint_cap)
     mag = rng.uniform(cfg.mag_bright, max(faint, cfg.mag_bright + 0.1), n)
     target = np.where(rng.uniform(size=n) < cfg.template_fraction, "template", "visit")
@@ -153,6 +155,24 @@ def inject_fakes(exp: Exposure, x: np.ndarray, y: np.ndarray, flux: np.ndarray, 
         noise = np.sqrt(np.maximum(exp.variance[y0:y1, x0:x1], 1e-30))
         out.mask[y0:y1, x0:x1] |= np.where(np.abs(s) > 0.5 * noise, np.int32(bit), np.int32(0))
     return out
+
+
+def _positions(rng, n: int, xr, yr, min_separation: float) -> tuple[np.ndarray, np.ndarray]:
+    """n uniform positions; with ``min_separation`` each at least that far from the earlier ones (drawn in
+    rounds; fewer than n, with a warning, only when the area cannot hold them)."""
+    x, y = rng.uniform(*xr, n), rng.uniform(*yr, n)
+    if min_separation <= 0:
+        return x, y
+    kept = np.zeros((0, 2))
+    for _ in range(20):
+        for p in np.column_stack([x, y]):
+            if not len(kept) or np.hypot(*(kept - p).T).min() >= min_separation:
+                kept = np.vstack([kept, p])
+                if len(kept) == n:
+                    return kept[:, 0], kept[:, 1]
+        x, y = rng.uniform(*xr, n), rng.uniform(*yr, n)
+    log.warning("only %d of %d fakes fit %.1f px apart", len(kept), n, min_separation)
+    return kept[:, 0], kept[:, 1]
 
 
 def template_counts_per_science_count(science: Exposure, template: Exposure) -> float:

@@ -1,9 +1,9 @@
 """ZOGY proper image subtraction (Zackay, Ofek & Gal-Yam 2016): the difference D, its PSF P_D, and the score
 S_corr with the source-noise and astrometric-registration variance terms.
 
-With N = F_n T * P_n and R = F_r T * P_r (F_n = 1: science counts), in Fourier space and with
-den = sigma_n^2 F_r^2 |P_r|^2 + sigma_r^2 F_n^2 |P_n|^2:
+With N = F_n T * P_n and R = F_r T * P_r (F_n = 1: science counts), in Fourier space::
 
+    den = sigma_n^2 F_r^2 |P_r|^2 + sigma_r^2 F_n^2 |P_n|^2
     D = (F_r P_r N - F_n P_n R) / sqrt(den) / F_D,   F_D = F_r F_n / sqrt(sigma_n^2 F_r^2 + sigma_r^2 F_n^2)
     P_D = F_r F_n P_r P_n / (F_D sqrt(den))
     S = k_n N - k_r R,   k_n = F_n F_r^2 conj(P_n) |P_r|^2 / den,   k_r = F_r F_n^2 conj(P_r) |P_n|^2 / den
