@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-FLAVORS = ("convolveTemplate", "convolveScience", "auto", "preconvolution")
+FLAVORS = ("convolveTemplate", "convolveScience", "auto", "preconvolution", "zogy")
 
 
 def make_pair(folder: Path, shape: tuple[int, int], measure_psfs: bool) -> tuple[Path, Path]:

@@ -40,9 +40,10 @@ def _matched(cat, truth, radius=2.0):
 
 
 def test_tile_weights_sum_to_one():
-    for length, centres in ((100, np.array([49.5])), (1000, np.array([124.5, 374.5, 624.5, 874.5]))):
-        total = np.sum(_tile_weights(length, centres), axis=0)
-        np.testing.assert_allclose(total, 1.0)
+    for length, edges in ((100, np.array([0, 100])), (1000, np.array([0, 250, 500, 750, 1000]))):
+        weights = _tile_weights(length, edges, 64)
+        np.testing.assert_allclose(np.sum(weights, axis=0), 1.0)
+        assert all(w[(a + b) // 2] == 1.0 for w, a, b in zip(weights, edges[:-1], edges[1:]))
 
 
 def test_gaussian_pair_gives_white_noise_and_the_flux_ratio():

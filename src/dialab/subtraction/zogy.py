@@ -13,9 +13,10 @@ P_D measures f directly. S is the matched-filtered D; its variance is propagated
 variance planes (so bright stars' photon noise is in it), and the registration term
 sigma_x^2 ((d/dx k_n N)^2 + (d/dx k_r R)^2) + (the same in y) is added: S_corr = S / sqrt(V_S + V_ast).
 
-Images of any shape are cut into overlapping tiles, each computed with the PSFs at its centre on a zero-padded
-fast FFT size (no wrap-around), and blended with bilinear weights that sum to one: a spatially varying PSF is
-followed at the tile scale. Defects are filled before the FFTs (``prepare_pair``) and the masks grown after.
+Images of any shape are cut into tiles, each computed with the PSFs at its centre (with a margin of twice the
+PSF size) on a zero-padded fast FFT size (no wrap-around), and blended with linear ramps across the tile
+boundaries, weights summing to one: a spatially varying PSF is followed at the tile scale. Defects are
+filled before the FFTs (``prepare_pair``) and the masks grown after.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from .result import SubtractionDiagnostics, SubtractionResult
 
 log = logging.getLogger(__name__)
 
-#: Tile spacing (pixels): the PSF is taken as constant over a tile; blending is bilinear between tile centres.
+#: Tile core size (pixels): the PSF is taken as constant over a tile, at the tile's centre.
 TILE_PIX = 512
+#: Width of the linear blend across tile boundaries (pixels).
+BLEND_PIX = 64
 #: Largest half-size of the P_D stamp.
 MAX_PSF_HALF = 50
 
@@ -124,33 +127,25 @@ def _zogy_tile(n, r, vn, vr, pn_stamp, pr_stamp, z: ZogyInputs, workers: int):
     return (d[cut], var_d[cut], (s_n - s_r)[cut] / f_s, var_s[cut] / f_s**2, psf_d / psf_d.sum())
 
 
-def _tile_weights(length: int, centres: np.ndarray) -> list[np.ndarray]:
-    """Bilinear (hat) weights of each tile centre along one axis; they sum to one everywhere."""
-    x = np.arange(length, dtype=float)
-    if len(centres) == 1:
-        return [np.ones(length)]
+def _tile_weights(length: int, edges: np.ndarray, ramp: int) -> list[np.ndarray]:
+    """Weights of the tiles whose cores are [edges[k], edges[k + 1]) along one axis: 1 in the core, linear ramps
+    ``ramp`` pixels wide across each inner boundary; they sum to one everywhere."""
+    x = np.arange(length, dtype=float) + 0.5
     out = []
-    for k, c in enumerate(centres):
-        w = np.zeros(length)
-        left = centres[k - 1] if k > 0 else None
-        right = centres[k + 1] if k < len(centres) - 1 else None
-        w[(x >= c) if right is None else np.zeros(length, bool)] = 1.0
-        w[(x <= c) if left is None else np.zeros(length, bool)] = 1.0
-        if left is not None:
-            sel = (x > left) & (x <= c)
-            w[sel] = (x[sel] - left) / (c - left)
-        if right is not None:
-            sel = (x >= c) & (x < right)
-            w[sel] = (right - x[sel]) / (right - c)
+    for k in range(len(edges) - 1):
+        w = np.ones(length)
+        if k > 0:
+            w = np.minimum(w, np.clip((x - edges[k]) / ramp + 0.5, 0, 1))
+        if k < len(edges) - 2:
+            w = np.minimum(w, np.clip((edges[k + 1] - x) / ramp + 0.5, 0, 1))
         out.append(w)
     return out
 
 
-def _centres(length: int, varying: bool) -> np.ndarray:
-    if not varying or length <= TILE_PIX:
-        return np.array([(length - 1) / 2])
-    n = int(np.ceil(length / TILE_PIX))
-    return (np.arange(n) + 0.5) * length / n - 0.5
+def _edges(length: int, varying: bool) -> np.ndarray:
+    """Tile core boundaries: one tile when the PSFs do not vary, else cores of about TILE_PIX."""
+    n = int(np.ceil(length / TILE_PIX)) if varying else 1
+    return np.round(np.linspace(0, length, n + 1)).astype(int)
 
 
 def zogy_planes(z: ZogyInputs, workers: int | None = None) -> tuple[_Planes, Psf]:
@@ -159,17 +154,19 @@ def zogy_planes(z: ZogyInputs, workers: int | None = None) -> tuple[_Planes, Psf
     workers = workers or default_workers()
     ny, nx = z.science.shape
     varying = isinstance(z.science_psf, GridPsf) or isinstance(z.template_psf, GridPsf)
-    cy, cx = _centres(ny, varying), _centres(nx, varying)
-    wy, wx = _tile_weights(ny, cy), _tile_weights(nx, cx)
+    ey, ex = _edges(ny, varying), _edges(nx, varying)
+    wy, wx = _tile_weights(ny, ey, BLEND_PIX), _tile_weights(nx, ex, BLEND_PIX)
     margin = 2 * max(z.science_psf.default_size, z.template_psf.default_size)
-    out = _Planes(*(np.zeros((ny, nx)) for _ in range(4)))
+    out = _Planes(*(np.zeros((ny, nx), np.float32) for _ in range(4)))
     stamps, xs, ys = [], [], []
-    for j, y in enumerate(cy):
+    for j in range(len(ey) - 1):
         rows = np.flatnonzero(wy[j] > 0)
         y0, y1 = max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, ny)
-        for i, x in enumerate(cx):
+        y = (ey[j] + ey[j + 1] - 1) / 2
+        for i in range(len(ex) - 1):
             cols = np.flatnonzero(wx[i] > 0)
             x0, x1 = max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, nx)
+            x = (ex[i] + ex[i + 1] - 1) / 2
             box = (slice(y0, y1), slice(x0, x1))
             pn = z.science_psf.stamp(x=x, y=y) if varying else z.science_psf.stamp()
             pr = z.template_psf.stamp(x=x, y=y) if varying else z.template_psf.stamp()
@@ -217,8 +214,8 @@ def zogy_subtract(science: Exposure, template: Exposure, cfg: SubtractConfig) ->
     else:
         ratio = scale.scale
     usable = ~pair.nodata
-    sci = np.where(pair.nodata, 0.0, pair.science_image - pair.science_background.level)
-    tpl = np.where(pair.nodata, 0.0, pair.template_image - pair.template_background.level)
+    sci = np.where(pair.nodata, np.float32(0), pair.science_image - pair.science_background.level)
+    tpl = np.where(pair.nodata, np.float32(0), pair.template_image - pair.template_background.level)
     z = ZogyInputs(sci, tpl, pair.science_variance, pair.template_variance, pair.science_psf, pair.template_psf,
                    flux_ratio=1.0 / ratio,
                    sigma_n=float(np.sqrt(clipped_stats(pair.science_variance[usable][::97])[0])),
