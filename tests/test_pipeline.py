@@ -16,7 +16,7 @@ from .conftest import apdb_rows as _apdb_rows
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
-FLAVORS = ["convolveTemplate", "auto", "preconvolution"]
+FLAVORS = ["convolveTemplate", "auto", "preconvolution", "zogy"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _catalogs(out: Path, flavor: str) -> dict[str, pd.DataFrame]:
 def test_every_flavor_runs_end_to_end(local_run, dataset):
     out = local_run.out
     n_entries = len(yaml.safe_load(dataset.read_text())["entries"])
-    assert local_run.ok and local_run.done == 3 * n_entries
+    assert local_run.ok and local_run.done == len(FLAVORS) * n_entries
     for flavor in FLAVORS:
         units = sorted((out / flavor).glob("*/*/*/unit.json"))
         assert len(units) == n_entries
