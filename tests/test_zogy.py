@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dialab.measurement import BAD_FLAGS, detect_and_measure
+from dialab.psf import ImagePsf
 from dialab.subtraction import SubtractConfig, subtract
 from dialab.subtraction.zogy import _tile_weights
 
@@ -108,3 +109,24 @@ def test_a_non_square_pair_gives_the_diasources_of_its_square_crops():
         close = d.min(axis=1) < 0.5
         diff = (inner.psfFlux.to_numpy()[close] - cat.psfFlux.to_numpy()[k[close]]) / inner.psfFluxErr.to_numpy()[close]
         assert np.abs(np.median(diff)) < 0.1 and np.abs(diff).max() < 1.0
+
+
+def test_defects_are_grown_only_as_far_as_they_reach_into_d():
+    """A bad column in both images (filled before the FFTs): a transient 14 px beside it is still detected and
+    measured; the column is flagged no farther than D's filters carry it (at most two FWHM)."""
+    rng = np.random.default_rng(4)
+    shape = (384, 384)
+    stars = star_positions(shape, 200, rng, (1000.0, 4000.0))
+    sci = gaussian_exposure(shape, (np.r_[stars[0], 214.0], np.r_[stars[1], 190.0], np.r_[stars[2], 3000.0]), 2.0,
+                            1.0, rng)
+    tpl = gaussian_exposure(shape, stars, 2.6, 0.5, rng)
+    for exp in (sci, tpl):
+        exp.psf = ImagePsf(exp.psf.stamp(61))  # a generous stamp, as a PSF model file often has
+        exp.image[:, 200] = 1e5
+        exp.set_plane("BAD", np.zeros(shape, bool) | (np.arange(shape[1]) == 200)[None, :])
+    res = subtract(sci, tpl, SubtractConfig(flavor="zogy", workers=1))
+    bad = res.difference.plane("BAD")
+    assert bad[:, 200].all() and not bad[:, 214].any() and bad.any(axis=0).sum() <= 2 * 13 + 1
+    cat, _, _ = detect_and_measure(res, sci, res.matched_image)
+    hit = np.hypot(cat.x - 214, cat.y - 190) < 1.5
+    assert hit.sum() == 1 and cat.psfFlux[hit].iloc[0] == pytest.approx(3000, rel=0.1)

@@ -180,7 +180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_pipeline(args.pipeline, overrides)
     try:
         result = run_pipeline(args.manifest, config, args.output, flavors=args.flavor, resume=args.resume,
-                              apdb_url=args.apdb, skip_failed=args.skip_failed)
+                              apdb_url=args.apdb, skip_failed=args.skip_failed, progress=not args.quiet)
     except RunInterrupted as exc:
         print(f"dialab run: {exc}: finished units are kept; continue with --resume", file=sys.stderr)
         return exc.exit_status

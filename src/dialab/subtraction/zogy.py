@@ -86,6 +86,13 @@ def _convolve_ft(image_ft: np.ndarray, kernel_ft: np.ndarray, shape, workers) ->
     return fft.irfft2(image_ft * kernel_ft, s=shape, workers=workers)
 
 
+def _denominator(pn: np.ndarray, pr: np.ndarray, z: ZogyInputs) -> np.ndarray:
+    """sigma_n^2 F_r^2 |P_r|^2 + sigma_r^2 F_n^2 |P_n|^2 (F_n = 1), floored where both PSFs have no power
+    left (a Gaussian's transform underflows), so the filters stay finite there."""
+    den = z.sigma_n**2 * z.flux_ratio**2 * np.abs(pr) ** 2 + z.sigma_r**2 * np.abs(pn) ** 2
+    return np.maximum(den, 1e-12 * den.max())
+
+
 def _zogy_tile(n, r, vn, vr, pn_stamp, pr_stamp, z: ZogyInputs, workers: int):
     """D (science units), Var(D), S (science units: a source of flux f peaks at f), Var(S) incl. registration,
     and the PSF of D, for one tile padded to a fast FFT size."""
@@ -95,8 +102,7 @@ def _zogy_tile(n, r, vn, vr, pn_stamp, pr_stamp, z: ZogyInputs, workers: int):
     fr, fn = z.flux_ratio, 1.0
     pn = fft.rfft2(_embed(pn_stamp, shape), workers=workers)
     pr = fft.rfft2(_embed(pr_stamp, shape), workers=workers)
-    den = z.sigma_n**2 * fr**2 * np.abs(pr) ** 2 + z.sigma_r**2 * fn**2 * np.abs(pn) ** 2
-    den = np.maximum(den, 1e-12 * den.max())
+    den = _denominator(pn, pr, z)
     root = np.sqrt(den)
     f_d = fr * fn / np.sqrt(z.sigma_n**2 * fr**2 + z.sigma_r**2 * fn**2)
     n_ft = fft.rfft2(n, s=shape, workers=workers)
@@ -182,6 +188,32 @@ def zogy_planes(z: ZogyInputs, workers: int | None = None) -> tuple[_Planes, Psf
     return out, psf
 
 
+#: A filled defect is flagged as far out as D's filter for its image exceeds this fraction of its peak.
+DEFECT_FRACTION = 1e-2
+
+
+def defect_reach(z: ZogyInputs) -> tuple[int, int]:
+    """How far (pixels) a filled defect of the science and of the template reaches into D: the half-width of the
+    box where D's filter for each image exceeds ``DEFECT_FRACTION`` of its peak (at the PSFs of the image
+    centre). The filter of the image with the wider PSF is nearly a delta function, so its defects stay where
+    they are; the other's is about the PSF core. Truncated PSF stamps (an Airy pattern's or a Gaussian's cut at
+    a few sigma) make these filters ring at a low level far out: the reach is capped at two FWHM of the wider
+    PSF, beyond which a filled defect's leak is well below the noise."""
+    size = 4 * max(z.science_psf.default_size, z.template_psf.default_size)
+    shape = (fft.next_fast_len(size), fft.next_fast_len(size))
+    pn = np.fft.fft2(_embed(z.science_psf.stamp(), shape))
+    pr = np.fft.fft2(_embed(z.template_psf.stamp(), shape))
+    root = np.sqrt(_denominator(pn, pr, z))
+    reach = []
+    for filt in (z.flux_ratio * pr / root, pn / root):
+        kernel = np.abs(np.fft.fftshift(np.real(np.fft.ifft2(filt))))
+        cy, cx = np.unravel_index(np.argmax(kernel), kernel.shape)
+        yy, xx = np.nonzero(kernel > DEFECT_FRACTION * kernel.max())
+        reach.append(int(max(np.abs(yy - cy).max(), np.abs(xx - cx).max())))
+    cap = int(np.ceil(2 * max(z.science_psf.fwhm, z.template_psf.fwhm)))
+    return min(reach[0], cap), min(reach[1], cap)
+
+
 def registration_noise(science: np.ndarray, template: np.ndarray, positions: np.ndarray, sigma: float,
                        min_stars: int = 10) -> tuple[float, float]:
     """Robust scatter (pixels) of the stars' centre differences between the images, per axis: the residual
@@ -231,8 +263,8 @@ def _zogy_result(pair, z: ZogyInputs, planes: _Planes, psf_d: Psf, sources, rati
     planes_bits = science.mask_planes
     reach = max(z.science_psf.default_size, z.template_psf.default_size) // 2
     mask = science.mask.copy()
-    for exp in (science, template):
-        grown = convolve_mask(exp.mask, exp.mask_planes.bits, reach)
+    for exp, radius in zip((science, template), defect_reach(z)):
+        grown = convolve_mask(exp.mask, exp.mask_planes.bits, radius)
         for name, bit in exp.mask_planes.bits.items():
             sel = (grown & (1 << bit)) != 0
             if sel.any() and name not in ("DETECTED", "DETECTED_NEGATIVE"):
