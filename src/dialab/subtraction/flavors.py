@@ -363,34 +363,12 @@ def check_subtraction(diag: SubtractionDiagnostics, science: Exposure, template:
 
 
 def subtract_alard_lupton(science: Exposure, template: Exposure, config: SubtractConfig | None = None) -> SubtractionResult:
-    """PSF-matched (Alard & Lupton) difference of ``science`` minus ``template`` in the configured flavor.
+    """PSF-matched (Alard & Lupton) difference of ``science`` minus ``template`` in the configured flavor
+    (convolveTemplate, convolveScience, auto or preconvolution); arguments, result and errors as for
+    :func:`dialab.subtract`, which calls it.
 
     Runs the named steps ``prepare_pair -> matching_problem -> select_sources -> fit_kernel -> convolve_pair
     -> decorrelate -> finalize``.
-
-    Parameters
-    ----------
-    science, template : Exposure
-        On the same pixel grid (see :func:`dialab.align_to`); PSFs are measured from stars when absent.
-    config : SubtractConfig, optional
-        Flavor, kernel basis, candidate selection and checks (defaults follow LSST ip_diffim).
-
-    Returns
-    -------
-    SubtractionResult
-        The difference on the science flux scale (for preconvolution the score image), the matched image,
-        the kernel and the diagnostics.
-
-    Raises
-    ------
-    BadInputError
-        Different shapes.
-    NoOverlapError
-        The template covers too little of the science image.
-    InsufficientKernelSourcesError
-        Too few kernel stamps.
-    BadSubtractionError
-        The fit shows the images do not match (e.g. the template is of another field).
     """
     cfg = config or SubtractConfig()
     pair = prepare_pair(science, template, cfg)
