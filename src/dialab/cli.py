@@ -231,7 +231,7 @@ def _add_image_commands(sub) -> None:
     info.add_argument("--mask", help="mask FITS (non-zero = BAD)")
     info.set_defaults(func=_cmd_info)
 
-    from .subtraction import FLAVORS
+    from .subtraction.config import FLAVORS
 
     sub_p = sub.add_parser("subtract", help="PSF-matched difference of a science image and a template")
     sub_p.add_argument("science", help="science FITS")
@@ -268,7 +268,7 @@ def _add_image_commands(sub) -> None:
 def _add_dataset_commands(sub) -> None:
     """simulate, apdb, run, report and demo: datasets, databases and runs."""
     from .simulate.specs import SPECS
-    from .subtraction import FLAVORS
+    from .subtraction.config import FLAVORS
 
     sim = sub.add_parser("simulate", help="write a simulated dataset with its manifest and truth tables")
     sim.add_argument("spec", help=f"dataset spec: {', '.join(SPECS)}")
