@@ -9,8 +9,9 @@ command line) stay fast::
 
 from __future__ import annotations
 
-from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+
+from .lazy import lazy_names
 
 try:
     __version__ = version("dialab")
@@ -48,14 +49,4 @@ _API = {
 
 __all__ = ["__version__", *_API]
 
-
-def __getattr__(name: str):
-    if name not in _API:
-        raise AttributeError(f"module 'dialab' has no attribute {name!r}")
-    value = getattr(import_module(f".{_API[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _API, globals())
