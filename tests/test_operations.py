@@ -65,17 +65,34 @@ def _run_args(dataset: Path, out: Path, *extra: str) -> list[str]:
     return ["run", str(dataset), "-p", str(DEFAULT), "-o", str(out), "--flavor", FLAVOR, "--workers", "2", *extra]
 
 
-def _multiprocessing_pids() -> set[int]:
-    pids = set()
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (its workers, their fork server, the resource tracker)."""
+    children: dict[int, list[int]] = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            if b"multiprocessing" in cmdline:
-                pids.add(int(proc.name))
-    return pids
+            children.setdefault(ppid, []).append(int(proc.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
 
 
 def _wait_for_units(out: Path, at_least: int, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -89,17 +106,20 @@ def _wait_for_units(out: Path, at_least: int, process: subprocess.Popen, timeout
 @pytest.mark.parametrize("sig, when", [(signal.SIGINT, "units"), (signal.SIGTERM, "units"),
                                        (signal.SIGTERM, "association")])
 def test_interrupt_then_resume_equals_an_uninterrupted_run(dataset, reference, tmp_path, sig, when):
-    before = _multiprocessing_pids()
     total = len(yaml.safe_load(dataset.read_text())["entries"])
     process = _cli(*_run_args(dataset, tmp_path))
     _wait_for_units(tmp_path, 2 if when == "units" else total, process)
+    helpers = _descendants(process.pid)
+    assert helpers or when == "association", "the run should have worker processes"
     process.send_signal(sig)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + sig, err
     assert f"interrupted by {sig.name}" in err.strip().splitlines()[-1] and "Traceback" not in err
     assert yaml.safe_load((tmp_path / "run.yaml").read_text())["status"] == "interrupted"
-    time.sleep(1)
-    assert not (_multiprocessing_pids() - before), "worker processes outlived the interrupted run"
+    deadline = time.time() + 10
+    while _alive(helpers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(helpers), "worker processes outlived the interrupted run"
     done = len(list(tmp_path.glob(f"{FLAVOR}/*/*/*/unit.json")))
     if when == "units":
         assert done < total  # queued units were cancelled, not run to the end
