@@ -52,11 +52,11 @@ def database_url(url: str | Path) -> str:
         parsed = sqlalchemy.engine.make_url(text)
         _ = parsed.port
     except (sqlalchemy.exc.ArgumentError, ValueError):
-        raise BadInputError(f"not a database URL: {_redact(text)!r}") from None
+        raise BadInputError(f"not a database URL: {redact_url(text)!r}") from None
     backend = parsed.drivername.split("+")[0]
     if backend not in ("sqlite", "postgresql", "postgres"):
         raise BadInputError(f"{backend}:// databases are not supported: use a SQLite file or a PostgreSQL URL "
-                            f"({_redact(text)!r})")
+                            f"({redact_url(text)!r})")
     if backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg2")
     if parsed.drivername.startswith("sqlite") and parsed.database:
@@ -66,10 +66,6 @@ def database_url(url: str | Path) -> str:
 
 def redact_url(url: str) -> str:
     """The URL with its password masked (for files, logs and errors)."""
-    return _redact(url)
-
-
-def _redact(url: str) -> str:
     import sqlalchemy
 
     try:

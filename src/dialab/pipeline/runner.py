@@ -326,12 +326,9 @@ def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | P
                 _associate(out, manifest, flavor, planned, config, handles[flavor], signals, skip_failed, bar,
                            result)
     except RunInterrupted:
-        _finish(out, record, result, planned, t0, "interrupted", skip_failed)
+        _finish(out, record, result, planned, t0, interrupted=True)
         raise
-    final = _final_labels(out, planned)
-    settled = not result.association_stopped and all(label.removeprefix("APDB ") in final for label, _ in result.failures)
-    status = "complete" if settled else "incomplete"
-    _finish(out, record, result, planned, t0, status, skip_failed)
+    _finish(out, record, result, planned, t0)
     return result
 
 
@@ -350,23 +347,23 @@ def _associate(out, manifest, flavor, planned, config, handle, signals, skip_fai
     bar.update(assoc, total=1, completed=1)
 
 
-def _finish(out: Path, record: dict, result: RunResult, planned, t0: float, status: str, skip_failed: bool) -> None:
-    """failures.csv and run.yaml: this run's failures and every unit failed for good."""
+def _finish(out: Path, record: dict, result: RunResult, planned, t0: float, interrupted: bool = False) -> None:
+    """failures.csv and run.yaml: the status, this run's failures and every unit failed for good."""
     final = {u.label: reason for u, _ in planned if (reason := failure_reason(out, u)) is not None}
     failures = list(dict([*final.items(), *result.failures]).items())
     _write_failures(out, failures)
-    if status == "complete" and final:
-        status = "complete-with-failures"  # every unit settled, some failed for good (--skip-failed)
+    if interrupted:
+        status = "interrupted"
+    elif result.association_stopped or any(label.removeprefix("APDB ") not in final for label, _ in result.failures):
+        status = "incomplete"
+    else:  # every unit settled; some may have failed for good (--skip-failed)
+        status = "complete-with-failures" if final else "complete"
     result.seconds = time.perf_counter() - t0
     record.update(status=status, finished=datetime.now(UTC).isoformat(timespec="seconds"),
                   units={"planned": len(planned), "done_now": result.done, "skipped": result.skipped,
                          "failed": len(failures)},
                   failed_units=[{"unit": label, "reason": reason} for label, reason in failures])
     write_text(yaml.safe_dump(record, sort_keys=False), out / "run.yaml")
-
-
-def _final_labels(out: Path, planned) -> set[str]:
-    return {u.label for u, _ in planned if failure_reason(out, u) is not None}
 
 
 def _write_failures(out: Path, failures: list[tuple[str, str]]) -> None:

@@ -223,11 +223,11 @@ def fit_kernel(problem: MatchingProblem, sources: KernelSources, cfg: SubtractCo
         kernel_sum_error=float(np.hypot(scale.error, FLUX_RATIO_SYSTEMATIC * scale.scale)))
 
 
-def _merge_masks(science: Exposure, template_mask: np.ndarray, template_planes: MaskPlanes) -> np.ndarray:
-    """Science mask OR the template's, with the template's INJECTED marked INJECTED_TEMPLATE and SAT also
-    as SAT_TEMPLATE."""
-    planes = science.mask_planes
-    out = science.mask.copy()
+def merge_masks(science_mask: np.ndarray, planes: MaskPlanes, template_mask: np.ndarray,
+                template_planes: MaskPlanes) -> np.ndarray:
+    """The science mask OR the template's, with the template's INJECTED marked INJECTED_TEMPLATE and SAT also
+    as SAT_TEMPLATE (its DETECTED planes left out)."""
+    out = science_mask.copy()
     for name, bit in template_planes.bits.items():
         sel = (template_mask & (1 << bit)) != 0
         if not sel.any() or name in ("DETECTED", "DETECTED_NEGATIVE"):
@@ -248,10 +248,9 @@ def convolve_pair(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, 
     conv_exp = pair.template if pair.convolved == "template" else pair.science
     conv_mask = convolve_mask(conv_exp.mask, conv_exp.mask_planes.bits, kernel_footprint_radius(kernel.center_image))
     if pair.convolved == "template":
-        mask = _merge_masks(pair.science, conv_mask, pair.template.mask_planes)
+        mask = merge_masks(pair.science.mask, pair.science.mask_planes, conv_mask, pair.template.mask_planes)
     else:
-        science = Exposure(pair.science.image, conv_mask, pair.science.variance, mask_planes=pair.science.mask_planes)
-        mask = _merge_masks(science, pair.template.mask, pair.template.mask_planes)
+        mask = merge_masks(conv_mask, pair.science.mask_planes, pair.template.mask, pair.template.mask_planes)
     return ConvolvedPair(matched, matched_var, background, problem.target_image - matched, mask, conv_mask)
 
 

@@ -34,7 +34,7 @@ from ..moments import adaptive_moments
 from ..psf import GridPsf, ImagePsf, Psf
 from .config import SubtractConfig
 from .convolve import convolve_mask
-from .flavors import check_subtraction, fit_kernel, matching_problem, prepare_pair, select_sources
+from .flavors import check_subtraction, fit_kernel, matching_problem, merge_masks, prepare_pair, select_sources
 from .noise import noise_ratio
 from .result import SubtractionDiagnostics, SubtractionResult
 
@@ -262,14 +262,9 @@ def _zogy_result(pair, z: ZogyInputs, planes: _Planes, psf_d: Psf, sources, rati
     science, template = pair.science, pair.template
     planes_bits = science.mask_planes
     reach = max(z.science_psf.default_size, z.template_psf.default_size) // 2
-    mask = science.mask.copy()
-    for exp, radius in zip((science, template), defect_reach(z)):
-        grown = convolve_mask(exp.mask, exp.mask_planes.bits, radius)
-        for name, bit in exp.mask_planes.bits.items():
-            sel = (grown & (1 << bit)) != 0
-            if sel.any() and name not in ("DETECTED", "DETECTED_NEGATIVE"):
-                target = "INJECTED_TEMPLATE" if exp is template and name == "INJECTED" else name
-                mask[sel] |= np.int32(planes_bits.bit(target))
+    reach_n, reach_r = defect_reach(z)
+    mask = merge_masks(convolve_mask(science.mask, planes_bits.bits, reach_n), planes_bits,
+                       convolve_mask(template.mask, template.mask_planes.bits, reach_r), template.mask_planes)
     edge = np.zeros(mask.shape, bool)
     edge[:reach], edge[-reach:], edge[:, :reach], edge[:, -reach:] = True, True, True, True
     mask[edge] |= np.int32(planes_bits.bit("EDGE"))
