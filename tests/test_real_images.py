@@ -44,7 +44,7 @@ def _gaussian_fit_fwhm(exp, n=25, radius=10):
     """Independent check: median FWHM of 2-d Gaussian fits to isolated bright stars (taken from dialab's PSF
     star selection, which passes compact galaxies over)."""
     bg = estimate_background(exp.image, exp.plane("NO_DATA"))
-    stars = select_psf_stars(exp, bg)
+    stars = select_psf_stars(exp)
     sub = exp.image - bg.level
     r = radius
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]

@@ -93,6 +93,17 @@ def clipped_stats(values: np.ndarray, nsigma: float = 3.0, iterations: int = 5,
     return med, sig
 
 
+#: Pixels an image's sky never uses: no data, known defects, and saturated cores (their bleed would lift it).
+SKY_BAD_PLANES = ("NO_DATA", "BAD", "SAT")
+
+
+def sky_background(exposure) -> Background:
+    """The exposure's sky, estimated once per state of its pixels (``Exposure.derived``) and shared by every
+    step that needs it: star finding, PSF measurement, repair, the subtraction's preparation."""
+    return exposure.derived(("sky", SKY_BAD_PLANES),
+                            lambda: estimate_background(exposure.image, exposure.plane(*SKY_BAD_PLANES)))
+
+
 def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_pix: int = 64,
                         mask_sources_nsigma: float | None = 3.0) -> Background:
     """Mesh background: clipped median and sigma per box, 3x3 median-filtered, spline-upsampled.

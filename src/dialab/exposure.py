@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class Exposure:
     saturate: float = float("nan")
     header: fits.Header = field(default_factory=fits.Header)
     path: str | None = None
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.image = np.asarray(self.image, dtype=np.float32)
@@ -103,9 +105,22 @@ class Exposure:
 
     def set_plane(self, name: str, where: np.ndarray) -> None:
         self.mask[where] |= self.mask_planes.bit(name)
+        self._derived.clear()
 
     def clear_plane(self, name: str) -> None:
         self.mask &= ~np.int32(self.mask_planes.bit(name))
+        self._derived.clear()
+
+    def derived(self, key, compute):
+        """``compute()``, once per state of the pixels: the value is kept while ``image`` and ``mask`` are the
+        same arrays and no plane was set, so the sky and the stars of one image are measured once however
+        many steps ask (steps that change pixels assign new arrays, as repair and injection do)."""
+        entry = self._derived.get(key)
+        if entry is not None and entry[0]() is self.image and entry[1]() is self.mask:
+            return entry[2]
+        value = compute()
+        self._derived[key] = (weakref.ref(self.image), weakref.ref(self.mask), value)
+        return value
 
     @property
     def unusable(self) -> np.ndarray:
@@ -152,7 +167,8 @@ def _check_complete(hdul: fits.HDUList, path: Path) -> None:
         return  # offsets of a compressed file refer to its uncompressed bytes (astropy reports truncation itself)
     size = path.stat().st_size
     for index, hdu in enumerate(hdul):
-        end = hdu.fileinfo()["datLoc"] + hdu.size
+        info = hdu.fileinfo()  # a tile-compressed HDU's size is its image's; its span is what the file holds
+        end = info["datLoc"] + (info["datSpan"] if isinstance(hdu, fits.CompImageHDU) else hdu.size)
         if end > size:
             name = hdu.name or f"#{index}"
             hdul.close()
@@ -452,7 +468,34 @@ def _psf_hdus(psf: Psf) -> list[fits.hdu.base.ExtensionHDU]:
 # --------------------------------------------------------------------------- writing
 
 
-def write_exposure(exp: Exposure, path: str | Path, extra_hdus: list | None = None) -> None:
+#: How image planes are written. "none": plain. "lossless": tile-compressed without loss (RICE for the mask,
+#: byte-shuffled GZIP for floats, which saves little on noise). "quantized": floats rounded to 1/``QUANTIZE_LEVEL``
+#: of each tile's own noise (cfitsio's estimate) with subtractive dithering that keeps zeros exact, then RICE
+#: (LSST and fpack do alike). Each pixel gains a rounding error of 1 / (q sqrt(12)) of its noise, so a PSF flux
+#: moves by that fraction of its error: 0.5% rms for q = 64, where the file is still ~4x smaller.
+COMPRESSIONS = ("none", "lossless", "quantized")
+QUANTIZE_LEVEL = 64.0
+
+
+def image_hdu(data: np.ndarray, header: fits.Header | None = None, name: str | None = None,
+              compression: str = "none", quantize_level: float = QUANTIZE_LEVEL):
+    """An image HDU in one of ``COMPRESSIONS``; integers are always compressed without loss. Readers see an
+    ordinary image either way (astropy and cfitsio decompress tile-compressed HDUs transparently)."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
+    if compression == "none" or data.ndim != 2 or min(data.shape) < 2:
+        return fits.ImageHDU(data, header, name=name)
+    if np.issubdtype(data.dtype, np.integer):
+        return fits.CompImageHDU(data, header, name=name, compression_type="RICE_1")
+    if compression == "lossless":
+        return fits.CompImageHDU(data, header, name=name, compression_type="GZIP_2", quantize_level=0.0)
+    # the dither seed from the data's checksum: the same image always gives the same file (resumed runs verify it)
+    return fits.CompImageHDU(data, header, name=name, compression_type="RICE_1", quantize_level=quantize_level,
+                             quantize_method=2, dither_seed=-1)
+
+
+def write_exposure(exp: Exposure, path: str | Path, extra_hdus: list | None = None,
+                   compression: str = "none", quantize_level: float = QUANTIZE_LEVEL) -> None:
     """Write an exposure in the multi-extension layout, atomically (a temporary name, then a rename).
 
     Parameters
@@ -463,6 +506,9 @@ def write_exposure(exp: Exposure, path: str | Path, extra_hdus: list | None = No
         The output file.
     extra_hdus : list of astropy.io.fits HDUs, optional
         Appended after the standard HDUs (e.g. the kernel image of a difference).
+    compression : str
+        One of ``COMPRESSIONS`` for the image, mask and variance planes (the mask is never quantized);
+        ``quantize_level`` the quantization steps per noise sigma.
     """
     path = Path(path)
     primary = fits.Header()
@@ -478,9 +524,9 @@ def write_exposure(exp: Exposure, path: str | Path, extra_hdus: list | None = No
     for name, bit in sorted(exp.mask_planes.bits.items(), key=lambda kv: kv[1]):
         mask_header[f"MP_{name}"[:8] if len(name) <= 5 else f"HIERARCH MP_{name}"] = bit
     hdus = [fits.PrimaryHDU(header=primary),
-            fits.ImageHDU(exp.image, wcs_header, name="IMAGE"),
-            fits.ImageHDU(exp.mask, mask_header, name="MASK"),
-            fits.ImageHDU(exp.variance, wcs_header, name="VARIANCE")]
+            image_hdu(exp.image, wcs_header, "IMAGE", compression, quantize_level),
+            image_hdu(exp.mask, mask_header, "MASK", compression),
+            image_hdu(exp.variance, wcs_header, "VARIANCE", compression, quantize_level)]
     if exp.psf is not None:
         hdus += _psf_hdus(exp.psf)
     hdus += list(extra_hdus or [])

@@ -9,7 +9,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
-from .background import estimate_background
+from .background import sky_background
 from .detection import detect_sources
 from .exposure import Exposure
 from .ids import pack_ids
@@ -358,8 +358,8 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = 4.0, min_snr: float 
     """
     if exp.psf is None:
         return 1.0, 0
-    bg = estimate_background(exp.image, exp.plane("NO_DATA", "BAD", "SAT"))
-    stars = select_psf_stars(exp, bg, min_snr=min_snr, min_stars=5)
+    bg = sky_background(exp)
+    stars = select_psf_stars(exp, min_snr=min_snr, min_stars=5)
     if len(stars) < 5:
         return 1.0, 0
     # at least the model's own reach: the correction is the light beyond the model (a smaller aperture would

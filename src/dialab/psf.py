@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 from scipy import ndimage
 
-from .background import estimate_background
+from .background import sky_background
 from .errors import BadInputError, PsfMeasurementError
 from .imageops import Chebyshev2D
 from .moments import adaptive_moments
@@ -481,7 +481,7 @@ def variation_order(x: np.ndarray, y: np.ndarray, sizes: np.ndarray, shape: tupl
 
 
 def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_stars: int = 5,
-                min_snr: float = 30.0, background=None, order: int | None = None) -> Psf:
+                min_snr: float = 30.0, order: int | None = None) -> Psf:
     """Measure the (effective) PSF from bright, clean, isolated stars on the stellar locus.
 
     Stars are found twice (the second time with a filter of the size the first found), then the model is
@@ -499,8 +499,6 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
         Most stars used; fewest accepted.
     min_snr : float
         Lowest S/N of a PSF star.
-    background : Background, optional
-        A background already estimated for this image.
     order : int, optional
         Polynomial order of the spatial variation (default: chosen by an F test on the stars' sizes).
 
@@ -514,8 +512,8 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
     PsfMeasurementError
         When too few usable stars are found.
     """
-    bg = background or estimate_background(exposure.image, exposure.plane("NO_DATA", "BAD"))
-    found = select_psf_stars(exposure, bg, min_snr, max_stars, min_stars)
+    bg = sky_background(exposure)
+    found = select_psf_stars(exposure, min_snr, max_stars, min_stars)
     if len(found) < min_stars:
         raise PsfMeasurementError(
             f"{exposure.path or 'image'}: only {len(found)} usable stars for the PSF (need {min_stars})")

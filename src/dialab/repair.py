@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .background import estimate_background
+from .background import sky_background
 from .imageops import grow_mask, interpolate_masked
 from .psf import measure_psf
 
@@ -60,8 +60,8 @@ def repair_cosmic_rays(exp, nsigma: float = 6.0, margin: float = 3.0) -> int:
     Returns the number of CR pixels.
     """
     unusable = exp.plane("BAD", "SAT", "NO_DATA")
-    background = estimate_background(exp.image, unusable)
-    psf = exp.psf if exp.psf is not None else measure_psf(exp, background=background)
+    background = sky_background(exp)
+    psf = exp.psf if exp.psf is not None else measure_psf(exp)
     residual = (exp.image - background.level).astype(np.float32)
     cr = find_cosmic_rays(residual, exp.variance, psf.stamp(), nsigma, margin, ~unusable)
     if cr.any():

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
-from .background import estimate_background
+from .background import sky_background
 from .imageops import find_peaks, gaussian_filtered_snr, window_any
 from .moments import adaptive_moments
 
@@ -42,46 +43,81 @@ class StarCandidates(ArrayColumns):
     clean: np.ndarray
 
 
+#: Relative difference of matched-filter widths (in log) below which the peaks of one serve for the other.
+FILTER_TOLERANCE = 0.2
+
+
 def find_stars(exposure, sigma_guess_pix: float = 2.0, min_snr: float = 20.0, radius_pix: int | None = None,
                bad_planes: tuple[str, ...] = ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "SUSPECT"),
-               background=None, max_candidates: int = 600) -> StarCandidates:
+               max_candidates: int = 600) -> StarCandidates:
     """Peaks above ``min_snr`` with centroid, adaptive size, and isolation/cleanliness flags.
 
     Only the ``max_candidates`` highest-S/N peaks are measured.
     ``clean``: no pixel of ``bad_planes`` within ``radius_pix`` and not at the border;
     ``isolated``: no other peak brighter than 10% of this one within ``radius_pix``.
+    The peaks and their measurements are kept on the exposure (``Exposure.derived``): registration, the
+    PSF, its check and the kernel candidates all look for stars in the same images.
     """
-    image = exposure.image
-    bad = exposure.plane(*bad_planes)
-    nodata = exposure.plane("NO_DATA", "BAD")
-    bg = estimate_background(image, nodata) if background is None else background
-    sub = image - bg.level
-    var = exposure.variance
-    noise = np.sqrt(var) if (var > 0).all() else np.sqrt(np.where(var > 0, var, bg.rms**2))
-    snr = gaussian_filtered_snr(sub, noise, sigma_guess_pix, nodata)
     radius = int(radius_pix or max(5, math.ceil(4 * sigma_guess_pix)))
-    ys, xs = find_peaks(snr, min(min_snr, 5.0), max(2, int(round(sigma_guess_pix))), exclude=nodata)
-    peak_value = snr[ys, xs]
-    strong = peak_value > min_snr
-    ny, nx = image.shape
-    rows = []
-    all_pos = np.column_stack([xs, ys]).astype(float)
-    all_amp = peak_value  # filtered S/N: relative brightness of neighbours where the noise is even
-    for k in np.nonzero(strong)[0][:max_candidates]:
-        x0, y0 = int(xs[k]), int(ys[k])
-        if x0 < radius or y0 < radius or x0 >= nx - radius or y0 >= ny - radius:
-            continue
-        cut = sub[y0 - radius : y0 + radius + 1, x0 - radius : x0 + radius + 1]
-        m = adaptive_moments(cut, radius, radius, sigma_guess_pix)
-        if not (m.converged and np.isfinite(m.sigma)) or abs(m.x - radius) > 2 or abs(m.y - radius) > 2:
-            continue
-        d = np.hypot(all_pos[:, 0] - x0, all_pos[:, 1] - y0)
-        neighbours = (d > 0) & (d <= 1.5 * radius) & (all_amp > 0.1 * all_amp[k])
-        clean = not window_any(bad, [x0], [y0], radius)[0]
-        rows.append((x0 - radius + m.x, y0 - radius + m.y, float(cut.sum()), float(peak_value[k]), m.sigma,
-                     m.ellipticity, not neighbours.any(), clean))
-    arr = np.array(rows, dtype=float).reshape(-1, 8)
-    return StarCandidates(*arr[:, :6].T, arr[:, 6].astype(bool), arr[:, 7].astype(bool))
+    found = exposure.derived("peaks", dict)  # filter sigma -> _Peaks, for this state of the pixels
+    # a filter within FILTER_TOLERANCE of one already run finds the same stars (its S/N is ~1% lower)
+    near = [s for s in found if abs(math.log(s / sigma_guess_pix)) < FILTER_TOLERANCE]
+    if near:
+        peaks = found[min(near, key=lambda s: abs(math.log(s / sigma_guess_pix)))]
+    else:
+        peaks = found[sigma_guess_pix] = _Peaks(exposure, sigma_guess_pix)
+    # the strong peaks are a prefix of the S/N-ordered list
+    rows = peaks.measured(radius, bad_planes, min(int(np.sum(peaks.value > min_snr)), max_candidates))
+    return StarCandidates(*rows[:, :6].T, rows[:, 6].astype(bool), rows[:, 7].astype(bool))
+
+
+class _Peaks:
+    """The peaks of one image's Gaussian-filtered S/N (highest first), and their measurements, made on demand
+    for as many of the brightest as any caller has asked for."""
+
+    def __init__(self, exposure, sigma_guess_pix: float):
+        self.exposure = weakref.proxy(exposure)  # kept on the exposure itself: no reference cycle
+        self.sigma = sigma_guess_pix
+        nodata = exposure.plane("NO_DATA", "BAD")
+        sub = exposure.image - sky_background(exposure).level
+        var = exposure.variance
+        noise = np.sqrt(var) if (var > 0).all() else np.sqrt(np.where(var > 0, var, sky_background(exposure).rms**2))
+        snr = gaussian_filtered_snr(sub, noise, sigma_guess_pix, nodata)
+        self.y, self.x = find_peaks(snr, 5.0, max(2, int(round(sigma_guess_pix))), exclude=nodata)
+        self.value = snr[self.y, self.x]  # filtered S/N: relative brightness of neighbours where the noise is even
+        self._tables: dict = {}
+
+    def measured(self, radius: int, bad_planes: tuple[str, ...], n: int) -> np.ndarray:
+        """Rows (x, y, flux, snr, sigma, ellipticity, isolated, clean, peak index) of the first ``n`` peaks
+        that could be measured within ``radius``."""
+        done, table = self._tables.get((radius, bad_planes), (0, np.zeros((0, 9))))
+        if n > done:
+            table = np.vstack([table, self._measure(radius, bad_planes, done, n)])
+            self._tables[(radius, bad_planes)] = (n, table)
+        return table[table[:, 8] < n]
+
+    def _measure(self, radius: int, bad_planes: tuple[str, ...], start: int, stop: int) -> np.ndarray:
+        exposure = self.exposure
+        sub = exposure.image - sky_background(exposure).level
+        ny, nx = sub.shape
+        all_pos = np.column_stack([self.x, self.y]).astype(float)
+        rows = []
+        for k in range(start, stop):
+            x0, y0 = int(self.x[k]), int(self.y[k])
+            if x0 < radius or y0 < radius or x0 >= nx - radius or y0 >= ny - radius:
+                continue
+            cut = sub[y0 - radius : y0 + radius + 1, x0 - radius : x0 + radius + 1]
+            m = adaptive_moments(cut, radius, radius, self.sigma)
+            if not (m.converged and np.isfinite(m.sigma)) or abs(m.x - radius) > 2 or abs(m.y - radius) > 2:
+                continue
+            d = np.hypot(all_pos[:, 0] - x0, all_pos[:, 1] - y0)
+            neighbours = (d > 0) & (d <= 1.5 * radius) & (self.value > 0.1 * self.value[k])
+            rows.append((x0 - radius + m.x, y0 - radius + m.y, float(cut.sum()), float(self.value[k]), m.sigma,
+                         m.ellipticity, not neighbours.any(), True, k))
+        table = np.array(rows, dtype=float).reshape(-1, 9)
+        peak = table[:, 8].astype(int)
+        table[:, 7] = ~window_any(exposure.plane(*bad_planes), self.x[peak], self.y[peak], radius)
+        return table
 
 
 #: Adaptive sigma (pixels) below which a source is a hot pixel or a cosmic ray: a pixel-integrated PSF is never
@@ -139,7 +175,7 @@ def stellar_locus(sigmas: np.ndarray, x: np.ndarray, y: np.ndarray, width: float
     return keep
 
 
-def select_psf_stars(exposure, background, min_snr: float = 30.0, max_stars: int = 300,
+def select_psf_stars(exposure, min_snr: float = 30.0, max_stars: int = 300,
                      min_stars: int = 5) -> StarCandidates:
     """Clean, round, (where enough) isolated sources on the stellar locus, brightest first.
 
@@ -151,7 +187,7 @@ def select_psf_stars(exposure, background, min_snr: float = 30.0, max_stars: int
     for snr_cut in (min_snr, min_snr / 2):
         for _ in range(2):
             radius = max(5, int(math.ceil(4 * sigma_guess)))
-            stars = find_stars(exposure, sigma_guess, snr_cut, radius, background=background,
+            stars = find_stars(exposure, sigma_guess, snr_cut, radius,
                                max_candidates=max(600, 2 * max_stars))
             stars = stars.select(stars.clean)
             stars = stars.select(stars.ellipticity < np.median(stars.ellipticity) + MAX_EXTRA_ELLIPTICITY)

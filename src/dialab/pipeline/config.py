@@ -55,6 +55,18 @@ class ExecutionConfig(BaseModel):
     threads_per_unit: int = Field(1, ge=1, description="FFT threads inside one unit")
 
 
+class OutputConfig(BaseModel):
+    """How each unit's difference is written (see ``exposure.COMPRESSIONS``): a survey's differences outweigh
+    its inputs unless their floats are quantized to a fraction of their noise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    compression: Literal["none", "lossless", "quantized"] = Field(
+        "quantized", description="difference image planes: plain, lossless tile compression, or floats "
+                                 "quantized to 1/quantize_level of their noise (the mask always lossless)")
+    quantize_level: float = Field(64.0, ge=1.0, description="quantization steps per noise sigma (fluxes move by 0.29/q of their errors, rms)")
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,6 +80,7 @@ class PipelineConfig(BaseModel):
     associate: AssociateConfig = AssociateConfig()
     apdb: ApdbSection = ApdbSection()
     execution: ExecutionConfig = ExecutionConfig()
+    output: OutputConfig = OutputConfig()
 
     def flavors_to_run(self) -> list[str]:
         return list(self.flavors) if self.flavors else [self.subtract.flavor]

@@ -11,13 +11,15 @@ from pathlib import Path
 from ..exposure import Exposure, read_exposure
 from ..psf import check_given_psf, measure_psf
 from ..repair import repair_cosmic_rays
+from ..timing import timed
 from ..warp import align_to
 
 
 def ensure_psf(exp: Exposure) -> Exposure:
     """The exposure with a PSF: one measured from its stars (plain FITS), or the given one checked against the
     stars and given their spatial variation (see ``psf.check_given_psf``)."""
-    exp.psf = measure_psf(exp) if exp.psf is None else check_given_psf(exp, exp.psf)
+    with timed("psf"):
+        exp.psf = measure_psf(exp) if exp.psf is None else check_given_psf(exp, exp.psf)
     return exp
 
 
@@ -25,18 +27,24 @@ def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None) -> E
     """The science exposure as the subtraction uses it: read, with the manifest ``entry``'s visit, detector,
     band and epoch (plain FITS often lack them), cosmic rays repaired when ``repair`` (a RepairConfig) asks,
     and a PSF."""
-    science = read_exposure(path, psf=psf, noise=noise)
+    with timed("read"):
+        science = read_exposure(path, psf=psf, noise=noise)
     if entry is not None:
         science.visit, science.detector, science.band, science.mjd = entry.visit, entry.detector, entry.band, entry.mjd
     ensure_psf(science)
     if repair is not None and repair.cosmic_rays:
-        repair_cosmic_rays(science, repair.nsigma, repair.margin)
+        with timed("repair"):
+            repair_cosmic_rays(science, repair.nsigma, repair.margin)
     return science
 
 
 def prepare_template(science: Exposure, path, psf=None, noise=None) -> Exposure:
     """The template on the science pixel grid, with a PSF."""
-    return ensure_psf(align_to(read_exposure(path, psf=psf, noise=noise), science))
+    with timed("read"):
+        template = read_exposure(path, psf=psf, noise=noise)
+    with timed("align"):
+        template = align_to(template, science)
+    return ensure_psf(template)
 
 
 def prepare_entry(entry, root: str | Path, repair=None) -> tuple[Exposure, Exposure]:

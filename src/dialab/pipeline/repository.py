@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import __version__
-from ..exposure import write_exposure
+from ..exposure import QUANTIZE_LEVEL, image_hdu, write_exposure
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,11 @@ def failure_reason(out: str | Path, unit: Unit) -> str | None:
         return None
 
 
-def write_difference(result, path: str | Path) -> None:
+def write_difference(result, path: str | Path, compression: str = "none", quantize_level: float = QUANTIZE_LEVEL
+                     ) -> None:
     """The difference Exposure plus the kernel image (``KERNEL``, A&L flavors) and ``SCORE`` (preconvolution: the
     score image; zogy: S_corr); its primary header records how it was made (flavor, convolved image, kernel sum
-    or flux ratio, noise ratio, dialab version)."""
+    or flux ratio, noise ratio, dialab version). ``compression``: one of ``exposure.COMPRESSIONS``."""
     import numpy as np
     from astropy.io import fits
 
@@ -135,7 +136,7 @@ def write_difference(result, path: str | Path) -> None:
                                                              name="KERNEL")]
     if result.score is not None and result.score is not result.difference:
         s_corr = result.score.image / np.sqrt(np.maximum(result.score.variance, 1e-30))
-        extra.append(fits.ImageHDU(s_corr.astype(np.float32), name="SCORE"))
+        extra.append(image_hdu(s_corr.astype(np.float32), None, "SCORE", compression, quantize_level))
     elif result.score is not None:
-        extra.append(fits.ImageHDU(result.score.image, name="SCORE"))
-    write_exposure(result.difference, path, extra_hdus=extra)
+        extra.append(image_hdu(result.score.image, None, "SCORE", compression, quantize_level))
+    write_exposure(result.difference, path, extra_hdus=extra, compression=compression, quantize_level=quantize_level)

@@ -37,7 +37,7 @@ def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: s
     cat, _, _ = detect_and_measure(result, science, result.matched_image, config.detect, config.measure)
     where = unit_dir(out, unit)
     where.mkdir(parents=True, exist_ok=True)
-    write_difference(result, where / "difference.fits")
+    write_difference(result, where / "difference.fits", config.output.compression, config.output.quantize_level)
     write_parquet(cat, where / "diaSources.parquet")
     d = result.diagnostics
     summary = {"status": "done", "n_diaSources": len(cat),

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import fftconvolve
 
-from ..background import Background, clipped_stats, estimate_background
+from ..background import Background, clipped_stats, sky_background
 from ..errors import BadInputError, BadSubtractionError, NoOverlapError
 from ..exposure import Exposure, MaskPlanes
 from ..imageops import fft_convolve_many, interpolate_masked
 from ..moments import adaptive_moments
 from ..psf import Psf, map_stamps, measure_psf
+from ..timing import timed
 from .basis import KernelBasis, alard_lupton_basis
 from .config import FLAVORS, Flavor, SubtractConfig  # noqa: F401 (the flavor names live with the configuration)
 from .convolve import convolve_image, convolve_mask, convolve_variance, kernel_footprint_radius
@@ -154,10 +155,9 @@ def _filled(exp: Exposure, nodata: np.ndarray, background: Background, psf: Psf,
 def prepare_pair(science: Exposure, template: Exposure, cfg: SubtractConfig) -> PreparedPair:
     """Step 1: check the overlap, estimate backgrounds, PSFs and variance scales, choose the convolved image."""
     _check_inputs(science, template, cfg.min_overlap_fraction)
-    sci_bg = estimate_background(science.image, science.plane("NO_DATA", "BAD", "SAT"))
-    tpl_bg = estimate_background(template.image, template.plane("NO_DATA", "BAD", "SAT"))
-    sci_psf = science.psf if science.psf is not None else measure_psf(science, background=sci_bg)
-    tpl_psf = template.psf if template.psf is not None else measure_psf(template, background=tpl_bg)
+    sci_bg, tpl_bg = sky_background(science), sky_background(template)
+    sci_psf = science.psf if science.psf is not None else measure_psf(science)
+    tpl_psf = template.psf if template.psf is not None else measure_psf(template)
     s_scale = variance_scale(science, sci_bg) if cfg.rescale_variance else 1.0
     t_scale = variance_scale(template, tpl_bg) if cfg.rescale_variance else 1.0
     nodata = science.plane("NO_DATA") | template.plane("NO_DATA")
@@ -201,8 +201,7 @@ def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractCo
     basis = problem.basis
     positions = select_kernel_candidates(pair.science, pair.template, basis.size + basis.half,
                                          (cfg.candidate_snr_min, cfg.candidate_snr_max), cfg.max_candidates,
-                                         sigma_pix=max(pair.science_psf.sigma, 1.0),
-                                         background=pair.science_background)
+                                         sigma_pix=max(pair.science_psf.sigma, 1.0))
     # v has unit sum, so the preconvolved target has the science image's fluxes: they are measured on the
     # science image itself (a narrower PSF, fewer neighbours in reach, uncorrelated noise)
     sci_side = (pair.science_image - pair.science_background.level, pair.science_variance, pair.science_psf)
@@ -370,10 +369,17 @@ def subtract_alard_lupton(science: Exposure, template: Exposure, config: Subtrac
     -> decorrelate -> finalize``.
     """
     cfg = config or SubtractConfig()
-    pair = prepare_pair(science, template, cfg)
-    problem = matching_problem(pair, cfg)
-    sources = select_sources(pair, problem, cfg)
-    fit = fit_kernel(problem, sources, cfg)
-    convolved = convolve_pair(pair, problem, fit, cfg)
-    decorrelated = decorrelate(pair, problem, fit, convolved, cfg)
-    return finalize(pair, problem, sources, fit, convolved, decorrelated, cfg)
+    with timed("prepare_pair"):
+        pair = prepare_pair(science, template, cfg)
+    with timed("matching_problem"):
+        problem = matching_problem(pair, cfg)
+    with timed("select_sources"):
+        sources = select_sources(pair, problem, cfg)
+    with timed("fit_kernel"):
+        fit = fit_kernel(problem, sources, cfg)
+    with timed("convolve_pair"):
+        convolved = convolve_pair(pair, problem, fit, cfg)
+    with timed("decorrelate"):
+        decorrelated = decorrelate(pair, problem, fit, convolved, cfg)
+    with timed("finalize"):
+        return finalize(pair, problem, sources, fit, convolved, decorrelated, cfg)

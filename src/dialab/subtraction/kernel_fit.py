@@ -91,7 +91,7 @@ def counterpart_snr(exp, xs: np.ndarray, ys: np.ndarray, sigma_pix: float) -> np
 
 
 def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0, 500.0),
-                             max_candidates: int = 1000, sigma_pix: float = 2.0, background=None) -> np.ndarray:
+                             max_candidates: int = 1000, sigma_pix: float = 2.0) -> np.ndarray:
     """(n, 2) integer x, y of point sources in the science image usable as kernel stamps.
 
     Sources with S/N in ``snr_range``, away from the border, with a counterpart in the template (S/N >= 5),
@@ -99,7 +99,7 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
     isolated ones preferred, brightest first.
     """
     stars = find_stars(science, sigma_pix, snr_range[0], radius_pix=max(5, int(math.ceil(3 * sigma_pix))),
-                       max_candidates=int(1.5 * max_candidates), background=background)
+                       max_candidates=int(1.5 * max_candidates))
     keep = stars.snr <= snr_range[1]
     stars = stars.select(keep)
     if len(stars) == 0:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..background import estimate_background
+from ..background import sky_background
 from ..imageops import aperture_sum
 from ..stars import find_stars
 
@@ -216,8 +216,8 @@ def measure_photometric_scale(target_img, target_var, target_psf, conv_img, conv
 def exposure_flux_ratio(target, conv) -> PhotometricScale:
     """Flux ratio target / conv of the stars of two exposures on one pixel grid, both with PSFs: counts of one
     image per count of the other, for when their zeropoints are not both known."""
-    bgs = [estimate_background(e.image, e.plane("NO_DATA", "BAD", "SAT")) for e in (target, conv)]
-    stars = find_stars(target, max(target.psf.sigma, 1.0), 20.0, background=bgs[0])
+    bgs = [sky_background(e) for e in (target, conv)]
+    stars = find_stars(target, max(target.psf.sigma, 1.0), 20.0)
     stars = stars.select(stars.clean)
     positions = np.column_stack([np.round(stars.x), np.round(stars.y)]).astype(int)
     return measure_photometric_scale(target.image - bgs[0].level, target.variance, target.psf,

@@ -1,0 +1,34 @@
+"""Where the time goes: named steps timed by the wall clock into a per-process record.
+
+Each step is logged at debug level (``-vv``) and summed by name, so ``bench/`` can print every step's
+share of a run without a profiler (which slows numpy-heavy code unevenly).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+_SECONDS: dict[str, float] = {}
+
+
+@contextmanager
+def timed(name: str):
+    """Time the block under ``name`` (added to earlier blocks of the same name)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        dt = time.perf_counter() - t0
+        _SECONDS[name] = _SECONDS.get(name, 0.0) + dt
+        log.debug("%s: %.3f s", name, dt)
+
+
+def recorded(reset: bool = False) -> dict[str, float]:
+    """Seconds per step name since the process started (or the last reset), in first-seen order."""
+    out = dict(_SECONDS)
+    if reset:
+        _SECONDS.clear()
+    return out
