@@ -15,10 +15,10 @@ import numpy as np  # noqa: E402
 
 from dialab.detection import DetectConfig  # noqa: E402
 from dialab.exposure import Exposure  # noqa: E402
+from dialab.imageops import fft_convolve  # noqa: E402
 from dialab.measurement import detect_and_measure  # noqa: E402
 from dialab.psf import GaussianPsf  # noqa: E402
 from dialab.simulate.render import draw_point_sources  # noqa: E402
-from dialab.subtraction.convolve import fft_convolve_many  # noqa: E402
 
 
 def main() -> None:
@@ -34,10 +34,10 @@ def main() -> None:
         return Exposure(image.copy(), np.zeros(shape, np.int32), np.ones(shape, np.float32),
                         psf=GaussianPsf(sigma_pix=2.0))
 
-    floor_kernel = np.ones((1, 35, 35), np.float32)
-    fft_convolve_many(image, floor_kernel, workers=1)
+    floor_kernel = np.ones((35, 35), np.float32)
+    fft_convolve(image, floor_kernel, workers=1)
     t0 = time.perf_counter()
-    fft_convolve_many(image, floor_kernel, workers=1)
+    fft_convolve(image, floor_kernel, workers=1)
     floor = time.perf_counter() - t0
     detect_and_measure(exposure(), detect_config=DetectConfig())  # warm
     t0 = time.perf_counter()

@@ -104,6 +104,12 @@ def sky_background(exposure) -> Background:
                             lambda: estimate_background(exposure.image, exposure.plane(*SKY_BAD_PLANES)))
 
 
+def keep_sky(exposure, background: Background) -> None:
+    """Declare ``background`` still the exposure's sky after a change of a few pixels that its clipped mesh
+    medians clipped anyway (cosmic rays replaced by their surroundings)."""
+    exposure.keep_derived(("sky", SKY_BAD_PLANES), background)
+
+
 def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_pix: int = 64,
                         mask_sources_nsigma: float | None = 3.0) -> Background:
     """Mesh background: clipped median and sigma per box, 3x3 median-filtered, spline-upsampled.

@@ -255,7 +255,7 @@ def _add_image_commands(sub) -> None:
                        help="do not find and interpolate over cosmic rays in the science image first")
     sub_p.add_argument("--compress", choices=("none", "lossless", "quantized"), default="none",
                        help="FITS tile compression of the difference: none (default), lossless, or quantized "
-                            "(floats to 1/64 of their noise, ~4x smaller; the mask always lossless)")
+                            "(floats to 1/128 of their noise, ~4x smaller; the mask always lossless)")
     sub_p.set_defaults(func=_cmd_subtract)
 
     det = sub.add_parser("detect", help="detect and measure diaSources on a difference image")

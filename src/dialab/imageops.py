@@ -122,30 +122,36 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
-def fft_convolve_many(image: np.ndarray, kernels: np.ndarray, workers: int | None = None) -> np.ndarray:
-    """'same'-size convolutions of ``image`` with each (odd, square) kernel; float32, zero padding."""
+def fft_convolve_each(image: np.ndarray, kernels, workers: int | None = None):
+    """'same'-size convolutions of ``image`` with each (odd, square, equal-sized) kernel in turn; float32, zero
+    padding. The image is transformed once; one result at a time is held, so a caller summing them keeps one
+    full-size buffer, not one per kernel."""
     ny, nx = image.shape
-    if kernels.ndim == 2:
-        kernels = kernels[None]
+    kernels = np.asarray(kernels)
     size = kernels.shape[-1]
     h = size // 2
     shape = (fft.next_fast_len(ny + size - 1, real=True), fft.next_fast_len(nx + size - 1, real=True))
     workers = workers or default_workers()
-    fi = fft.rfft2(image.astype(np.float32), s=shape, workers=workers)
-    out = np.empty((len(kernels), ny, nx), dtype=np.float32)
-    for k, ker in enumerate(kernels):
+    fi = fft.rfft2(image.astype(np.float32, copy=False), s=shape, workers=workers)
+    for ker in kernels:
         fk = fft.rfft2(ker.astype(np.float32), s=shape, workers=workers)
-        full = fft.irfft2(fi * fk, s=shape, workers=workers)
-        out[k] = full[h : h + ny, h : h + nx]
-    return out
+        fk *= fi
+        full = fft.irfft2(fk, s=shape, workers=workers, overwrite_x=True)
+        del fk
+        yield np.ascontiguousarray(full[h : h + ny, h : h + nx])
+
+
+def fft_convolve(image: np.ndarray, kernel: np.ndarray, workers: int | None = None) -> np.ndarray:
+    """'same'-size convolution of ``image`` with one (odd, square) kernel; float32, zero padding."""
+    return next(fft_convolve_each(image, kernel[None], workers))
 
 
 def matched_filter_snr(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndarray,
                        workers: int | None = None) -> np.ndarray:
     """(D * P') / sqrt(V * P'^2) with P' the reflected PSF: the S/N of a PSF fit at every pixel."""
     p = psf_stamp[::-1, ::-1].astype(np.float32)
-    num = fft_convolve_many(image, p[None], workers)[0]
-    var = fft_convolve_many(variance, (p * p)[None], workers)[0]
+    num = fft_convolve(image, p, workers)
+    var = fft_convolve(variance, p * p, workers)
     return num / np.sqrt(np.maximum(var, 1e-30))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .background import sky_background
+from .background import keep_sky, sky_background
 from .imageops import grow_mask, interpolate_masked
 from .psf import measure_psf
 
@@ -69,4 +69,5 @@ def repair_cosmic_rays(exp, nsigma: float = 6.0, margin: float = 3.0) -> int:
         exp.set_plane("INTRP", cr)
         filled = interpolate_masked(residual, cr | unusable, max(psf.sigma, 1.0)) + background.level
         exp.image = np.where(cr, filled, exp.image).astype(np.float32)
+        keep_sky(exp, background)
     return int(cr.sum())

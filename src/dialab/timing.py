@@ -1,17 +1,20 @@
-"""Where the time goes: named steps timed by the wall clock into a per-process record.
+"""Where the time and memory go: named steps timed by the wall clock into a per-process record.
 
 Each step is logged at debug level (``-vv``) and summed by name, so ``bench/`` can print every step's
-share of a run without a profiler (which slows numpy-heavy code unevenly).
+share of a run without a profiler (which slows numpy-heavy code unevenly); the process's peak resident
+memory at the end of each step shows which step raised it.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 _SECONDS: dict[str, float] = {}
+_PEAK_MB: dict[str, float] = {}
 
 
 @contextmanager
@@ -23,7 +26,8 @@ def timed(name: str):
     finally:
         dt = time.perf_counter() - t0
         _SECONDS[name] = _SECONDS.get(name, 0.0) + dt
-        log.debug("%s: %.3f s", name, dt)
+        _PEAK_MB[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        log.debug("%s: %.3f s, peak memory so far %.0f MB", name, dt, _PEAK_MB[name])
 
 
 def recorded(reset: bool = False) -> dict[str, float]:
@@ -31,4 +35,10 @@ def recorded(reset: bool = False) -> dict[str, float]:
     out = dict(_SECONDS)
     if reset:
         _SECONDS.clear()
+        _PEAK_MB.clear()
     return out
+
+
+def peak_memory() -> dict[str, float]:
+    """The process's peak resident memory (MB) when each step last ended."""
+    return dict(_PEAK_MB)

@@ -38,8 +38,41 @@ def same_grid(a: Exposure, b: Exposure, tol_pix: float = 1e-3) -> bool:
     return bool(np.abs(back - pts).max() < tol_pix)
 
 
-def _mapping_from_wcs(src: Exposure, dst_wcs, dst_shape) -> tuple[np.ndarray, np.ndarray]:
-    """Source pixel coordinates (xs, ys) of every destination pixel, via a coarse grid and splines."""
+class _Mapping:
+    """Source pixel (xs, ys) of each destination pixel (x, y), with its Jacobian, evaluated a strip of rows at a
+    time: a full-image coordinate grid (16 bytes per pixel per axis) is never held."""
+
+    def __init__(self, shape: tuple[int, int], splines=None, grid=None, shift: tuple[float, float] = (0.0, 0.0)):
+        self.shape = shape
+        # splines of xs and ys over (y, x) fitted on the coarse ``grid`` (gy, gx), or a plain shift
+        self.sx, self.sy = splines if splines is not None else (None, None)
+        self.shift = shift
+        if splines is not None:
+            # |det J| is as smooth as the mapping: a spline through its values on the same coarse grid
+            gy, gx = grid
+            sx, sy = splines
+            det = np.abs(sx(gy, gx, dy=1) * sy(gy, gx, dx=1) - sx(gy, gx, dx=1) * sy(gy, gx, dy=1))
+            self.det = RectBivariateSpline(gy, gx, det, kx=min(3, len(gx) - 1), ky=min(3, len(gy) - 1))
+
+    def rows(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
+        """xs, ys and |det J| of destination rows y0..y1-1."""
+        ax, ay = np.arange(self.shape[1], dtype=float), np.arange(y0, y1, dtype=float)
+        if self.sx is None:
+            xs, ys = np.meshgrid(ax + self.shift[0], ay + self.shift[1])
+            return xs, ys, 1.0
+        return self.sx(ay, ax), self.sy(ay, ax), self.det(ay, ax)
+
+    def at(self, x: float, y: float) -> tuple[float, float, np.ndarray]:
+        """(xs, ys) of destination pixel (x, y) and d(source)/d(destination) there."""
+        if self.sx is None:
+            return x + self.shift[0], y + self.shift[1], np.eye(2)
+        jac = np.array([[self.sx.ev(y, x, dy=1), self.sx.ev(y, x, dx=1)],
+                        [self.sy.ev(y, x, dy=1), self.sy.ev(y, x, dx=1)]])
+        return float(self.sx.ev(y, x)), float(self.sy.ev(y, x)), jac
+
+
+def _mapping_from_wcs(src: Exposure, dst_wcs, dst_shape) -> _Mapping:
+    """The source pixel coordinates of every destination pixel: the WCSs on a coarse grid, then splines."""
     ny, nx = dst_shape
     gx = np.unique(np.r_[np.arange(0, nx, MAPPING_STEP), nx - 1]).astype(float)
     gy = np.unique(np.r_[np.arange(0, ny, MAPPING_STEP), ny - 1]).astype(float)
@@ -49,44 +82,51 @@ def _mapping_from_wcs(src: Exposure, dst_wcs, dst_shape) -> tuple[np.ndarray, np
     kx, ky = min(3, len(gx) - 1), min(3, len(gy) - 1)
     sx = RectBivariateSpline(gy, gx, src_pix[:, 0].reshape(mx.shape), kx=kx, ky=ky)
     sy = RectBivariateSpline(gy, gx, src_pix[:, 1].reshape(mx.shape), kx=kx, ky=ky)
-    ax, ay = np.arange(nx, dtype=float), np.arange(ny, dtype=float)
-    return sx(ay, ax).astype(np.float64), sy(ay, ax).astype(np.float64)
+    return _Mapping(dst_shape, (sx, sy), (gy, gx))
 
 
-def _resample(src: Exposure, xs: np.ndarray, ys: np.ndarray, psf: Psf | None, wcs) -> Exposure:
+#: Destination rows resampled at a time (bounds the coordinate arrays' memory).
+STRIP_ROWS = 256
+
+
+def _resample(src: Exposure, mapping: _Mapping, psf: Psf | None, wcs) -> Exposure:
+    ny, nx = mapping.shape
     ny_s, nx_s = src.shape
-    outside = (xs < -0.5) | (xs > nx_s - 0.5) | (ys < -0.5) | (ys > ny_s - 0.5)
-    nodata_src = src.plane("NO_DATA")
-    img = np.where(nodata_src, 0.0, src.image).astype(np.float64)
-    coords = np.array([ys, xs])
-    # Flux per destination pixel = flux per source pixel x (source pixels per destination pixel).
-    jac = np.abs(np.gradient(xs, axis=1) * np.gradient(ys, axis=0) - np.gradient(xs, axis=0) * np.gradient(ys, axis=1))
-    image = ndimage.map_coordinates(img, coords, order=3, mode="constant", cval=0.0) * jac
-    variance = ndimage.map_coordinates(src.variance.astype(np.float64), coords, order=1, mode="nearest") * jac**2
-    near = np.array([np.clip(np.round(ys), 0, ny_s - 1), np.clip(np.round(xs), 0, nx_s - 1)]).astype(int)
+    # the cubic spline's coefficients once for the whole image (what map_coordinates would compute per call)
+    coeffs = ndimage.spline_filter(np.where(src.plane("NO_DATA"), 0.0, src.image).astype(np.float64), 3,
+                                   output=np.float64, mode="constant")
     planes = MaskPlanes(dict(src.mask_planes.bits))
-    mask = np.zeros(xs.shape, np.int32)
+    grown = np.zeros(src.shape, np.int32)  # each plane grown by one pixel: masks travel with their neighbours
     for bit in planes.bits.values():
         plane = (src.mask & (1 << bit)) != 0
         if plane.any():
-            grown = grow_mask(plane, 1)
-            mask[grown[near[0], near[1]]] |= np.int32(1 << bit)
+            grown[grow_mask(plane, 1)] |= np.int32(1 << bit)
+    image = np.empty((ny, nx), np.float32)
+    variance = np.empty((ny, nx), np.float32)
+    mask = np.empty((ny, nx), np.int32)
+    outside = np.empty((ny, nx), bool)
+    for y0 in range(0, ny, STRIP_ROWS):
+        y1 = min(y0 + STRIP_ROWS, ny)
+        xs, ys, det = mapping.rows(y0, y1)
+        coords = np.array([ys, xs])
+        # flux per destination pixel = flux per source pixel x (source pixels per destination pixel)
+        image[y0:y1] = ndimage.map_coordinates(coeffs, coords, order=3, mode="constant", cval=0.0,
+                                               prefilter=False) * det
+        variance[y0:y1] = ndimage.map_coordinates(src.variance, coords, order=1, mode="nearest",
+                                                  output=np.float64) * det**2
+        near_y = np.clip(np.round(ys), 0, ny_s - 1).astype(int)
+        near_x = np.clip(np.round(xs), 0, nx_s - 1).astype(int)
+        mask[y0:y1] = grown[near_y, near_x]
+        outside[y0:y1] = (xs < -0.5) | (xs > nx_s - 0.5) | (ys < -0.5) | (ys > ny_s - 0.5)
+    del coeffs, grown
     mask[outside] |= np.int32(planes.bit("NO_DATA"))
     image[outside] = 0.0
     good_var = variance[~outside]
     variance[outside] = np.median(good_var) if good_var.size else 1.0
-    return Exposure(image=image.astype(np.float32), mask=mask, variance=variance.astype(np.float32), psf=psf,
+    return Exposure(image=image, mask=mask, variance=variance, psf=psf,
                     wcs=wcs, mask_planes=planes, visit=src.visit, detector=src.detector, band=src.band,
                     mjd=src.mjd, exptime=src.exptime, magzero=src.magzero, gain=src.gain,
                     saturate=src.saturate, header=src.header.copy(), path=src.path)
-
-
-def _local_jacobian(xs: np.ndarray, ys: np.ndarray, x: int, y: int) -> np.ndarray:
-    """d(source)/d(destination) at destination pixel (x, y)."""
-    x = int(np.clip(x, 1, xs.shape[1] - 2))
-    y = int(np.clip(y, 1, xs.shape[0] - 2))
-    return np.array([[(xs[y, x + 1] - xs[y, x - 1]) / 2, (xs[y + 1, x] - xs[y - 1, x]) / 2],
-                     [(ys[y, x + 1] - ys[y, x - 1]) / 2, (ys[y + 1, x] - ys[y - 1, x]) / 2]])
 
 
 def _transform_stamp(stamp: np.ndarray, jac: np.ndarray) -> np.ndarray:
@@ -100,22 +140,22 @@ def _transform_stamp(stamp: np.ndarray, jac: np.ndarray) -> np.ndarray:
     return out / total if total > 0 else stamp
 
 
-def _transform_psf(psf: Psf | None, xs, ys, dst_shape) -> Psf | None:
+def _transform_psf(psf: Psf | None, mapping: _Mapping) -> Psf | None:
     if psf is None:
         return None
-    ny, nx = dst_shape
+    ny, nx = mapping.shape
     if isinstance(psf, GridPsf):
         gx = np.linspace(0, nx - 1, len(psf.grid_x) + 2)[1:-1]
         gy = np.linspace(0, ny - 1, len(psf.grid_y) + 2)[1:-1]
         stamps, cx, cy = [], [], []
         for y in gy:
             for x in gx:
-                j = _local_jacobian(xs, ys, int(x), int(y))
-                stamps.append(_transform_stamp(psf.stamp(x=float(xs[int(y), int(x)]), y=float(ys[int(y), int(x)])), j))
+                xs, ys, j = mapping.at(float(int(x)), float(int(y)))
+                stamps.append(_transform_stamp(psf.stamp(x=xs, y=ys), j))
                 cx.append(x)
                 cy.append(y)
         return GridPsf(np.array(stamps), np.array(cx), np.array(cy))
-    j = _local_jacobian(xs, ys, nx // 2, ny // 2)
+    j = mapping.at(nx // 2, ny // 2)[2]
     if np.allclose(j, np.eye(2), atol=1e-4):
         return psf
     return ImagePsf(_transform_stamp(psf.stamp(), j))
@@ -125,15 +165,13 @@ def warp_exposure(src: Exposure, dst_wcs, dst_shape: tuple[int, int]) -> Exposur
     """Resample ``src`` onto the pixel grid of ``dst_wcs`` (shape ``dst_shape``)."""
     if src.wcs is None or dst_wcs is None:
         raise BadInputError("both images need a WCS to warp", src.path)
-    xs, ys = _mapping_from_wcs(src, dst_wcs, dst_shape)
-    return _resample(src, xs, ys, _transform_psf(src.psf, xs, ys, dst_shape), dst_wcs)
+    mapping = _mapping_from_wcs(src, dst_wcs, dst_shape)
+    return _resample(src, mapping, _transform_psf(src.psf, mapping), dst_wcs)
 
 
 def shift_exposure(src: Exposure, dx: float, dy: float, dst_shape: tuple[int, int] | None = None) -> Exposure:
     """Resample ``src`` so that its pixel (x + dx, y + dy) lands on (x, y)."""
-    ny, nx = dst_shape or src.shape
-    xs, ys = np.meshgrid(np.arange(nx, dtype=float) + dx, np.arange(ny, dtype=float) + dy)
-    return _resample(src, xs, ys, src.psf, None)
+    return _resample(src, _Mapping(dst_shape or src.shape, shift=(dx, dy)), src.psf, None)
 
 
 def measure_offset(src: Exposure, dst: Exposure, max_shift_fraction: float = 0.3, n_stars: int = 300) -> tuple[float, float]:

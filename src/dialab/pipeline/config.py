@@ -64,7 +64,8 @@ class OutputConfig(BaseModel):
     compression: Literal["none", "lossless", "quantized"] = Field(
         "quantized", description="difference image planes: plain, lossless tile compression, or floats "
                                  "quantized to 1/quantize_level of their noise (the mask always lossless)")
-    quantize_level: float = Field(64.0, ge=1.0, description="quantization steps per noise sigma (fluxes move by 0.29/q of their errors, rms)")
+    quantize_level: float = Field(128.0, ge=1.0, description="quantization steps per noise sigma (a flux moves "
+                                                             "by 0.29 / quantize_level of its error, rms)")
 
 
 class PipelineConfig(BaseModel):

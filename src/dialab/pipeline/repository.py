@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import __version__
-from ..exposure import QUANTIZE_LEVEL, image_hdu, write_exposure
+from ..exposure import QUANTIZE_LEVEL, image_hdu, typical_noise, write_exposure
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,9 @@ def write_difference(result, path: str | Path, compression: str = "none", quanti
                                                              name="KERNEL")]
     if result.score is not None and result.score is not result.difference:
         s_corr = result.score.image / np.sqrt(np.maximum(result.score.variance, 1e-30))
-        extra.append(image_hdu(s_corr.astype(np.float32), None, "SCORE", compression, quantize_level))
+        extra.append(image_hdu(s_corr.astype(np.float32), None, "SCORE", compression, 1.0 / quantize_level,
+                               quantize_level))
     elif result.score is not None:
-        extra.append(image_hdu(result.score.image, None, "SCORE", compression, quantize_level))
+        extra.append(image_hdu(result.score.image, None, "SCORE", compression,
+                               typical_noise(result.score.variance) / quantize_level, quantize_level))
     write_exposure(result.difference, path, extra_hdus=extra, compression=compression, quantize_level=quantize_level)

@@ -16,6 +16,7 @@ from ..injection import inject_catalog, make_fake_catalog
 from ..matching import match_fakes
 from ..measurement import BAD_FLAGS, detect_and_measure
 from ..subtraction import subtract
+from ..timing import timed
 from .config import PipelineConfig
 from .manifest import Entry
 from .prepare import prepare_entry
@@ -30,15 +31,18 @@ def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: s
     science, template = prepare_entry(entry, root, config.repair)
     fakes = None
     if config.inject.enabled:
-        fakes = make_fake_catalog(science, config.inject, template)
-        science, template = inject_catalog(science, template, fakes, seed=config.inject.seed)
+        with timed("inject"):
+            fakes = make_fake_catalog(science, config.inject, template)
+            science, template = inject_catalog(science, template, fakes, seed=config.inject.seed)
     sub_cfg = config.subtract.model_copy(update={"flavor": unit.flavor, "workers": config.execution.threads_per_unit})
     result = subtract(science, template, sub_cfg)
-    cat, _, _ = detect_and_measure(result, science, result.matched_image, config.detect, config.measure)
+    with timed("detect_and_measure"):
+        cat, _, _ = detect_and_measure(result, science, result.matched_image, config.detect, config.measure)
     where = unit_dir(out, unit)
     where.mkdir(parents=True, exist_ok=True)
-    write_difference(result, where / "difference.fits", config.output.compression, config.output.quantize_level)
-    write_parquet(cat, where / "diaSources.parquet")
+    with timed("write"):
+        write_difference(result, where / "difference.fits", config.output.compression, config.output.quantize_level)
+        write_parquet(cat, where / "diaSources.parquet")
     d = result.diagnostics
     summary = {"status": "done", "n_diaSources": len(cat),
                "n_good": int((~cat[list(BAD_FLAGS)].any(axis=1)).sum()) if len(cat) else 0,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..imageops import default_workers, fft_convolve_many, grow_mask, interpolate_masked  # noqa: F401
+from ..imageops import default_workers, fft_convolve, fft_convolve_each, grow_mask  # noqa: F401
 from .kernel import SpatialKernel
 
 #: Planes not spread by convolution: injected-source markers and detections describe positions, not defects.
@@ -17,17 +17,19 @@ NOT_SPREAD = ("INJECTED", "INJECTED_TEMPLATE", "DETECTED", "DETECTED_NEGATIVE")
 
 def convolve_image(image: np.ndarray, kernel: SpatialKernel, workers: int | None = None) -> np.ndarray:
     """K(x, y) * image for the spatially varying kernel."""
-    parts = fft_convolve_many(image, kernel.term_images(), workers)
     out = np.zeros(image.shape, dtype=np.float32)
-    for part, (row, col) in zip(parts, kernel.spatial.factors(image.shape)):
-        out += part * row[:, None] * col[None, :]
+    for part, (row, col) in zip(fft_convolve_each(image, kernel.term_images(), workers),
+                                kernel.spatial.factors(image.shape)):
+        part *= row[:, None]
+        part *= col[None, :]
+        out += part
     return out
 
 
 def convolve_variance(variance: np.ndarray, kernel: SpatialKernel, workers: int | None = None) -> np.ndarray:
     """variance * K^2, with K taken at the image centre (the kernel varies by a few percent at most)."""
     k2 = kernel.center_image**2
-    return fft_convolve_many(variance, k2[None], workers)[0]
+    return fft_convolve(variance, k2, workers)
 
 
 def kernel_footprint_radius(kernel_image: np.ndarray, fraction: float = 1e-3) -> int:

@@ -24,7 +24,7 @@ from scipy.signal import fftconvolve
 from ..background import Background, clipped_stats, sky_background
 from ..errors import BadInputError, BadSubtractionError, NoOverlapError
 from ..exposure import Exposure, MaskPlanes
-from ..imageops import fft_convolve_many, interpolate_masked
+from ..imageops import fft_convolve, interpolate_masked
 from ..moments import adaptive_moments
 from ..psf import Psf, map_stamps, measure_psf
 from ..timing import timed
@@ -186,8 +186,8 @@ def matching_problem(pair: PreparedPair, cfg: SubtractConfig) -> MatchingProblem
     v = None
     if cfg.flavor == "preconvolution":
         v = pair.science_psf.stamp()[::-1, ::-1].copy()
-        target = (fft_convolve_many(pair.science_image, v[None], cfg.workers)[0],
-                  fft_convolve_many(pair.science_variance, (v**2)[None], cfg.workers)[0],
+        target = (fft_convolve(pair.science_image, v, cfg.workers),
+                  fft_convolve(pair.science_variance, v**2, cfg.workers),
                   map_stamps(pair.science_psf, lambda st, x, y: _convolved_stamp(st, v)))
         conv = template
     else:
@@ -280,8 +280,8 @@ def decorrelate(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, co
     if v is None:
         variance = problem.target_variance + np.float32(ks**2) * problem.convolved_variance
     else:
-        variance = fft_convolve_many(pair.science_variance + np.float32(ks**2) * problem.convolved_variance,
-                                     (v**2)[None], cfg.workers)[0]
+        variance = fft_convolve(pair.science_variance + np.float32(ks**2) * problem.convolved_variance, v**2,
+                                cfg.workers)
     return Decorrelated(image, variance, map_stamps(source_psf, lambda st, x, y: filter_stamp(st, kimg, s1sq, s2sq, v)))
 
 
@@ -304,8 +304,10 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
     mask[:, :h] |= edge
     mask[:, -h:] |= edge
     nodata_out = (mask & science.mask_planes.bit("NO_DATA")) != 0
-    diff = np.where(nodata_out, 0, diff).astype(np.float32)
-    var = np.where(nodata_out | ~np.isfinite(var), np.nanmedian(var), var).astype(np.float32)
+    diff = np.asarray(diff, np.float32)
+    diff[nodata_out] = 0  # the step's own buffers, changed in place: no full-size copies at the peak
+    var = np.asarray(var, np.float32)
+    var[nodata_out | ~np.isfinite(var)] = np.nanmedian(var)
     difference = Exposure(image=diff, mask=mask, variance=var, psf=decorrelated.psf, wcs=science.wcs,
                           mask_planes=science.mask_planes, visit=science.visit, detector=science.detector,
                           band=science.band, mjd=science.mjd, exptime=science.exptime, magzero=science.magzero,

@@ -53,15 +53,20 @@ def noise_ratio(exp: Exposure, block: int = 64) -> float:
     must not be taken for noise (the variance plane is rescaled by this ratio).
     """
     usable = ~exp.plane("BAD", "SAT", "NO_DATA", "EDGE", "CR", "DETECTED", "DETECTED_NEGATIVE")
-    z = np.where(usable, exp.image / np.sqrt(np.maximum(exp.variance, 1e-30)), np.nan).astype(np.float32)
+    z = np.sqrt(np.maximum(exp.variance, np.float32(1e-30)))  # one full-size buffer, worked in place
+    np.divide(exp.image, z, out=z)
+    z[~usable] = np.nan
     ny, nx = (exp.shape[0] // block) * block, (exp.shape[1] // block) * block
     if ny >= 2 * block and nx >= 2 * block:
         z, usable = z[:ny, :nx], usable[:ny, :nx]
-        boxes = z.reshape(ny // block, block, nx // block, block).swapaxes(1, 2).reshape(-1, block * block)
-        enough = np.isfinite(boxes[:, ::4]).sum(axis=1) >= 0.25 * boxes[:, ::4].shape[1]
+        # every 4th pixel of each box row: a quarter-size copy of the boxes (rows of box pixels, row-major)
+        boxes = (z.reshape(ny // block, block, nx // block, block)[..., ::4].swapaxes(1, 2)
+                 .reshape(-1, block * block // 4))
+        enough = np.isfinite(boxes).sum(axis=1) >= 0.25 * boxes.shape[1]
         if enough.any():
             level = np.full(len(boxes), np.nan)
-            level[enough] = clipped_stats(boxes[enough, ::4], axis=1)[0]
-            z = z - smooth_grid(level.reshape(ny // block, nx // block), ny, nx)
+            level[enough] = clipped_stats(boxes[enough], axis=1)[0]
+            del boxes
+            z -= smooth_grid(level.reshape(ny // block, nx // block), ny, nx)
     values = z[usable]
     return float(clipped_stats(values[:: max(1, values.size // 2_000_000)])[1]) if values.size else float("nan")
