@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -105,6 +106,42 @@ def test_resume_after_a_failed_unit_ends_like_an_uninterrupted_run(local_run, da
     expected, got = _apdb_rows(local_run.out, "convolveTemplate"), _apdb_rows(tmp_path, "convolveTemplate")
     for name in expected:
         pd.testing.assert_frame_equal(expected[name], got[name], check_dtype=False)
+
+
+def test_keeping_catalogs_only_drops_differences_after_storage(local_run, dataset, config, tmp_path):
+    """output.keep: catalogs: the same catalogs and APDB rows (forced photometry included) as a full run, no
+    difference.fits left, cutouts whose difference stamps are the difference's pixels, a resume that redoes and
+    stores nothing, and a report that shows the cutouts instead of the triplets."""
+    from astropy.io import fits
+
+    from dialab.analysis.report import build_report
+    from dialab.exposure import read_exposure
+
+    lean = config.model_copy(update={"flavors": ["convolveTemplate"],
+                                     "output": config.output.model_copy(update={"keep": "catalogs"})})
+    result = run_pipeline(dataset, lean, tmp_path, progress=False)
+    assert result.ok
+    units = sorted((tmp_path / "convolveTemplate").glob("*/*/*/unit.json"))
+    assert units and not list((tmp_path / "convolveTemplate").rglob("difference.fits"))
+    for key, cat in _catalogs(local_run.out, "convolveTemplate").items():
+        pd.testing.assert_frame_equal(cat, pd.read_parquet(tmp_path / key))
+    expected, got = _apdb_rows(local_run.out, "convolveTemplate"), _apdb_rows(tmp_path, "convolveTemplate")
+    for name in expected:
+        pd.testing.assert_frame_equal(expected[name], got[name], check_dtype=False)
+    # a diaSource's difference stamp is the full run's difference round it (both quantized the same way)
+    where = units[0].parent
+    full = read_exposure(local_run.out / where.relative_to(tmp_path) / "difference.fits")
+    with fits.open(where / "cutouts.fits") as hdul:
+        rows, stamps = hdul["SOURCES"].data, hdul["DIFFERENCE"].data
+    k = next(i for i, r in enumerate(rows) if r["diaSourceId"] > 0 and 30 < r["x"] < full.shape[1] - 30
+             and 30 < r["y"] < full.shape[0] - 30)
+    ix, iy = int(round(rows[k]["x"])), int(round(rows[k]["y"]))
+    sigma = float(np.sqrt(np.median(full.variance)))
+    np.testing.assert_allclose(stamps[k], full.image[iy - 25 : iy + 26, ix - 25 : ix + 26], atol=sigma / 50)
+    again = run_pipeline(dataset, lean, tmp_path, resume=True, progress=False)
+    assert again.ok and again.done == 0 and sum(again.stored.values()) == 0
+    report = build_report([tmp_path], tmp_path / "report")
+    assert list((tmp_path / "report").glob("cutouts_*.png")) and report.is_file()
 
 
 @pytest.mark.parametrize("content, message", [

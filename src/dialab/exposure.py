@@ -127,8 +127,11 @@ class Exposure:
 
     @property
     def unusable(self) -> np.ndarray:
-        """Pixels with no usable data (BAD, SAT, NO_DATA, EDGE)."""
-        return self.plane(*UNUSABLE_PLANES)
+        """Pixels with no usable data (BAD, SAT, NO_DATA, EDGE); computed once per state of the mask (photometry
+        asks for it once per call, and a full-image plane costs as much as the photometry itself). Read-only."""
+        planes = self.derived(("plane", UNUSABLE_PLANES), lambda: self.plane(*UNUSABLE_PLANES))
+        planes.flags.writeable = False
+        return planes
 
     @property
     def njy_per_count(self) -> float:
@@ -489,9 +492,10 @@ def image_hdu(data: np.ndarray, header: fits.Header | None = None, name: str | N
     tile-compressed HDUs and apply BSCALE transparently)."""
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
-    if compression == "none" or data.ndim != 2 or min(data.shape) < 2:
+    if compression == "none" or data.ndim not in (2, 3) or min(data.shape[-2:]) < 2 or data.size == 0:
         return fits.ImageHDU(data, header, name=name)
-    tiles = (min(16, data.shape[0]), data.shape[1])  # 16 rows a tile: a third of row-by-row's time to read back
+    # 16 rows a tile (a third of row-by-row's time to read back); a cube of stamps: one stamp a tile
+    tiles = (min(16, data.shape[0]), data.shape[1]) if data.ndim == 2 else (1, *data.shape[1:])
     if np.issubdtype(data.dtype, np.integer):
         return fits.CompImageHDU(data, header, name=name, compression_type="RICE_1", tile_shape=tiles)
     if compression == "lossless":

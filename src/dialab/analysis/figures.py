@@ -74,6 +74,44 @@ def triplet(fr: FlavorRun, unit: pd.Series, images, path: Path, title: str) -> P
     return _save(fig, path)
 
 
+def cutout_gallery(fr: FlavorRun, unit: pd.Series, path: Path, title: str, per_kind: int = 4) -> Path | None:
+    """Template / science / difference stamps from a unit's ``cutouts.fits`` (runs that keep catalogs and
+    cutouts only): good and flagged diaSources, found and missed fakes, ``per_kind`` of each, brightest first."""
+    where = unit_dir(fr.run, Unit(fr.flavor, unit.band, int(unit.visit), int(unit.detector), float(unit.mjd)))
+    if not (where / "cutouts.fits").is_file():
+        return None
+    from astropy.io import fits
+
+    with fits.open(where / "cutouts.fits") as hdul:
+        rows = pd.DataFrame(hdul["SOURCES"].data.tolist(), columns=["diaSourceId", "fake", "x", "y"])
+        cubes = {name: hdul[name].data for name in ("TEMPLATE", "SCIENCE", "DIFFERENCE")}
+    src = fr.sources[(fr.sources.visit == unit.visit) & (fr.sources.detector == unit.detector)]
+    good = src[good_sources(src)].sort_values("psfFlux", key=abs, ascending=False).diaSourceId
+    bad = src[~good_sources(src)].sort_values("psfFlux", key=abs, ascending=False).diaSourceId
+    picks = [(f"good diaSource {i}", rows.index[rows.diaSourceId == i]) for i in good[:per_kind]]
+    picks += [(f"flagged diaSource {i}", rows.index[rows.diaSourceId == i]) for i in bad[:per_kind]]
+    if (where / "fakes_matched.parquet").is_file():
+        fakes = pd.read_parquet(where / "fakes_matched.parquet").reset_index(drop=True)
+        for label, sel in (("fake found", fakes.diaSourceId > 0), ("fake missed", fakes.diaSourceId <= 0)):
+            for k in fakes.index[sel][:per_kind]:
+                picks.append((f"{label} {k}", rows.index[rows.fake == k]))
+    picks = [(label, idx[0]) for label, idx in picks if len(idx)]
+    if not picks:
+        return None
+    fig, axes = plt.subplots(len(picks), 3, figsize=(6, 2.1 * len(picks)), squeeze=False)
+    for row, (label, k) in zip(axes, picks):
+        for ax, name in zip(row, ("TEMPLATE", "SCIENCE", "DIFFERENCE")):
+            stamp = cubes[name][k]
+            finite = stamp[np.isfinite(stamp)]
+            lo, hi = ZScaleInterval().get_limits(finite) if finite.size else (0, 1)
+            ax.imshow(stamp, origin="lower", cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{name.lower()}" if name != "TEMPLATE" else label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def psf_and_variance(images, path: Path, title: str) -> Path:
     """Science and template PSF stamps (NEA radius in the titles) and the difference's variance plane."""
     science, template, diff, _ = images

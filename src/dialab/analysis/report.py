@@ -219,7 +219,11 @@ def _image_figures(out: Path, runs, units: pd.DataFrame) -> list:
                 image_figs.append((figures.psf_and_variance(images, out / f"psf_{stem}.png", title),
                                    f"{title}: PSFs and variance"))
             except (OSError, BadInputError) as exc:
-                log.warning("no images for %s: %s", title, exc)
+                gallery = figures.cutout_gallery(fr, unit, out / f"cutouts_{stem}.png", title)
+                if gallery is not None:  # a run that kept catalogs and cutouts only
+                    image_figs.append((gallery, f"{title}: cutouts (the difference was not kept)"))
+                else:
+                    log.warning("no images for %s: %s", title, exc)
     return image_figs
 
 

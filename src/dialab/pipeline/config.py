@@ -66,6 +66,10 @@ class OutputConfig(BaseModel):
                                  "quantized to 1/quantize_level of their noise (the mask always lossless)")
     quantize_level: float = Field(128.0, ge=1.0, description="quantization steps per noise sigma (a flux moves "
                                                              "by 0.29 / quantize_level of its error, rms)")
+    keep: Literal["all", "catalogs"] = Field(
+        "all", description="'catalogs': keep the catalogs and cutouts.fits (template, science and difference "
+                           "stamps of every diaSource and fake); each difference.fits is deleted once its unit is "
+                           "in the APDB (its forced photometry needs it until then)")
 
 
 class PipelineConfig(BaseModel):

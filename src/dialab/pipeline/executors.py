@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -19,9 +20,17 @@ from ..errors import BadInputError
 from .config import PipelineConfig
 from .manifest import Entry
 from .repository import Unit
-from .unit import run_unit
+from .unit import run_units
 
 Task = tuple[Unit, Entry]
+
+
+def _groups(tasks: list[Task]) -> list[tuple[list[Unit], Entry]]:
+    """The tasks of one (visit, detector) together (its flavors share one preparation), in first-seen order."""
+    groups: dict[tuple[int, int], tuple[list[Unit], Entry]] = {}
+    for unit, entry in tasks:
+        groups.setdefault((unit.visit, unit.detector), ([], entry))[0].append(unit)
+    return list(groups.values())
 
 
 def worker_count(config: PipelineConfig) -> int:
@@ -34,18 +43,19 @@ def _ignore_interrupts() -> None:
 
 
 def _local(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> Iterator[tuple[Unit, dict]]:
-    workers = min(worker_count(config), max(len(tasks), 1))
+    groups = _groups(tasks)
+    workers = min(worker_count(config), max(len(groups), 1))
     if workers == 1:
-        for unit, entry in tasks:
-            yield unit, run_unit(unit, entry, root, config, out)
+        for units, entry in groups:
+            yield from run_units(units, entry, root, config, out)
         return
     # forkserver: workers start clean, not as forks of a driver that runs a progress-bar thread
     ctx = multiprocessing.get_context("forkserver")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_interrupts)
     try:
-        futures = {pool.submit(run_unit, unit, entry, root, config, out): unit for unit, entry in tasks}
+        futures = [pool.submit(run_units, units, entry, root, config, out) for units, entry in groups]
         for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+            yield from fut.result()
     except BaseException:  # an interrupt, or the driver closing this generator early
         processes = list(getattr(pool, "_processes", {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
@@ -82,12 +92,13 @@ def _dask(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> Ite
         cluster = LocalCluster(n_workers=worker_count(config), threads_per_worker=1, processes=True,
                                dashboard_address=None)
         client = Client(cluster)
-    futures = {}
+    futures = []
+    run = uuid.uuid4().hex[:8]  # task keys unique to this run: a shared scheduler may hold another run's
     try:
-        futures = {client.submit(run_unit, unit, entry, root, config, out, pure=False,
-                                 key=f"unit-{unit.label.replace('/', '-')}"): unit for unit, entry in tasks}
+        futures = [client.submit(run_units, units, entry, root, config, out, pure=False,
+                                 key=f"units-{run}-{entry.visit}-{entry.detector}") for units, entry in _groups(tasks)]
         for fut in dask_completed(futures):
-            yield futures[fut], fut.result()
+            yield from fut.result()
     except BaseException:
         client.cancel(list(futures), force=True)
         raise

@@ -142,3 +142,62 @@ def write_difference(result, path: str | Path, compression: str = "none", quanti
         extra.append(image_hdu(result.score.image, None, "SCORE", compression,
                                typical_noise(result.score.variance) / quantize_level, quantize_level))
     write_exposure(result.difference, path, extra_hdus=extra, compression=compression, quantize_level=quantize_level)
+
+
+#: Side of the stamps in ``cutouts.fits`` (pixels).
+CUTOUT_SIZE = 51
+
+
+def write_cutouts(path: Path, difference, science, template, catalog: pd.DataFrame, fakes: pd.DataFrame | None,
+                  compression: str = "quantized", quantize_level: float = QUANTIZE_LEVEL) -> None:
+    """Template, science and difference stamps (``CUTOUT_SIZE`` square, NaN off the image) of every diaSource
+    and fake: what a survey keeps of a difference to look at its candidates. HDUs ``SOURCES`` (diaSourceId,
+    fake index, x, y) and the cubes ``TEMPLATE``, ``SCIENCE``, ``DIFFERENCE`` (one stamp per row)."""
+    import numpy as np
+    from astropy.io import fits
+
+    rows = pd.DataFrame({"diaSourceId": catalog.diaSourceId.to_numpy() if len(catalog) else np.zeros(0, np.int64),
+                         "fake": -1, "x": catalog.x.to_numpy() if len(catalog) else [],
+                         "y": catalog.y.to_numpy() if len(catalog) else []})
+    if fakes is not None and len(fakes):
+        rows = pd.concat([rows, pd.DataFrame({"diaSourceId": 0, "fake": np.arange(len(fakes)), "x": fakes.x.to_numpy(),
+                                              "y": fakes.y.to_numpy()})], ignore_index=True)
+    h = CUTOUT_SIZE // 2
+    hdus = [fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+        [fits.Column(name="diaSourceId", format="K", array=rows.diaSourceId.to_numpy(np.int64)),
+         fits.Column(name="fake", format="J", array=rows.fake.to_numpy(np.int32)),
+         fits.Column(name="x", format="D", array=rows.x.to_numpy(float)),
+         fits.Column(name="y", format="D", array=rows.y.to_numpy(float))], name="SOURCES")]
+    for name, exp in (("TEMPLATE", template), ("SCIENCE", science), ("DIFFERENCE", difference)):
+        padded = np.pad(exp.image, h, constant_values=np.nan)
+        ix = np.round(rows.x.to_numpy(float)).astype(int)
+        iy = np.round(rows.y.to_numpy(float)).astype(int)
+        stamps = np.array([padded[y : y + CUTOUT_SIZE, x : x + CUTOUT_SIZE] for x, y in zip(ix, iy)],
+                          np.float32).reshape(-1, CUTOUT_SIZE, CUTOUT_SIZE)
+        hdus.append(image_hdu(stamps, None, name, compression, typical_noise(exp.variance) / quantize_level,
+                              quantize_level))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    os.replace(tmp, path)
+
+
+#: What unit.json says of a difference deleted after storage (``output.keep: catalogs``).
+DROPPED = "dropped after storage (output.keep: catalogs)"
+
+
+def drop_difference(out: str | Path, unit: Unit) -> None:
+    """Delete a stored unit's difference.fits and take it out of the unit's checksums (its cutouts stay)."""
+    where = unit_dir(out, unit)
+    record = json.loads((where / "unit.json").read_text())
+    record["files"].pop("difference.fits", None)
+    record["difference"] = DROPPED
+    write_text(json.dumps(record, indent=1, default=float), where / "unit.json")
+    (where / "difference.fits").unlink(missing_ok=True)
+
+
+def difference_dropped(out: str | Path, unit: Unit) -> bool:
+    try:
+        return json.loads((unit_dir(out, unit) / "unit.json").read_text()).get("difference") == DROPPED
+    except (OSError, ValueError):
+        return False

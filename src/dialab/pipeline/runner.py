@@ -30,13 +30,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..apdb import ApdbMissingError, create_apdb, open_apdb, redact_url
 from ..association import store_visit_detector
 from ..errors import BadInputError, DialabError, RunInterrupted
-from ..exposure import read_exposure
+from ..exposure import Exposure, read_exposure
 from .config import PipelineConfig
 from .executors import check_scheduler, execute, worker_count
 from .manifest import Entry, Manifest, read_manifest
 from .prepare import prepare_science
 from .repository import (
     Unit,
+    difference_dropped,
+    drop_difference,
     failure_reason,
     flavor_dir,
     is_done,
@@ -180,45 +182,72 @@ def _settled(out: Path, unit: Unit, skip_failed: bool) -> bool:
     return is_done(out, unit) or (skip_failed and failure_reason(out, unit) is not None)
 
 
-def associate_flavor(out: Path, manifest: Manifest, units: list[Unit], config: PipelineConfig, handle,
-                     signals: _Signals | None = None, skip_failed: bool = False
-                     ) -> tuple[int, int | None, list[tuple[str, str]]]:
-    """Store the flavor's done units visit by visit in time order.
+@dataclass
+class _Association:
+    """One flavor's progress through association: units stored, the visit it stopped at, failures."""
 
-    Returns (units stored, the visit it stopped at or None, failures). A visit with a unit that is neither
-    done nor (with ``skip_failed``) failed for good stops the association there, so that a resumed run
-    stores in the same order; with ``skip_failed`` a unit that cannot be stored is recorded and passed over.
+    stored: int = 0
+    stopped: int | None = None
+    failures: list = field(default_factory=list)
+
+
+def associate_flavors(out: Path, manifest: Manifest, units: list[Unit], config: PipelineConfig, handles: dict,
+                      signals: _Signals | None = None, skip_failed: bool = False) -> dict[str, _Association]:
+    """Store every flavor's done units visit by visit in time order, into that flavor's APDB.
+
+    Visits are taken in turn for all flavors together, so each (visit, detector)'s science image is read and
+    repaired once for every flavor's forced photometry. Within a flavor, a visit with a unit that is neither
+    done nor (with ``skip_failed``) failed for good stops that flavor's association there, so that a resumed
+    run stores in the same order; with ``skip_failed`` a unit that cannot be stored is recorded and passed over.
     """
     entries = {(e.visit, e.detector): e for e in manifest.entries}
     by_visit: dict[int, list[Unit]] = defaultdict(list)
     for u in units:
         by_visit[u.visit].append(u)
-    stored = 0
-    failures = []
+    state = {f: _Association() for f in handles}
     for visit in sorted(by_visit, key=lambda v: (min(u.mjd for u in by_visit[v]), v)):
-        group = sorted(by_visit[visit], key=lambda u: u.detector)
-        if not all(_settled(out, u, skip_failed) for u in group):
-            return stored, visit, failures
-        for u in (u for u in group if is_done(out, u)):
-            if signals is not None:
-                signals.check()
-            try:
-                stored += _store_unit(out, manifest, entries[(u.visit, u.detector)], u, config, handle)
-            except (DialabError, OSError, ValueError) as exc:  # ValueError: a damaged Parquet or FITS file
-                failures.append((f"APDB {u.label}", " ".join(str(exc).split())))
-                if not skip_failed:
-                    return stored, visit, failures
-                mark_failed(out, u, f"APDB: {failures[-1][1]}")
-    return stored, None, failures
+        sciences: dict[int, Exposure] = {}  # detector -> the science as subtracted, shared by the flavors
+        for flavor, progress in state.items():
+            group = sorted((u for u in by_visit[visit] if u.flavor == flavor), key=lambda u: u.detector)
+            if progress.stopped is not None or not group:
+                continue
+            if not all(_settled(out, u, skip_failed) for u in group):
+                progress.stopped = visit
+                continue
+            for u in (u for u in group if is_done(out, u)):
+                if signals is not None:
+                    signals.check()
+                try:
+                    entry = entries[(u.visit, u.detector)]
+                    if u.detector not in sciences:
+                        sciences[u.detector] = _science_as_subtracted(manifest, entry, config)
+                    progress.stored += _store_unit(out, sciences[u.detector], u, config, handles[flavor])
+                    if config.output.keep == "catalogs":
+                        drop_difference(out, u)
+                except (DialabError, OSError, ValueError) as exc:  # ValueError: a damaged Parquet or FITS file
+                    progress.failures.append((f"APDB {u.label}", " ".join(str(exc).split())))
+                    if not skip_failed:
+                        progress.stopped = visit
+                        break
+                    mark_failed(out, u, f"APDB: {progress.failures[-1][1]}")
+    return state
 
 
-def _store_unit(out: Path, manifest: Manifest, entry: Entry, unit: Unit, config: PipelineConfig, handle) -> int:
+def _science_as_subtracted(manifest: Manifest, entry: Entry, config: PipelineConfig) -> Exposure:
+    """The science image as it was subtracted (repaired, with its PSF; without the unit's fakes)."""
+    return prepare_science(manifest.resolve(entry.science), manifest.resolve(entry.science_psf),
+                           manifest.resolve(entry.science_noise), entry=entry, repair=config.repair)
+
+
+def _store_unit(out: Path, science: Exposure, unit: Unit, config: PipelineConfig, handle) -> int:
     where = unit_dir(out, unit)
+    if difference_dropped(out, unit):
+        if handle.contains(unit.visit, unit.detector):
+            return 0  # stored before its difference was dropped
+        raise DialabError(f"{unit.label}: its difference was not kept (output.keep: catalogs) and the APDB lacks it "
+                          f"(made again?): delete {where / 'unit.json'} and resume to run the unit again")
     catalog = pd.read_parquet(where / "diaSources.parquet")
     difference = read_exposure(where / "difference.fits")
-    # the science image as it was subtracted (repaired, with its PSF; without the unit's fakes)
-    science = prepare_science(manifest.resolve(entry.science), manifest.resolve(entry.science_psf),
-                              manifest.resolve(entry.science_noise), entry=entry, repair=config.repair)
     return int(store_visit_detector(handle, catalog, difference, science, config.associate)["stored"])
 
 
@@ -322,9 +351,7 @@ def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | P
                      for f in flavors}
             _run_units(todo, manifest, config, out, skip_failed, bar, tasks, result)
             signals.defer = True
-            for flavor in flavors:
-                _associate(out, manifest, flavor, planned, config, handles[flavor], signals, skip_failed, bar,
-                           result)
+            _associate(out, manifest, planned, config, handles, signals, skip_failed, bar, result)
     except RunInterrupted:
         _finish(out, record, result, planned, t0, interrupted=True)
         raise
@@ -332,19 +359,19 @@ def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | P
     return result
 
 
-def _associate(out, manifest, flavor, planned, config, handle, signals, skip_failed, bar, result) -> None:
-    units = [u for u, _ in planned if u.flavor == flavor]
-    assoc = bar.add_task(f"APDB {flavor}", total=None, failed=0)
-    n, stopped, failed = associate_flavor(out, manifest, units, config, handle, signals, skip_failed)
-    result.stored[flavor] = n
-    for label, reason in failed:
-        result.failures.append((label, reason))
-        bar.console.log(f"FAILED {label}: {reason}")
-    if stopped is not None:
-        result.association_stopped[flavor] = stopped
-        bar.console.log(f"{flavor}: association stopped at visit {stopped} (a unit is not done; "
-                        "resume the run to continue, or pass --skip-failed)")
-    bar.update(assoc, total=1, completed=1)
+def _associate(out, manifest, planned, config, handles, signals, skip_failed, bar, result) -> None:
+    tasks = {f: bar.add_task(f"APDB {f}", total=None, failed=0) for f in handles}
+    state = associate_flavors(out, manifest, [u for u, _ in planned], config, handles, signals, skip_failed)
+    for flavor, progress in state.items():
+        result.stored[flavor] = progress.stored
+        for label, reason in progress.failures:
+            result.failures.append((label, reason))
+            bar.console.log(f"FAILED {label}: {reason}")
+        if progress.stopped is not None:
+            result.association_stopped[flavor] = progress.stopped
+            bar.console.log(f"{flavor}: association stopped at visit {progress.stopped} (a unit is not done; "
+                            "resume the run to continue, or pass --skip-failed)")
+        bar.update(tasks[flavor], total=1, completed=1, failed=len(progress.failures))
 
 
 def _finish(out: Path, record: dict, result: RunResult, planned, t0: float, interrupted: bool = False) -> None:

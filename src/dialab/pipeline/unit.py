@@ -1,8 +1,10 @@
-"""Processing one unit: load, inject fakes, warp, subtract, detect and measure, match fakes, write.
+"""Processing the units of one (visit, detector): load, warp, inject fakes, then per flavor subtract,
+detect and measure, match fakes, write.
 
 This is the function every executor runs (in a process pool or on Dask workers): it reads its own
-inputs and writes its own outputs, so the driver never holds images. Failures come back as a
-one-line reason (full traceback in the unit's ``error.log``) instead of stopping the run.
+inputs and writes its own outputs, so the driver never holds images. The flavors of one (visit,
+detector) share one preparation (a third of a unit's work when three flavors run). Failures come
+back as a one-line reason (full traceback in the unit's ``error.log``) instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from dataclasses import dataclass
+
+import pandas as pd
 
 from ..errors import DialabError
+from ..exposure import Exposure
 from ..injection import inject_catalog, make_fake_catalog
 from ..matching import match_fakes
 from ..measurement import BAD_FLAGS, detect_and_measure
@@ -20,13 +26,22 @@ from ..timing import timed
 from .config import PipelineConfig
 from .manifest import Entry
 from .prepare import prepare_entry
-from .repository import Unit, mark_done, unit_dir, write_difference, write_parquet, write_text
+from .repository import Unit, mark_done, unit_dir, write_cutouts, write_difference, write_parquet, write_text
 
 log = logging.getLogger(__name__)
 
 
-def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: str) -> dict:
+@dataclass
+class _Prepared:
+    """One (visit, detector)'s images as every flavor subtracts them: read, repaired, aligned, with fakes."""
 
+    science: Exposure
+    template: Exposure
+    fakes: pd.DataFrame | None
+    seconds: float
+
+
+def _prepare(entry: Entry, root: str, config: PipelineConfig) -> _Prepared:
     t0 = time.perf_counter()
     science, template = prepare_entry(entry, root, config.repair)
     fakes = None
@@ -34,6 +49,14 @@ def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: s
         with timed("inject"):
             fakes = make_fake_catalog(science, config.inject, template)
             science, template = inject_catalog(science, template, fakes, seed=config.inject.seed)
+    return _Prepared(science, template, fakes, time.perf_counter() - t0)
+
+
+def _process(unit: Unit, prepared: _Prepared, share: float, config: PipelineConfig, out: str) -> dict:
+    """Subtract, detect, measure, match the fakes and write one unit; ``share`` is its part of the
+    preparation's seconds (counted in the unit's own time)."""
+    t0 = time.perf_counter()
+    science, template, fakes = prepared.science, prepared.template, prepared.fakes
     sub_cfg = config.subtract.model_copy(update={"flavor": unit.flavor, "workers": config.execution.threads_per_unit})
     result = subtract(science, template, sub_cfg)
     with timed("detect_and_measure"):
@@ -43,6 +66,9 @@ def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: s
     with timed("write"):
         write_difference(result, where / "difference.fits", config.output.compression, config.output.quantize_level)
         write_parquet(cat, where / "diaSources.parquet")
+        if config.output.keep == "catalogs":
+            write_cutouts(where / "cutouts.fits", result.difference, science, result.matched_image, cat, fakes,
+                          config.output.compression, config.output.quantize_level)
     d = result.diagnostics
     summary = {"status": "done", "n_diaSources": len(cat),
                "n_good": int((~cat[list(BAD_FLAGS)].any(axis=1)).sum()) if len(cat) else 0,
@@ -56,27 +82,43 @@ def _process(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: s
         write_parquet(fakes, where / "fakes.parquet")
         write_parquet(matched, where / "fakes_matched.parquet")
         summary.update(n_fakes=len(fakes), n_fakes_found=int((matched.diaSourceId > 0).sum()))
-    summary["seconds"] = time.perf_counter() - t0
+    summary["seconds"] = share + time.perf_counter() - t0
+    summary["prepare_seconds"] = share
     mark_done(out, unit, summary)
     return summary
 
 
-def run_unit(unit: Unit, entry: Entry, root: str, config: PipelineConfig, out: str) -> dict:
-    """Process a unit; returns its summary, or {"status": "failed", "reason": one line}.
+def run_units(units: list[Unit], entry: Entry, root: str, config: PipelineConfig, out: str
+              ) -> list[tuple[Unit, dict]]:
+    """Process the units of one (visit, detector), one per flavor: the images are read, repaired, aligned and
+    given their (flavor-independent) fakes once, then subtracted in each flavor. Returns each unit's summary,
+    or {"status": "failed", "reason": one line}: a unit fails alone, or all of them when preparation fails.
 
     Linear algebra runs on ``threads_per_unit`` threads whatever the executor, so that results
     do not depend on where a unit ran (summation order) and workers do not oversubscribe cores.
     """
     from threadpoolctl import threadpool_limits
 
-    try:
-        with threadpool_limits(config.execution.threads_per_unit):
-            return _process(unit, entry, root, config, out)
-    except Exception as exc:  # one failed unit must not stop the run
-        reason = str(exc) if isinstance(exc, DialabError) else f"{type(exc).__name__}: {exc}"
-        reason = " ".join(reason.split())
+    with threadpool_limits(config.execution.threads_per_unit):
         try:
-            write_text(traceback.format_exc(), unit_dir(out, unit) / "error.log")
-        except OSError:
-            pass
-        return {"status": "failed", "reason": reason}
+            prepared = _prepare(entry, root, config)
+        except Exception as exc:  # one failed unit must not stop the run
+            return [(unit, _failure(unit, out, exc)) for unit in units]
+        results = []
+        for unit in units:
+            try:
+                results.append((unit, _process(unit, prepared, prepared.seconds / len(units), config, out)))
+            except Exception as exc:
+                results.append((unit, _failure(unit, out, exc)))
+        return results
+
+
+def _failure(unit: Unit, out: str, exc: Exception) -> dict:
+    """A failed unit's summary; the traceback goes to its error.log."""
+    reason = str(exc) if isinstance(exc, DialabError) else f"{type(exc).__name__}: {exc}"
+    reason = " ".join(reason.split())
+    try:
+        write_text(traceback.format_exc(), unit_dir(out, unit) / "error.log")
+    except OSError:
+        pass
+    return {"status": "failed", "reason": reason}
