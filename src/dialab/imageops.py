@@ -134,11 +134,20 @@ def fft_convolve_each(image: np.ndarray, kernels, workers: int | None = None):
     workers = workers or default_workers()
     fi = fft.rfft2(image.astype(np.float32, copy=False), s=shape, workers=workers)
     for ker in kernels:
-        fk = fft.rfft2(ker.astype(np.float32), s=shape, workers=workers)
+        fk = _padded_rfft2(ker.astype(np.float32), shape, workers)
         fk *= fi
         full = fft.irfft2(fk, s=shape, workers=workers, overwrite_x=True)
         del fk
         yield np.ascontiguousarray(full[h : h + ny, h : h + nx])
+
+
+def _padded_rfft2(kernel: np.ndarray, shape: tuple[int, int], workers: int) -> np.ndarray:
+    """``rfft2(kernel, s=shape)`` for a kernel much smaller than ``shape``: the row transforms of the all-zero
+    padding rows are zero, so only the kernel's rows are transformed before the column pass (the same numbers,
+    about half the time of a full-size transform)."""
+    rows = np.zeros((shape[0], shape[1] // 2 + 1), np.complex64)
+    rows[: kernel.shape[0]] = fft.rfft(kernel, n=shape[1], axis=1, workers=workers)
+    return fft.fft(rows, axis=0, workers=workers, overwrite_x=True)
 
 
 def fft_convolve(image: np.ndarray, kernel: np.ndarray, workers: int | None = None) -> np.ndarray:

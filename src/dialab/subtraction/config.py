@@ -25,7 +25,8 @@ class SubtractConfig(BaseModel):
     rescale_difference_variance: bool = Field(False, description="also scale the difference's variance plane to its "
                                               "measured noise; off: the propagated variance is kept, so a failed "
                                               "subtraction shows (detection calibrates its filtered noise itself)")
-    max_candidates: int = Field(1000, ge=3, description="most kernel stamps used")
+    max_candidates: int = Field(400, ge=3, description="most kernel stamps used (spread over the image when more "
+                                                       "qualify: the fit's time grows with their number)")
     min_candidates: int = Field(3, ge=1, description="fewest kernel stamps accepted")
     candidate_snr_min: float = Field(10.0, description="lowest S/N of a kernel source")
     candidate_snr_max: float = Field(500.0, description="highest S/N of a kernel source")

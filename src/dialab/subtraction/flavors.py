@@ -158,8 +158,11 @@ def prepare_pair(science: Exposure, template: Exposure, cfg: SubtractConfig) -> 
     sci_bg, tpl_bg = sky_background(science), sky_background(template)
     sci_psf = science.psf if science.psf is not None else measure_psf(science)
     tpl_psf = template.psf if template.psf is not None else measure_psf(template)
-    s_scale = variance_scale(science, sci_bg) if cfg.rescale_variance else 1.0
-    t_scale = variance_scale(template, tpl_bg) if cfg.rescale_variance else 1.0
+    # once per image however many flavors subtract it (a property of its pixels, like its sky)
+    s_scale = science.derived("variance_scale", lambda: variance_scale(science, sci_bg)) if cfg.rescale_variance \
+        else 1.0
+    t_scale = template.derived("variance_scale", lambda: variance_scale(template, tpl_bg)) \
+        if cfg.rescale_variance else 1.0
     nodata = science.plane("NO_DATA") | template.plane("NO_DATA")
     convolved = choose_convolved(sci_psf, tpl_psf, cfg.flavor)
     science_convolved = convolved == "science" or cfg.flavor in ("preconvolution", "zogy")

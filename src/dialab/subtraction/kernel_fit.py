@@ -96,10 +96,11 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
 
     Sources with S/N in ``snr_range``, away from the border, with a counterpart in the template (S/N >= 5),
     no BAD/SAT/EDGE/NO_DATA pixel of either image inside the stamp and no injected fake within 5 PSF sigma;
-    isolated ones preferred, brightest first.
+    isolated ones preferred, brightest first; when more qualify than ``max_candidates``, they are spread over
+    the image (the brightest of each cell of a grid first), as the spatial model needs coverage, not numbers.
     """
     stars = find_stars(science, sigma_pix, snr_range[0], radius_pix=max(5, int(math.ceil(3 * sigma_pix))),
-                       max_candidates=int(1.5 * max_candidates))
+                       max_candidates=max(STARS_MEASURED, int(1.5 * max_candidates)))
     keep = stars.snr <= snr_range[1]
     stars = stars.select(keep)
     if len(stars) == 0:
@@ -127,8 +128,27 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
     if ok.sum() >= 10:
         # any compact source can carry the kernel (not only stars): only the clearly extended are left out
         ok[ok] &= stellar_locus(stars.sigma[ok], stars.x[ok], stars.y[ok], width=0.3, upper_sigmas=10.0)
-    idx = np.nonzero(ok)[0][:max_candidates]
+    idx = np.nonzero(ok)[0]
+    if len(idx) > max_candidates:
+        idx = idx[spread_over_cells(ix[idx], iy[idx], (ny, nx), max_candidates)]
     return np.column_stack([ix[idx], iy[idx]])
+
+
+#: Sources measured when looking for kernel candidates (the best of them are kept).
+STARS_MEASURED = 1500
+
+
+def spread_over_cells(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], n: int) -> np.ndarray:
+    """Indices of ``n`` of the (ranked, best first) positions, taken in turns from the cells of a grid with
+    about four per cell: the first of every cell, then the second, ... (order kept within each turn)."""
+    side = max(1, int(math.ceil(math.sqrt(n / 4))))
+    cell = (np.minimum(y * side // shape[0], side - 1) * side + np.minimum(x * side // shape[1], side - 1)).astype(int)
+    turn = np.zeros(len(x), int)
+    seen: dict[int, int] = {}
+    for i, c in enumerate(cell):
+        turn[i] = seen.get(c, 0)
+        seen[c] = turn[i] + 1
+    return np.sort(np.lexsort((np.arange(len(x)), turn))[:n])
 
 
 def _convolve_valid(cut: np.ndarray, basis: KernelBasis) -> np.ndarray:
