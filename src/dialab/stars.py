@@ -79,9 +79,10 @@ class _Peaks:
         self.exposure = weakref.proxy(exposure)  # kept on the exposure itself: no reference cycle
         self.sigma = sigma_guess_pix
         nodata = exposure.plane("NO_DATA", "BAD")
-        sub = exposure.image - sky_background(exposure).level
+        sky = sky_background(exposure)
+        sub = exposure.image - sky.level
         var = exposure.variance
-        noise = np.sqrt(var) if (var > 0).all() else np.sqrt(np.where(var > 0, var, sky_background(exposure).rms**2))
+        noise = np.sqrt(var) if (var > 0).all() else np.sqrt(np.where(var > 0, var, sky.rms**2))
         snr = gaussian_filtered_snr(sub, noise, sigma_guess_pix, nodata)
         self.y, self.x = find_peaks(snr, 5.0, max(2, int(round(sigma_guess_pix))), exclude=nodata)
         self.value = snr[self.y, self.x]  # filtered S/N: relative brightness of neighbours where the noise is even

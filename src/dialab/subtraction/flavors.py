@@ -33,7 +33,7 @@ from .config import FLAVORS, Flavor, SubtractConfig  # noqa: F401 (the flavor na
 from .convolve import convolve_image, convolve_mask, convolve_variance, kernel_footprint_radius
 from .decorrelation import apply_filter, filter_stamp
 from .kernel_fit import KernelFit, fit_matching_kernel, select_kernel_candidates
-from .noise import noise_ratio, variance_scale
+from .noise import image_variance_scale, noise_ratio
 from .photometric_scale import FLUX_RATIO_SYSTEMATIC, PhotometricScale, measure_photometric_scale
 from .result import SubtractionDiagnostics, SubtractionResult
 
@@ -158,11 +158,8 @@ def prepare_pair(science: Exposure, template: Exposure, cfg: SubtractConfig) -> 
     sci_bg, tpl_bg = sky_background(science), sky_background(template)
     sci_psf = science.psf if science.psf is not None else measure_psf(science)
     tpl_psf = template.psf if template.psf is not None else measure_psf(template)
-    # once per image however many flavors subtract it (a property of its pixels, like its sky)
-    s_scale = science.derived("variance_scale", lambda: variance_scale(science, sci_bg)) if cfg.rescale_variance \
-        else 1.0
-    t_scale = template.derived("variance_scale", lambda: variance_scale(template, tpl_bg)) \
-        if cfg.rescale_variance else 1.0
+    s_scale = image_variance_scale(science) if cfg.rescale_variance else 1.0
+    t_scale = image_variance_scale(template) if cfg.rescale_variance else 1.0
     nodata = science.plane("NO_DATA") | template.plane("NO_DATA")
     convolved = choose_convolved(sci_psf, tpl_psf, cfg.flavor)
     science_convolved = convolved == "science" or cfg.flavor in ("preconvolution", "zogy")

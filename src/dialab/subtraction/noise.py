@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from ..background import clipped_stats, estimate_background, smooth_grid
+from ..background import clipped_stats, estimate_background, sky_background, smooth_grid
 from ..exposure import Exposure
 from ..imageops import grow_mask
 
@@ -43,6 +43,12 @@ def variance_scale(exp: Exposure, bg=None, block: int = 4) -> float:
     z = resid.ravel()[idx] / np.sqrt(np.maximum(var.ravel()[idx], 1e-30))
     _, sigma = clipped_stats(z)
     return float(sigma**2) if np.isfinite(sigma) and sigma > 0 else 1.0
+
+
+def image_variance_scale(exp: Exposure) -> float:
+    """:func:`variance_scale` against the image's shared sky, once per state of its pixels (every flavor
+    that subtracts the image asks for it)."""
+    return exp.derived("variance_scale", lambda: variance_scale(exp, sky_background(exp)))
 
 
 def noise_ratio(exp: Exposure, block: int = 64) -> float:
