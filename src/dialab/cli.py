@@ -196,6 +196,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _cmd_vet(args) -> int:
+    from .vet.labels import LabelStore
+
+    if args.export_labels:
+        if not (Path(args.run) / "run.yaml").is_file():
+            raise BadInputError("not a dialab run folder (no run.yaml)", args.run)
+        n = LabelStore(args.run).export_csv(args.export_labels)
+        print(f"{args.export_labels}: {n} labels")
+        return 0
+    from .vet.server import serve
+
+    try:
+        serve(args.run, args.host, args.port, announce=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # port taken, address not ours
+        raise BadInputError(f"cannot serve on {args.host}:{args.port} ({exc.strerror or exc})") from None
+    return 0
+
+
 def _verbosity(default) -> argparse.ArgumentParser:
     """-v and -q, accepted before and after the subcommand (after it, they do not reset what came before)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -314,6 +334,13 @@ def _add_dataset_commands(sub) -> None:
     rep.add_argument("runs", nargs="+", help="run folders written by dialab run")
     rep.add_argument("-o", "--output", required=True, help="report folder")
     rep.set_defaults(func=_cmd_report)
+
+    vet = sub.add_parser("vet", help="a local web page of a run's candidates (cutouts) to label real or bogus")
+    vet.add_argument("run", help="run folder written by dialab run (labels are stored in it: labels.sqlite)")
+    vet.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
+    vet.add_argument("--port", type=int, default=8765, help="port (0: any free one; the address is printed)")
+    vet.add_argument("--export-labels", metavar="CSV", help="write the run's labels as CSV and exit")
+    vet.set_defaults(func=_cmd_vet)
 
     demo = sub.add_parser("demo", help="simulate hsc-sprint-mini, run every flavor with fakes, write the report")
     demo.add_argument("-o", "--output", default="demo-output", help="folder for the demo's files")

@@ -199,6 +199,16 @@ def window_any(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, half: int) -> n
     return out
 
 
+def cut_stamps(image: np.ndarray, xs, ys, size: int) -> np.ndarray:
+    """Array (n, size, size) of float32 stamps centred on the rounded (x, y) (clipped to the image), NaN
+    beyond its border: every stamp has the same shape whatever its distance to the edge."""
+    h = size // 2
+    padded = np.pad(np.asarray(image, np.float32), h, constant_values=np.nan)
+    ix = np.clip(np.round(np.asarray(xs, float)).astype(int), 0, image.shape[1] - 1)
+    iy = np.clip(np.round(np.asarray(ys, float)).astype(int), 0, image.shape[0] - 1)
+    return np.array([padded[y : y + size, x : x + size] for x, y in zip(ix, iy)], np.float32).reshape(-1, size, size)
+
+
 @dataclass(frozen=True)
 class Chebyshev2D:
     """Products T_i(x') T_j(y') with i + j <= order, x' and y' scaled to [-1, 1] over the image."""

@@ -19,6 +19,7 @@ import pandas as pd
 
 from .. import __version__
 from ..exposure import QUANTIZE_LEVEL, image_hdu, typical_noise, write_exposure
+from ..imageops import cut_stamps
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,24 @@ def write_difference(result, path: str | Path, compression: str = "none", quanti
 CUTOUT_SIZE = 51
 
 
+def cutout_rows(catalog: pd.DataFrame, fakes: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per stamp: every diaSource (``fake`` = -1), then every fake (``diaSourceId`` = 0, ``fake`` = its
+    row in the unit's fakes table), with the pixel position to centre on."""
+    import numpy as np
+
+    rows = pd.DataFrame({"diaSourceId": catalog.diaSourceId.to_numpy(np.int64) if len(catalog) else np.zeros(0, np.int64),
+                         "fake": np.full(len(catalog), -1, np.int32), "x": catalog.x.to_numpy(float) if len(catalog) else [],
+                         "y": catalog.y.to_numpy(float) if len(catalog) else []})
+    if fakes is not None and len(fakes):
+        rows = pd.concat([rows, pd.DataFrame({"diaSourceId": 0, "fake": np.arange(len(fakes), dtype=np.int32),
+                                              "x": fakes.x.to_numpy(float), "y": fakes.y.to_numpy(float)})],
+                         ignore_index=True)
+    return rows
+
+
+CUTOUT_PLANES = ("TEMPLATE", "SCIENCE", "DIFFERENCE")
+
+
 def write_cutouts(path: Path, difference, science, template, catalog: pd.DataFrame, fakes: pd.DataFrame | None,
                   compression: str = "quantized", quantize_level: float = QUANTIZE_LEVEL) -> None:
     """Template, science and difference stamps (``CUTOUT_SIZE`` square, NaN off the image) of every diaSource
@@ -156,30 +175,31 @@ def write_cutouts(path: Path, difference, science, template, catalog: pd.DataFra
     import numpy as np
     from astropy.io import fits
 
-    rows = pd.DataFrame({"diaSourceId": catalog.diaSourceId.to_numpy() if len(catalog) else np.zeros(0, np.int64),
-                         "fake": -1, "x": catalog.x.to_numpy() if len(catalog) else [],
-                         "y": catalog.y.to_numpy() if len(catalog) else []})
-    if fakes is not None and len(fakes):
-        rows = pd.concat([rows, pd.DataFrame({"diaSourceId": 0, "fake": np.arange(len(fakes)), "x": fakes.x.to_numpy(),
-                                              "y": fakes.y.to_numpy()})], ignore_index=True)
-    h = CUTOUT_SIZE // 2
+    rows = cutout_rows(catalog, fakes)
     hdus = [fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
         [fits.Column(name="diaSourceId", format="K", array=rows.diaSourceId.to_numpy(np.int64)),
          fits.Column(name="fake", format="J", array=rows.fake.to_numpy(np.int32)),
          fits.Column(name="x", format="D", array=rows.x.to_numpy(float)),
          fits.Column(name="y", format="D", array=rows.y.to_numpy(float))], name="SOURCES")]
-    for name, exp in (("TEMPLATE", template), ("SCIENCE", science), ("DIFFERENCE", difference)):
-        padded = np.pad(exp.image, h, constant_values=np.nan)
-        ix = np.round(rows.x.to_numpy(float)).astype(int)
-        iy = np.round(rows.y.to_numpy(float)).astype(int)
-        stamps = np.array([padded[y : y + CUTOUT_SIZE, x : x + CUTOUT_SIZE] for x, y in zip(ix, iy)],
-                          np.float32).reshape(-1, CUTOUT_SIZE, CUTOUT_SIZE)
+    for name, exp in zip(CUTOUT_PLANES, (template, science, difference)):
+        stamps = cut_stamps(exp.image, rows.x, rows.y, CUTOUT_SIZE)
         hdus.append(image_hdu(stamps, None, name, compression, typical_noise(exp.variance) / quantize_level,
                               quantize_level))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fits.HDUList(hdus).writeto(tmp, overwrite=True)
     os.replace(tmp, path)
+
+
+def read_cutouts(path: Path) -> tuple[pd.DataFrame, dict]:
+    """The stamp rows and the ``CUTOUT_PLANES`` cubes of a ``cutouts.fits``."""
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        table = hdul["SOURCES"].data
+        rows = pd.DataFrame({name: table[name].astype(kind) for name, kind in
+                             (("diaSourceId", "i8"), ("fake", "i4"), ("x", "f8"), ("y", "f8"))})
+        return rows, {name: hdul[name].data for name in CUTOUT_PLANES}
 
 
 #: What unit.json says of a difference deleted after storage (``output.keep: catalogs``).
