@@ -1,8 +1,11 @@
 """`dialab run` on real telescope files: plain FITS in, diaSources and an APDB out."""
 
+import re
+
 import pandas as pd
 import yaml
 
+from dialab.analysis.report import build_report
 from dialab.apdb import open_apdb
 from dialab.cli import main
 from dialab.exposure import write_exposure
@@ -45,6 +48,24 @@ def test_real_pairs_run_end_to_end(real_data, tmp_path):
         for e in entries:
             cat = pd.read_parquet(out / flavor / e["band"] / str(e["visit"]) / str(e["detector"]) / "diaSources.parquet")
             assert (cat.visit == e["visit"]).all() and (cat.detector == e["detector"]).all()
+    _check_report_without_fakes(out, tmp_path / "report")
+
+
+def _check_report_without_fakes(run, folder):
+    """A real run without fakes or truth: no claim of a better flavor, no empty or all-NaN panels and columns."""
+    index = build_report([run], folder)
+    text = index.read_text()
+    assert "No fakes and no truth" in text and "better than" not in text and "Detections by likely cause" in text
+    assert "Efficiency vs" not in text
+    summary = pd.read_csv(folder / "summary.csv")
+    assert not any(c.startswith("fakes") or "contamina" in c for c in summary.columns)
+    assert summary.notna().all().all()
+    per_object = pd.read_csv(folder / "sources_per_object.csv")
+    assert per_object.nDiaSources.is_monotonic_increasing
+    images = re.findall(r'<img src="([^"]+)"', text)
+    assert any(i.startswith("psf_") for i in images) and any(i.startswith("side_by_side_") for i in images)
+    for name in images:
+        assert (folder / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_frames_without_wcs_are_recorded_as_association_failures(real_data, tmp_path, capsys):

@@ -17,6 +17,7 @@ from dialab.analysis.metrics import (
     sources_per_object,
 )
 from dialab.analysis.report import build_report
+from dialab.analysis.significance import SNR_FINE, UnitSums, comparison_table, interval, paired_bootstrap
 from dialab.cli import main
 from dialab.pipeline.config import load_pipeline
 from dialab.pipeline.runner import run_pipeline
@@ -106,12 +107,14 @@ def two_runs(tmp_path_factory):
 class _Collector(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.images, self.ids = [], []
+        self.images, self.ids, self.links = [], [], []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "img":
             self.images.append(attrs["src"])
+        if tag == "a":
+            self.links.append(attrs["href"])
         if "id" in attrs:
             self.ids.append(attrs["id"])
 
@@ -122,20 +125,35 @@ def test_report_of_two_runs_has_every_table_and_figure(two_runs, tmp_path):
     parser = _Collector()
     parser.feed(text)
     parser.close()
-    for table in ("summary", "efficiency", "quality", "flags", "per_detector", "sources_per_object", "units"):
+    for table in ("summary", "efficiency", "quality", "flags", "per_detector", "sources_per_object", "units", "causes",
+                  "summary_values", "comparisons"):
         assert table in parser.ids and (index.parent / f"{table}.csv").is_file()
     expected = ["efficiency_expected_snr", "efficiency_forced_snr", "efficiency_mag", "flag_counts", "per_detector",
-                "sources_per_object", "sky_diaObjects"]
+                "sources_per_object", "sky_diaObjects", "per_ccd_visit", "causes"]
     for stem in expected:
         assert f"{stem}.png" in parser.images
-    assert sum(src.startswith("triplet_") for src in parser.images) >= 3  # at least one per flavor
-    assert sum(src.startswith("psf_") for src in parser.images) >= 3
-    for src in parser.images:
+    assert sum(src.startswith("side_by_side_") for src in parser.images) >= 1
+    assert sum(src.startswith("psf_") for src in parser.images) >= 1
+    assert sum(src.startswith("gallery_") for src in parser.images) >= 3  # one per flavor and unit shown
+    for src in parser.images + [link for link in parser.links if link.endswith(".png")]:
         data = (index.parent / src).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, src
+    assert any(link.endswith("_full.png") for link in parser.links)  # zoomable side-by-side
     summary = pd.read_csv(index.parent / "summary.csv")
     assert set(summary.flavor) == {"convolveTemplate", "auto", "preconvolution"}
-    assert "is best on" in text
+    assert "is best on" not in text
+    values = pd.read_csv(index.parent / "summary_values.csv")
+    assert (values.lo95 <= values.value).all() and (values.value <= values.hi95).all()
+    comparisons = pd.read_csv(index.parent / "comparisons.csv")
+    for row in comparisons.itertuples():  # every claim follows from its interval
+        significant = row.worse_by_lo > 0 or row.worse_by_hi < 0
+        assert (row.verdict != "no significant difference") == significant
+    causes = pd.read_csv(index.parent / "causes.csv", index_col=0)
+    for flavor in summary.flavor:  # causes account for every contaminant passing the cut
+        rows = summary[summary.flavor == flavor]
+        good = (rows[rows.band == "all"] if (rows.band == "all").any() else rows)["good contaminants"].sum()
+        assert causes[f"{flavor} (seed's cut)"].sum() == good
+        assert causes[f"{flavor} (cut + CR)"].sum() <= good
 
 
 def test_report_rejects_an_empty_or_unfinished_run(tmp_path, capsys):
@@ -156,3 +174,39 @@ def test_readme_figure_is_a_committed_demo_png():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     figure = Path(__file__).resolve().parents[1] / "docs" / "demo-efficiency.png"
     assert "docs/demo-efficiency.png" in readme and figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def _sums(rng, n_units, contaminants_per_unit, x50=5.0, fakes_per_unit=150):
+    """Per-unit sums of a flavor whose truth is known: Poisson false detections, fakes found with a
+    logistic efficiency of 50% point ``x50`` (width 0.6), unit pulls."""
+    bins = len(SNR_FINE) - 1
+    snr = rng.uniform(1, 15, (n_units, fakes_per_unit))
+    found = rng.random(snr.shape) < 1 / (1 + np.exp(-(snr - x50) / 0.6))
+    fakes, hit = np.zeros((n_units, bins)), np.zeros((n_units, bins))
+    b = np.digitize(snr, SNR_FINE) - 1
+    for u in range(n_units):
+        np.add.at(fakes[u], b[u], 1.0)
+        np.add.at(hit[u], b[u], found[u].astype(float))
+    pulls = rng.normal(0, 1, n_units * 50)
+    return UnitSums(keys=[(1000 + u, 1) for u in range(n_units)], good=np.full(n_units, 200.0),
+                    good_contaminants=rng.poisson(contaminants_per_unit, n_units).astype(float), fakes=fakes,
+                    found=hit, pulls=pulls, pull_unit=np.repeat(np.arange(n_units), 50),
+                    psf_ratio=np.full(n_units, 1.2))
+
+
+def test_bootstrap_intervals_cover_the_truth_and_claims_need_a_real_difference():
+    rng = np.random.default_rng(5)
+    covered = 0
+    for _ in range(20):  # the 95% interval of the 50% point holds the true 5.0 about 95% of the time
+        values, samples = paired_bootstrap({"a": _sums(rng, 12, 10)}, draws=200)
+        lo, hi = interval(samples["a"]["50% expected S/N"])
+        covered += lo <= 5.0 <= hi
+    assert covered >= 16
+    # the same true rates: no claim; twice the false detections: a claim, in the right direction
+    values, samples = paired_bootstrap({"a": _sums(rng, 12, 10), "b": _sums(rng, 12, 10)}, draws=200)
+    table = comparison_table(values, samples)
+    assert (table[table.metric.isin(["false detections per unit", "50% expected S/N"])].verdict
+            == "no significant difference").all()
+    values, samples = paired_bootstrap({"a": _sums(rng, 12, 10), "b": _sums(rng, 12, 20)}, draws=200)
+    table = comparison_table(values, samples).set_index("metric")
+    assert table.loc["false detections per unit", "verdict"] == "a better"

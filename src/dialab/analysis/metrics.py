@@ -49,6 +49,19 @@ def real_variable_sources(sources: pd.DataFrame, truth: pd.DataFrame | None,
     return out
 
 
+def judged(fakes: pd.DataFrame, truth: pd.DataFrame | None) -> bool:
+    """Whether contamination can be measured: there are fakes or truth to tell real changes from the rest."""
+    return not fakes.empty or (truth is not None and not truth.empty)
+
+
+def contaminant_sources(sources: pd.DataFrame, fakes: pd.DataFrame, truth: pd.DataFrame | None) -> pd.Series:
+    """True for diaSources that are neither a matched fake nor a truth object whose flux changed."""
+    if sources.empty:
+        return pd.Series(False, index=sources.index)
+    fake_ids = set(fakes.diaSourceId[fakes.diaSourceId > 0]) if not fakes.empty else set()
+    return ~sources.diaSourceId.isin(fake_ids) & ~real_variable_sources(sources, truth)
+
+
 def fakes_with_sources(fakes: pd.DataFrame, sources: pd.DataFrame, flags: list[str] | None = None) -> pd.DataFrame:
     """Matched-fake rows joined to their diaSource: measured flux (nJy), goodness, diaObjectId."""
     if fakes.empty:
@@ -69,23 +82,23 @@ def count_metrics(sources: pd.DataFrame, objects: pd.DataFrame, fakes: pd.DataFr
                   truth: pd.DataFrame | None = None, flags: list[str] | None = None) -> dict:
     """The headline counts of one flavor (and band, if the tables are one band's)."""
     good = good_sources(sources, flags)
-    fake_ids = set(fakes.diaSourceId[fakes.diaSourceId > 0]) if not fakes.empty else set()
-    is_fake = sources.diaSourceId.isin(fake_ids) if not sources.empty else pd.Series(dtype=bool)
     is_real = real_variable_sources(sources, truth)
-    contaminant = ~is_fake & ~is_real if not sources.empty else pd.Series(dtype=bool)
+    contaminant = contaminant_sources(sources, fakes, truth)
     good_objects = set(sources.diaObjectId[good]) if not sources.empty else set()
     usable = fakes[~fakes.near_edge] if not fakes.empty else fakes
     joined = fakes_with_sources(usable, sources, flags) if not usable.empty else usable
     n = len(sources)
+    known = judged(fakes, truth)  # without fakes or truth nothing tells a contaminant from a real change
     return {
         "diaSources": n, "diaObjects": len(objects), "good diaSources": int(good.sum()),
         "good diaObjects": int(objects.diaObjectId.isin(good_objects).sum()) if len(objects) else 0,
         "fakes injected": len(usable), "fakes matched": int(joined.found.sum()) if len(joined) else 0,
         "fakes matched (good)": int(joined.found_good.sum()) if len(joined) else 0,
         "real variables matched": int(is_real.sum()),
-        "contaminants": int(contaminant.sum()), "contamination": float(contaminant.mean()) if n else np.nan,
-        "good contaminants": int((contaminant & good).sum()),
-        "good contamination": float((contaminant & good).sum() / good.sum()) if good.sum() else np.nan,
+        "contaminants": int(contaminant.sum()) if known else np.nan,
+        "contamination": float(contaminant.mean()) if n and known else np.nan,
+        "good contaminants": int((contaminant & good).sum()) if known else np.nan,
+        "good contamination": float((contaminant & good).sum() / good.sum()) if good.sum() and known else np.nan,
     }
 
 

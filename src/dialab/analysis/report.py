@@ -12,20 +12,27 @@ import pandas as pd
 
 from ..errors import BadInputError
 from . import figures
+from .contamination import cause_table
+from .gallery import figure_html, image_section
 from .metrics import (
+    DEFAULT_BAD_FLAGS,
     SNR_BINS,
+    contaminant_sources,
     count_metrics,
     efficiency,
     fakes_with_sources,
     flag_counts,
+    good_sources,
+    judged,
     magnitude_bins,
     per_detector,
     photometry,
     positional_scatter,
-    real_variable_sources,
     sources_per_object,
 )
 from .runs import FlavorRun, load_runs
+from .significance import unit_sums
+from .summary import regime_table, summary_lines
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,11 @@ def summary_table(runs: list[FlavorRun]) -> pd.DataFrame:
             obj = fr.objects if band == "all" else _band_objects(fr.objects, band)
             fk = fr.fakes if band == "all" or fr.fakes.empty else fr.fakes[fr.fakes.band == band]
             rows.append({"flavor": fr.label, "band": band, **count_metrics(src, obj, fk, fr.truth)})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows).dropna(axis=1, how="all")  # contamination without fakes or truth
+    if not any(judged(fr.fakes, fr.truth) for fr in runs):
+        table = table.drop(columns=["fakes injected", "fakes matched", "fakes matched (good)",
+                                    "real variables matched"], errors="ignore")
+    return table
 
 
 def efficiency_tables(runs: list[FlavorRun]):
@@ -84,60 +95,22 @@ def quality_table(runs: list[FlavorRun]) -> pd.DataFrame:
 
 
 def unit_table(runs: list[FlavorRun]) -> pd.DataFrame:
-    """Per unit: PSF ratio, noise ratio and its false detections."""
+    """Per unit: PSF ratio, noise ratio and its false detections (contaminants passing the flag cut)."""
     rows = []
     for fr in runs:
-        contaminant = ~fr.sources.diaSourceId.isin(set(fr.fakes.diaSourceId) if not fr.fakes.empty else set()) \
-            & ~real_variable_sources(fr.sources, fr.truth)
+        contaminant = contaminant_sources(fr.sources, fr.fakes, fr.truth) & good_sources(fr.sources)
         per_unit = fr.sources[contaminant].groupby(["visit", "detector"]).size()
+        known = judged(fr.fakes, fr.truth)
         for u in fr.units.itertuples():
             rows.append({"flavor": fr.label, "band": u.band, "visit": u.visit, "detector": u.detector,
                          "convolved": u.convolved, "science FWHM": u.science_fwhm, "template FWHM": u.template_fwhm,
                          "psf_ratio": u.science_fwhm / u.template_fwhm, "noise ratio": u.noise_ratio,
-                         "diaSources": u.n_diaSources, "contaminants": int(per_unit.get((u.visit, u.detector), 0)),
+                         "diaSources": u.n_diaSources,
+                         "good contaminants": int(per_unit.get((u.visit, u.detector), 0)) if known else np.nan,
                          "seconds": u.seconds})
     return pd.DataFrame(rows)
 
 
-def ratio_table(runs: list[FlavorRun], units: pd.DataFrame, step: float = 0.05) -> pd.DataFrame:
-    """Per flavor and PSF-ratio group (units within ``step``): the 50% S/N point of their pooled
-    fakes and the mean false detections per unit: the regime map of the flavors."""
-    rows = []
-    for fr in runs:
-        mine = units[units.flavor == fr.label].assign(group=lambda t: (t.psf_ratio / step).round() * step)
-        for _, t in mine.groupby("group"):
-            keys = set(zip(t.visit, t.detector))
-            f = fr.fakes[[k in keys for k in zip(fr.fakes.visit, fr.fakes.detector)]] if not fr.fakes.empty \
-                else fr.fakes
-            x50 = efficiency(fakes_with_sources(f, fr.sources), "expected_snr", SNR_BINS)[1] if len(f) else np.nan
-            rows.append({"flavor": fr.label, "psf_ratio": float(t.psf_ratio.mean()), "units": len(t),
-                         "x50_snr": x50, "contaminants": float(t.contaminants.mean())})
-    return pd.DataFrame(rows)
-
-
-def winners(summary: pd.DataFrame, eff: pd.DataFrame, quality: pd.DataFrame) -> list[str]:
-    """Plain sentences: which flavor is best on which metric."""
-    lines = []
-    overall = summary[summary.band == ("all" if (summary.band == "all").any() else summary.band.iloc[0])]
-
-    def best(table, column, lower=True, fmt="{:.3g}", key=None):
-        t = table.dropna(subset=[column])
-        if len(t) < 1:
-            return
-        values = t[column] if key is None else key(t[column])
-        i = values.idxmin() if lower else values.idxmax()
-        others = ", ".join(f"{flavor} {fmt.format(v)}" for j, flavor, v in zip(t.index, t.flavor, t[column]) if j != i)
-        lines.append(f"<b>{html.escape(str(t.loc[i, 'flavor']))}</b> is best on {html.escape(column)}: "
-                     f"{fmt.format(t.loc[i, column])}" + (f" (others: {html.escape(others)})" if others else ""))
-
-    if len(eff):
-        best(eff, "50% expected_snr")
-        best(eff, "50% mag", lower=False, fmt="{:.2f}")
-    best(overall, "good contamination")
-    if len(quality):
-        best(quality, "pull width (MAD)", key=lambda s: (s - 1).abs(), fmt="{:.2f}")
-        best(quality, "diaObject RA rms (arcsec)", fmt="{:.3f}")
-    return lines
 
 
 def _table_html(df: pd.DataFrame, name: str, out: Path, caption: str) -> str:
@@ -147,89 +120,83 @@ def _table_html(df: pd.DataFrame, name: str, out: Path, caption: str) -> str:
     return f'<h3 id="{name}">{html.escape(caption)}</h3>\n<p class="csv"><a href="{name}.csv">{name}.csv</a></p>\n{body}'
 
 
-def _figure_html(path: Path | None, caption: str) -> str:
-    if path is None:
-        return ""
-    text = html.escape(caption)
-    return f'<figure><img src="{path.name}" alt="{text}"><figcaption>{text}</figcaption></figure>'
-
-
-def _pick_units(fr: FlavorRun, units: pd.DataFrame) -> list[tuple[str, pd.Series]]:
-    """The hardest unit (most false detections) and the median one (by diaSource count)."""
-    mine = units[units.flavor == fr.label].reset_index(drop=True)
-    if mine.empty:
-        return []
-    hardest = mine.loc[mine.contaminants.idxmax()]
-    median = mine.iloc[(mine.diaSources - mine.diaSources.median()).abs().argsort().iloc[0]]
-    picks = [("hardest", hardest)]
-    if (median.visit, median.detector) != (hardest.visit, hardest.detector):
-        picks.append(("median", median))
-    by_key = fr.units.set_index(["visit", "detector"], drop=False)
-    return [(kind, by_key.loc[(row.visit, row.detector)]) for kind, row in picks]
-
-
 def _distribution_tables(runs) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """diaSources per pixel flag, per detector and per diaObject, one column per flavor (all and good)."""
     flags = pd.DataFrame({fr.label: flag_counts(fr.sources) for fr in runs}).fillna(0).astype(int)
     flags.index.name = "flag"
     detectors = pd.concat({fr.label: per_detector(fr.sources) for fr in runs}, axis=1).fillna(0).astype(int)
     detectors.columns = [f"{a} ({b})" for a, b in detectors.columns]
-    detectors.index.name = "detector"
+    detectors = detectors.sort_index().rename_axis("detector")
     per_object = pd.concat({fr.label: sources_per_object(fr.sources) for fr in runs}, axis=1).fillna(0).astype(int)
     per_object.columns = [f"{a} ({b})" for a, b in per_object.columns]
-    return flags, detectors, per_object
+    return flags, detectors, per_object.sort_index()
 
 
-def _summary_figures(out: Path, runs, curves, x50, flags, detectors, per_object, ratios) -> list:
-    """(path, caption) of the efficiency curves, distributions, sky scatter and the PSF-ratio plot."""
-    figs: list[tuple[Path | None, str]] = []
-    if curves["expected"]:
-        figs.append((figures.efficiency_plot(curves["expected"], x50["expected"], out / "efficiency_expected_snr.png",
-                                             "expected S/N of the fake on the difference", log_x=True),
-                     "Efficiency vs expected S/N, all flavors (Wilson 68% intervals; dotted: fitted 50% points)"))
-        figs.append((figures.efficiency_plot(curves["forced"], x50["forced"], out / "efficiency_forced_snr.png",
-                                             "measured forced-photometry |S/N| at the fake", log_x=True),
-                     "Efficiency vs measured forced S/N"))
-        figs.append((figures.efficiency_plot(curves["mag"], x50["mag"], out / "efficiency_mag.png", "AB magnitude"),
-                     "Efficiency vs magnitude"))
-    figs.append((figures.grouped_bars(flags, out / "flag_counts.png", "diaSources per pixel flag", "diaSources",
-                                      log=True), "Flag counts per flavor"))
-    figs.append((figures.grouped_bars(detectors, out / "per_detector.png", "diaSources per detector",
-                                      "diaSources"), "diaSources per detector, all and good"))
-    figs.append((figures.grouped_bars(per_object, out / "sources_per_object.png",
-                                      "diaObjects with n diaSources", "diaObjects", log=True),
-                 "diaSources per diaObject, all and good"))
-    figs.append((figures.sky_scatter(runs, out / "sky_diaObjects.png"), "diaObjects on the sky, sized by nDiaSources"))
-    if ratios.psf_ratio.round(2).nunique() >= 3:
-        figs.append((figures.psf_ratio_plot(ratios, out / "psf_ratio.png"),
-                     "50% S/N point (pooled fakes) and false detections per unit vs the science/template PSF ratio"))
-    return figs
+def _efficiency_figures(out: Path, curves, x50) -> list[str]:
+    if not curves["expected"]:
+        return []
+    return [figure_html(figures.efficiency_plot(curves["expected"], x50["expected"], out / "efficiency_expected_snr.png",
+                                                "expected S/N of the fake on the difference", log_x=True),
+                        "Efficiency vs expected S/N, all flavors (Wilson 68% intervals; dotted: fitted 50% points)"),
+            figure_html(figures.efficiency_plot(curves["forced"], x50["forced"], out / "efficiency_forced_snr.png",
+                                                "measured forced-photometry |S/N| at the fake", log_x=True),
+                        "Efficiency vs measured forced S/N"),
+            figure_html(figures.efficiency_plot(curves["mag"], x50["mag"], out / "efficiency_mag.png", "AB magnitude"),
+                        "Efficiency vs magnitude")]
 
 
-def _image_figures(out: Path, runs, units: pd.DataFrame) -> list:
-    """(path, caption) of the triplets and PSF/variance stamps of each flavor's median and hardest units."""
-    image_figs = []
-    for fr in runs:
-        for kind, unit in _pick_units(fr, units):
-            stem = f"{fr.label.replace(':', '_')}_{kind}_{unit.visit}_{unit.detector}"
-            title = f"{fr.label}: {kind} unit, visit {unit.visit} detector {unit.detector} ({unit.band})"
-            try:
-                images = figures.unit_images(fr, unit)
-                image_figs.append((figures.triplet(fr, unit, images, out / f"triplet_{stem}.png", title), title))
-                image_figs.append((figures.psf_and_variance(images, out / f"psf_{stem}.png", title),
-                                   f"{title}: PSFs and variance"))
-            except (OSError, BadInputError) as exc:
-                gallery = figures.cutout_gallery(fr, unit, out / f"cutouts_{stem}.png", title)
-                if gallery is not None:  # a run that kept catalogs and cutouts only
-                    image_figs.append((gallery, f"{title}: cutouts (the difference was not kept)"))
-                else:
-                    log.warning("no images for %s: %s", title, exc)
-    return image_figs
+def _distribution_figures(out: Path, runs, flags, detectors, per_object) -> list[str]:
+    cut = {f.removeprefix("pixelFlags_") for f in DEFAULT_BAD_FLAGS}
+    return [figure_html(figures.grouped_bars(flags, out / "flag_counts.png", "diaSources per pixel flag",
+                                             "diaSources", log=True, marked=cut, marked_note="(cut)"),
+                        "Flag counts per flavor; bold: the flags of the seed's cut"),
+            figure_html(figures.per_ccd_visit(runs, out / "per_ccd_visit.png"), "diaSources per CCD-visit"),
+            figure_html(figures.grouped_bars(detectors, out / "per_detector.png", "diaSources per detector",
+                                             "diaSources"), "diaSources per detector, all and good"),
+            figure_html(figures.grouped_bars(per_object, out / "sources_per_object.png",
+                                             "diaObjects with n diaSources", "diaObjects", log=True),
+                        "diaSources per diaObject, all and good"),
+            figure_html(figures.sky_scatter(runs, out / "sky_diaObjects.png"),
+                        "Good diaObjects on the sky by band, sized by nDiaSources")]
 
 
 _STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}table.t{border-collapse:collapse;"
           "font-size:12px}table.t td,table.t th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-          "figure{display:inline-block;margin:0.5em}img{max-width:100%}.csv{font-size:11px;margin:0}")
+          "figure{display:inline-block;margin:0.5em}img{max-width:100%}.csv{font-size:11px;margin:0}"
+          ".values{color:#555;font-size:12px}.note{font-size:12px;color:#444}")
+
+
+def _cause_section(out: Path, causes: pd.DataFrame, known: bool) -> list[str]:
+    if known:
+        title, note = "Contamination by cause", ""
+    else:
+        title = "Detections by likely cause"
+        note = ("<p>These runs have no fakes and no truth, so a contaminant cannot be told from a real change: "
+                "every detection is counted here, by what lies under it.</p>")
+    return [f"<h2>{title}</h2>", note, figure_html(figures.cause_bars(causes, out / "causes.png", known), title),
+            _table_html(causes, "causes", out, f"{title} (the first cause that applies)")]
+
+
+def _summary_section(out: Path, runs) -> list[str]:
+    """The regime map (headline figure) and the claims with intervals."""
+    sums = {fr.label: unit_sums(fr) for fr in runs}
+    lines, comparisons, values = summary_lines(sums)
+    regimes = regime_table(sums)
+    parts = ["<h2>Summary</h2>"]
+    if not any(s.judged for s in sums.values()):
+        parts.append("<p><b>No fakes and no truth in these runs:</b> efficiency, contamination and photometric "
+                     "accuracy cannot be measured, so no flavor is called better (run with <code>--fakes</code>). "
+                     "The counts, flags, images and cutouts below still compare them.</p>")
+    if regimes.psf_ratio.round(2).nunique() >= 2 and regimes.value.notna().any():
+        parts.append(figure_html(figures.regime_map(regimes, out / "regime_map.png"),
+                                 "The regime map: each metric against the science/template PSF ratio"))
+    parts += lines
+    for table, name, caption in ((values, "summary_values", "Every metric with its 95% interval"),
+                                 (comparisons, "comparisons", "Every pair of flavors on every metric"),
+                                 (regimes, "regime_map", "The regime map's points")):
+        if len(table):
+            parts.append(_table_html(table, name, out, caption))
+    return parts
 
 
 def build_report(folders: list[str | Path], output: str | Path) -> Path:
@@ -255,28 +222,31 @@ def build_report(folders: list[str | Path], output: str | Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BadInputError(f"cannot write the report there ({exc.strerror})", out) from None
-    summary = summary_table(runs)
     curves, x50, eff = efficiency_tables(runs)
     quality = quality_table(runs)
     units = unit_table(runs)
     flags, detectors, per_object = _distribution_tables(runs)
-    ratios = ratio_table(runs, units)
-    figs = _summary_figures(out, runs, curves, x50, flags, detectors, per_object, ratios)
-    image_figs = _image_figures(out, runs, units)
+    causes = cause_table(runs)
+    cut = ", ".join(f.removeprefix("pixelFlags_") for f in DEFAULT_BAD_FLAGS)
     parts = [f"<h1>dialab flavor comparison</h1><p>Runs: {', '.join(html.escape(str(f)) for f in folders)}. "
-             f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Bad-flag cut: "
-             "pixelFlags_bad, _suspect, _saturatedCenter, _interpolated, _interpolatedCenter, _edge.</p>",
-             "<h2>Summary</h2><ul>" + "".join(f"<li>{line}</li>" for line in winners(summary, eff, quality)) + "</ul>",
-             _table_html(summary, "summary", out, "Counts per flavor and band"),
-             _table_html(eff, "efficiency", out, "Fitted 50% efficiency points"),
-             _table_html(quality, "quality", out, "Photometry and astrometry of found fakes"),
-             "<h2>Figures</h2>", *[_figure_html(p, c) for p, c in figs],
-             "<h2>Images</h2>", *[_figure_html(p, c) for p, c in image_figs],
-             "<h2>Tables</h2>", _table_html(flags, "flags", out, "diaSources per pixel flag"),
-             _table_html(detectors, "per_detector", out, "diaSources per detector"),
-             _table_html(per_object, "sources_per_object", out, "diaObjects by number of diaSources"),
-             _table_html(ratios, "psf_ratio", out, "Flavors vs PSF ratio"),
-             _table_html(units, "units", out, "Every unit")]
+             f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. The seed's flag cut (\"good\" diaSources): {cut}. "
+             "Contaminants: diaSources that match neither a fake nor a truth object whose flux changed.</p>",
+             *_summary_section(out, runs),
+             _table_html(summary_table(runs), "summary", out, "Counts per flavor and band"),
+             *_cause_section(out, causes, any(judged(fr.fakes, fr.truth) for fr in runs))]
+    if len(eff):
+        parts += ["<h2>Efficiency</h2>", *_efficiency_figures(out, curves, x50),
+                  _table_html(eff, "efficiency", out, "Fitted 50% efficiency points"),
+                  _table_html(quality, "quality", out, "Photometry and astrometry of found fakes")]
+    else:
+        parts.append("<p>No fakes were injected in these runs: no efficiency, photometry or contamination by "
+                     "truth (run with <code>--fakes</code> for them).</p>")
+    parts += ["<h2>The same units in every flavor</h2>", *image_section(out, runs, units),
+              "<h2>Distributions</h2>", *_distribution_figures(out, runs, flags, detectors, per_object),
+              "<h2>Tables</h2>", _table_html(flags, "flags", out, "diaSources per pixel flag"),
+              _table_html(detectors, "per_detector", out, "diaSources per detector"),
+              _table_html(per_object, "sources_per_object", out, "diaObjects by number of diaSources"),
+              _table_html(units, "units", out, "Every unit")]
     for key, label in (("expected", "efficiency vs expected S/N"), ("mag", "efficiency vs magnitude")):
         for flavor, curve in curves[key].items():
             parts.append(_table_html(curve, f"curve_{key}_{flavor.replace(':', '_')}", out, f"{flavor}: {label}"))

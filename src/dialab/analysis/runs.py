@@ -33,6 +33,8 @@ class FlavorRun:
     fakes: pd.DataFrame
     truth: pd.DataFrame | None
     manifest: Path | None
+    #: The simulated field's objects (stars, galaxies, ...), when the dataset has a truth table of them.
+    objects_truth: pd.DataFrame | None = None
 
 
 def _unit_tables(out: Path, flavor: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -51,6 +53,14 @@ def _unit_tables(out: Path, flavor: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(units), (pd.concat(fakes, ignore_index=True) if fakes else pd.DataFrame())
 
 
+def _truth_table(manifest: Path | None, name: str) -> pd.DataFrame | None:
+    """A truth table the manifest names (simulated datasets), else None."""
+    if manifest is None or not manifest.is_file():
+        return None
+    rel = ((yaml.safe_load(manifest.read_text()) or {}).get("truth") or {}).get(name)
+    return pd.read_parquet(manifest.parent / rel) if rel and (manifest.parent / rel).is_file() else None
+
+
 def load_run(out: str | Path) -> list[FlavorRun]:
     """Every flavor of a run folder; a clear error when it holds no finished run."""
     out = Path(out)
@@ -65,12 +75,8 @@ def load_run(out: str | Path) -> list[FlavorRun]:
         log.warning("%s: %d unit(s) failed for good and are left out (failures.csv)", out,
                     len(record.get("failed_units", [])))
     manifest = Path(record["manifest"]) if record.get("manifest") else None
-    truth = None
-    if manifest is not None and manifest.is_file():
-        data = yaml.safe_load(manifest.read_text()) or {}
-        rel = (data.get("truth") or {}).get("epochs")
-        if rel and (manifest.parent / rel).is_file():
-            truth = pd.read_parquet(manifest.parent / rel)
+    truth = _truth_table(manifest, "epochs")
+    objects_truth = _truth_table(manifest, "objects")
     flavors = []
     for flavor in record.get("flavors", []):
         units, fakes = _unit_tables(out, flavor)
@@ -79,7 +85,7 @@ def load_run(out: str | Path) -> list[FlavorRun]:
         handle = open_apdb(out / flavor / "apdb.yaml")
         flavors.append(FlavorRun(label=flavor, flavor=flavor, run=out, sources=handle.table("DiaSource"),
                                  objects=handle.table("DiaObject"), units=units, fakes=fakes, truth=truth,
-                                 manifest=manifest))
+                                 manifest=manifest, objects_truth=objects_truth))
     if not flavors:
         raise BadInputError("the run lists no flavors", out)
     return flavors
