@@ -114,7 +114,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(dataset, reference, t
     process.send_signal(sig)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + sig, err
-    assert f"interrupted by {sig.name}" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert f"interrupted by {sig.name}" in err.strip().splitlines()[-1] and "Traceback" not in err, err
     assert yaml.safe_load((tmp_path / "run.yaml").read_text())["status"] == "interrupted"
     deadline = time.time() + 10
     while _alive(helpers) and time.time() < deadline:

@@ -156,6 +156,14 @@ def test_report_of_two_runs_has_every_table_and_figure(two_runs, tmp_path):
         assert causes[f"{flavor} (cut + CR)"].sum() <= good
 
 
+def test_report_of_one_flavor_states_its_values_without_comparisons(two_runs, tmp_path):
+    index = build_report([two_runs[1]], tmp_path / "one")
+    text = index.read_text()
+    assert "better than" not in text and "preconvolution" in text
+    values = pd.read_csv(index.parent / "summary_values.csv")
+    assert set(values.flavor) == {"preconvolution"} and values.value.notna().any()
+
+
 def test_report_rejects_an_empty_or_unfinished_run(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

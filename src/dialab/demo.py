@@ -35,5 +35,6 @@ def run_demo(output: str | Path, seed: int = 1, workers: int | None = None) -> P
         raise RuntimeError(f"{len(result.failures)} unit(s) failed; see {out / 'run' / 'failures.csv'}")
     console.log("writing the report")
     index = build_report([out / "run"], out / "report")
-    console.log(f"demo finished in {time.perf_counter() - start:.0f} s")
+    console.log(f"demo finished in {time.perf_counter() - start:.0f} s; look at and label its candidates with "
+                f"`dialab vet {out / 'run'}`")
     return index

@@ -185,17 +185,8 @@ def comparison_table(values: dict, samples: dict) -> pd.DataFrame:
                 f"{a} better" if hi < 0 else f"{b} better"
             rows.append({"metric": m.name, "a": a, "b": b, "value_a": va, "value_b": vb, "difference": va - vb,
                          "worse_by_lo": lo, "worse_by_hi": hi, "verdict": verdict})
-    return pd.DataFrame(rows)
-
-
-def value_table(values: dict, samples: dict) -> pd.DataFrame:
-    """Per flavor and metric: the value and its 95% bootstrap interval."""
-    rows = []
-    for label in values:
-        for m in METRICS:
-            lo, hi = interval(samples[label][m.name])
-            rows.append({"flavor": label, "metric": m.name, "value": values[label][m.name], "lo": lo, "hi": hi})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["metric", "a", "b", "value_a", "value_b", "difference", "worse_by_lo",
+                                       "worse_by_hi", "verdict"])
 
 
 REGIMES = (("science sharper (PSF ratio < 0.95)", 0.0, 0.95), ("matched (0.95-1.05)", 0.95, 1.05),

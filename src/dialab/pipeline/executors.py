@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -57,14 +58,33 @@ def _local(tasks: list[Task], root: str, config: PipelineConfig, out: str) -> It
         for fut in as_completed(futures):
             yield from fut.result()
     except BaseException:  # an interrupt, or the driver closing this generator early
-        processes = list(getattr(pool, "_processes", {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in processes:
-            proc.terminate()
-        for proc in processes:
-            proc.join(timeout=10)
+        _stop_workers(pool)
         raise
     pool.shutdown(wait=True)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel queued work and terminate the workers at once. The pool's manager thread may then die reading from
+    a pipe the terminated workers closed: its error is expected and kept off stderr, so that an interrupted run
+    ends with its one final line."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)
+    report = threading.excepthook
+
+    def quiet(args):
+        if args.thread is not manager:
+            report(args)
+
+    threading.excepthook = quiet
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        proc.terminate()
+    for proc in processes:
+        proc.join(timeout=10)
+    if manager is not None:
+        manager.join(timeout=10)
+    if manager is None or not manager.is_alive():
+        threading.excepthook = report
 
 
 def check_scheduler(config: PipelineConfig, timeout_s: float = 5.0) -> None:
