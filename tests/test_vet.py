@@ -161,3 +161,14 @@ def test_a_browser_lists_candidates_and_a_keypress_label_survives_a_restart(smal
             browser.close()
     finally:
         server.stop()
+
+
+def test_every_diaSource_has_a_reliability_and_the_shipped_model_keeps_bright_fakes(small_run):
+    """This run (seed 3, 768 px) is not among those the shipped model was trained on."""
+    flavors = load_run(small_run)
+    for fr in flavors:
+        src = fr.sources
+        assert src.reliability.between(0, 1).all() and src.reliabilityVersion.notna().all()
+        bright = fr.fakes[(fr.fakes.diaSourceId > 0) & (fr.fakes.expected_snr >= 8)]
+        kept = src.set_index("diaSourceId").reliability.reindex(bright.diaSourceId) >= 0.5
+        assert len(bright) >= 10 and kept.mean() >= 0.9, (fr.label, kept.mean())

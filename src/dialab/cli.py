@@ -90,6 +90,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         template = prepare_template(grid, args.template, args.template_psf)
     cat, _, _ = detect_and_measure(diff, science=science, matched_template=template,
                                    detect_config=DetectConfig(threshold=args.threshold))
+    if science is not None and template is not None:  # the model looks at all three images
+        from .reliability import load_model, score
+
+        cat = score(cat, template, science, diff, load_model(args.reliability_model))
     if fmt == ".csv":
         cat.to_csv(args.output, index=False)
     else:
@@ -179,6 +183,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["execution"]["scheduler"] = args.scheduler
     if args.fakes:
         overrides["inject"] = {"enabled": True}
+    if args.reliability_model:
+        from .reliability import load_model
+
+        load_model(args.reliability_model)  # a bad file fails here, before any unit
+        overrides["reliability"] = {"model": str(Path(args.reliability_model).resolve())}
     config = load_pipeline(args.pipeline, overrides)
     try:
         result = run_pipeline(args.manifest, config, args.output, flavors=args.flavor, resume=args.resume,
@@ -194,6 +203,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.association_stopped:
         print("  association waits for: " + ", ".join(f"{f} visit {v}" for f, v in result.association_stopped.items()))
     return 0 if result.ok else 1
+
+
+def _cmd_train_reliability(args) -> int:
+    from .analysis.reliability_training import evaluate_runs, train, training_table
+
+    target = Path(args.output)
+    if target.is_dir() or not target.parent.is_dir():
+        raise BadInputError("give a file name in an existing folder", target)
+    table = training_table(args.runs)
+    model, evaluation = train(table, seed=args.seed, sources=[str(r) for r in args.runs])
+    for run in args.test:
+        evaluation[f"held-out run {run}"] = evaluate_runs(model, [run])
+    target.write_text(model.to_json())
+    print(f"{target}: {model.version}, {len(model.trees)} trees on {len(model.feature_names)} features; "
+          f"{len(table)} detections ({int(table.label.sum())} real)")
+    print(_evaluation_text(evaluation))
+    return 0
+
+
+def _evaluation_text(evaluation: dict) -> str:
+    import pandas as pd
+
+    table = pd.DataFrame(evaluation).T
+    return "held-out evaluation (reliability cut 0.5; FPR: bogus passing at the given share of reals missed):\n" + \
+        table.to_string(float_format=lambda v: f"{v:.3f}")
 
 
 def _cmd_vet(args) -> int:
@@ -287,6 +321,8 @@ def _add_image_commands(sub) -> None:
     det.add_argument("--template", help="template FITS (PSF-matched or not): forced PSF flux (templateFlux)")
     det.add_argument("--template-psf", help="template PSF stamp FITS (else measured)")
     det.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
+    det.add_argument("--reliability-model", help="real/bogus model (dialab train-reliability; default: the shipped "
+                     "one); reliability is scored when --science and --template are given")
     det.set_defaults(func=_cmd_detect)
 
 
@@ -324,6 +360,8 @@ def _add_dataset_commands(sub) -> None:
     run.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
     run.add_argument("--apdb", help="APDB database URL (default: a SQLite file per flavor in the output)")
     run.add_argument("--fakes", action="store_true", help="inject fakes (same as inject.enabled: true)")
+    run.add_argument("--reliability-model", help="real/bogus model for every diaSource (reliability.model; default: "
+                     "the one shipped with dialab)")
     run.add_argument("--resume", action="store_true", help="continue a run: skip done units, store nothing twice")
     run.add_argument("--skip-failed", action="store_true",
                      help="units that fail are final: listed in failures.csv and run.yaml, and the APDB is filled "
@@ -334,6 +372,15 @@ def _add_dataset_commands(sub) -> None:
     rep.add_argument("runs", nargs="+", help="run folders written by dialab run")
     rep.add_argument("-o", "--output", required=True, help="report folder")
     rep.set_defaults(func=_cmd_report)
+
+    train = sub.add_parser("train-reliability", help="train the real/bogus reliability model on runs with fakes "
+                           "(and vetting labels)")
+    train.add_argument("runs", nargs="+", help="run folders written by dialab run (with fakes)")
+    train.add_argument("-o", "--output", required=True, help="model file to write (JSON)")
+    train.add_argument("--test", action="append", default=[], metavar="RUN",
+                       help="a run held out entirely (another seed, regime or field): evaluated, never trained on")
+    train.add_argument("--seed", type=int, default=0, help="seed of the unit split and the trees")
+    train.set_defaults(func=_cmd_train_reliability)
 
     vet = sub.add_parser("vet", help="a local web page of a run's candidates (cutouts) to label real or bogus")
     vet.add_argument("run", help="run folder written by dialab run (labels are stored in it: labels.sqlite)")

@@ -51,7 +51,7 @@ def grouped_bars(table: pd.DataFrame, path: Path, title: str, xlabel: str, log: 
     categories are drawn in bold with ``marked_note`` after their name (e.g. the flags the cut removes)."""
     marked = marked or set()
     n_cat, n_col = len(table), max(len(table.columns), 1)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.22 * n_cat * n_col + 0.15 * n_cat))
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.1 * n_cat * n_col + 0.1 * n_cat))
     height = 0.8 / n_col
     y = np.arange(n_cat)[::-1]
     for i, col in enumerate(table.columns):
@@ -143,10 +143,12 @@ def _overlay(ax, sources: pd.DataFrame, fakes: pd.DataFrame) -> None:
     ax.scatter(sources.x[~good], sources.y[~good], s=40, marker="x", c="orange", lw=0.8, label="flagged diaSource")
     if len(fakes):
         found = fakes.diaSourceId > 0
-        ax.scatter(fakes.x[found], fakes.y[found], s=110, marker="s", facecolors="none", edgecolors="deepskyblue",
-                   lw=0.8, label="fake found")
-        ax.scatter(fakes.x[~found], fakes.y[~found], s=110, marker="s", facecolors="none", edgecolors="red", lw=0.8,
-                   label="fake missed")
+        template = (fakes.target == "template") if "target" in fakes else pd.Series(False, index=fakes.index)
+        for sel, marker, kind in ((~template, "s", "science fake"), (template, "D", "template fake (negative)")):
+            ax.scatter(fakes.x[found & sel], fakes.y[found & sel], s=110, marker=marker, facecolors="none",
+                       edgecolors="deepskyblue", lw=0.8, label=f"{kind} found")
+            ax.scatter(fakes.x[~found & sel], fakes.y[~found & sel], s=110, marker=marker, facecolors="none",
+                       edgecolors="red", lw=0.8, label=f"{kind} missed")
 
 
 def side_by_side(science, template, panels: list[tuple[str, object, pd.DataFrame, pd.DataFrame]], path: Path,
@@ -159,8 +161,8 @@ def side_by_side(science, template, panels: list[tuple[str, object, pd.DataFrame
     rows = int(np.ceil(n / cols))
     aspect = science.shape[0] / science.shape[1]
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 5.0 * aspect * rows + 0.6), squeeze=False)
-    fakes_note = " (with its fakes)" if with_fakes else ""
-    images = [(f"template (warped){fakes_note}", template, None), (f"science{fakes_note}", science, None)]
+    fakes_note = " with its fakes" if with_fakes else ""
+    images = [(f"template, warped{fakes_note}", template, None), (f"science{fakes_note}", science, None)]
     images += [(f"{flavor}: {difference_name(flavor)}", diff, (src, fakes)) for flavor, diff, src, fakes in panels]
     for ax, (name, exp, marks) in zip(axes.flat, images):
         _zscale_show(ax, np.where(exp.plane("NO_DATA"), np.nan, exp.image), name)

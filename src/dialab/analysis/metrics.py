@@ -62,6 +62,19 @@ def contaminant_sources(sources: pd.DataFrame, fakes: pd.DataFrame, truth: pd.Da
     return ~sources.diaSourceId.isin(fake_ids) & ~real_variable_sources(sources, truth)
 
 
+def source_kinds(sources: pd.DataFrame, fakes: pd.DataFrame, truth: pd.DataFrame | None) -> pd.Series:
+    """What each diaSource is: ``fake``, ``template fake`` (a negative real change), ``variable`` (a truth
+    object whose flux changed) or ``unmatched``."""
+    kind = pd.Series("unmatched", index=sources.index, dtype=object)
+    kind[real_variable_sources(sources, truth).to_numpy()] = "variable"
+    if not fakes.empty:
+        matched = fakes[fakes.diaSourceId > 0]
+        target = dict(zip(matched.diaSourceId, matched.target))
+        is_fake = sources.diaSourceId.isin(target).to_numpy()
+        kind[is_fake] = ["template fake" if target[i] == "template" else "fake" for i in sources.diaSourceId[is_fake]]
+    return kind
+
+
 def fakes_with_sources(fakes: pd.DataFrame, sources: pd.DataFrame, flags: list[str] | None = None) -> pd.DataFrame:
     """Matched-fake rows joined to their diaSource: measured flux (nJy), goodness, diaObjectId."""
     if fakes.empty:

@@ -17,6 +17,7 @@ from ..detection import DetectConfig
 from ..errors import BadInputError
 from ..injection import InjectConfig
 from ..measurement import MeasureConfig
+from ..reliability import ReliabilityConfig
 from ..subtraction import FLAVORS, SubtractConfig
 
 Flavor = Literal[FLAVORS]  # type: ignore[valid-type]
@@ -82,6 +83,7 @@ class PipelineConfig(BaseModel):
     measure: MeasureConfig = MeasureConfig()
     inject: InjectConfig = InjectConfig(enabled=False)
     match: MatchConfig = MatchConfig()
+    reliability: ReliabilityConfig = ReliabilityConfig()
     associate: AssociateConfig = AssociateConfig()
     apdb: ApdbSection = ApdbSection()
     execution: ExecutionConfig = ExecutionConfig()

@@ -21,6 +21,8 @@ from ..exposure import Exposure
 from ..injection import inject_catalog, make_fake_catalog
 from ..matching import match_fakes
 from ..measurement import BAD_FLAGS, detect_and_measure
+from ..reliability import cached_model
+from ..reliability import score as score_reliability
 from ..subtraction import subtract
 from ..timing import timed
 from .config import PipelineConfig
@@ -61,13 +63,16 @@ def _process(unit: Unit, prepared: _Prepared, share: float, config: PipelineConf
     result = subtract(science, template, sub_cfg)
     with timed("detect_and_measure"):
         cat, _, _ = detect_and_measure(result, science, result.matched_image, config.detect, config.measure)
+    if config.reliability.enabled:
+        with timed("reliability"):
+            cat = score_reliability(cat, template, science, result.difference, cached_model(config.reliability.model))
     where = unit_dir(out, unit)
     where.mkdir(parents=True, exist_ok=True)
     with timed("write"):
         write_difference(result, where / "difference.fits", config.output.compression, config.output.quantize_level)
         write_parquet(cat, where / "diaSources.parquet")
         if config.output.keep == "catalogs":
-            write_cutouts(where / "cutouts.fits", result.difference, science, result.matched_image, cat, fakes,
+            write_cutouts(where / "cutouts.fits", result.difference, science, template, cat, fakes,
                           config.output.compression, config.output.quantize_level)
     d = result.diagnostics
     summary = {"status": "done", "n_diaSources": len(cat),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..analysis.metrics import good_sources, real_variable_sources
+from ..analysis.metrics import good_sources, source_kinds
 from ..analysis.runs import FlavorRun
 from ..measurement import BAD_FLAGS
 
@@ -27,18 +27,10 @@ def flavor_candidates(fr: FlavorRun) -> pd.DataFrame:
     out["good"] = good_sources(src).to_numpy()
     out["flags"] = [" ".join(f.removeprefix("pixelFlags_") for f, on in zip(flags, row) if on)
                     for row in src[flags].fillna(False).astype(bool).to_numpy()] if len(src) else []
-    out["kind"] = "unmatched"
-    out.loc[real_variable_sources(src, fr.truth).to_numpy(), "kind"] = "variable"
-    if not fr.fakes.empty:
-        matched = fr.fakes[fr.fakes.diaSourceId > 0]
-        target = dict(zip(matched.diaSourceId, matched.target))
-        expected = dict(zip(matched.diaSourceId, matched.expected_snr))
-        is_fake = out.diaSourceId.isin(target)
-        out.loc[is_fake, "kind"] = ["template fake" if target[i] == "template" else "fake"
-                                    for i in out.diaSourceId[is_fake]]
-        out["expected_snr"] = out.diaSourceId.map(expected)
-    else:
-        out["expected_snr"] = np.nan
+    out["kind"] = source_kinds(src, fr.fakes, fr.truth).to_numpy()
+    matched = fr.fakes[fr.fakes.diaSourceId > 0] if not fr.fakes.empty else None
+    out["expected_snr"] = out.diaSourceId.map(dict(zip(matched.diaSourceId, matched.expected_snr))) \
+        if matched is not None else np.nan
     out.insert(0, "flavor", fr.label)
     return out
 

@@ -1,0 +1,186 @@
+"""``dialab train-reliability``: the reliability model from runs with fakes, and vetting labels.
+
+Positives are the detections of injected fakes (science fakes, and template fakes as negative real
+changes), of truth objects whose flux changed, and those labelled real on the vetting page; negatives are
+the detections that match no simulated truth, and those labelled bogus. The units (visit, detector) of
+the runs are split, never their detections: 60% fit the trees, 20% calibrate their probability
+(isotonic regression), 20% are held out for the printed evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..errors import BadInputError
+from ..exposure import read_exposure
+from ..reliability import STAMP, ReliabilityModel, features
+from .images import unit_folder, unit_images, unit_stamps
+from .metrics import source_kinds
+from .runs import FlavorRun, load_runs
+
+log = logging.getLogger(__name__)
+
+POSITIVE_KINDS = ("fake", "template fake", "variable")
+#: Fakes at least this significant must survive the reliability cut (the acceptance's "bright" fakes).
+BRIGHT_SNR = 8.0
+
+
+def _labels(run: Path) -> dict:
+    from ..vet.labels import LABELS_FILE, LabelStore
+
+    if not (run / LABELS_FILE).is_file():
+        return {}
+    table = LabelStore(run).table()
+    return {(f, i): label for f, i, label in zip(table.flavor, table.diaSourceId, table.label)}
+
+
+def _unit_rows(fr: FlavorRun, unit, images, labels: dict) -> pd.DataFrame:
+    """Features and labels of one unit of one flavor."""
+    where = unit_folder(fr, unit)
+    catalog = pd.read_parquet(where / "diaSources.parquet")
+    if catalog.empty:
+        return pd.DataFrame()
+    stamps = unit_stamps(fr, unit, images)
+    index = {i: k for k, i in enumerate(stamps.rows.diaSourceId.to_numpy()) if i > 0}
+    rows = np.array([index[i] for i in catalog.diaSourceId])
+    triplets = np.stack([stamps.cubes[name][rows] for name in ("TEMPLATE", "SCIENCE", "DIFFERENCE")], axis=1)
+    table = features(catalog, triplets.reshape(len(catalog), 3, STAMP, STAMP))
+    units = fr.sources[(fr.sources.visit == unit.visit) & (fr.sources.detector == unit.detector)]
+    kind = dict(zip(units.diaSourceId, source_kinds(units, fr.fakes, fr.truth)))
+    table["kind"] = [kind.get(i, "unmatched") for i in catalog.diaSourceId]
+    table["vetted"] = [labels.get((fr.flavor, i)) for i in catalog.diaSourceId]
+    real = table.kind.isin(POSITIVE_KINDS) | (table.vetted == "real")
+    table["label"] = np.where(table.vetted == "bogus", 0, real.astype(int))
+    fakes = fr.fakes[(fr.fakes.visit == unit.visit) & (fr.fakes.detector == unit.detector)] if not fr.fakes.empty \
+        else fr.fakes
+    expected = dict(zip(fakes.diaSourceId, fakes.expected_snr)) if len(fakes) else {}
+    table["expected_snr"] = [expected.get(i, np.nan) for i in catalog.diaSourceId]
+    table["flavor"], table["run"] = fr.flavor, str(fr.run)
+    table["visit"], table["detector"], table["diaSourceId"] = unit.visit, unit.detector, catalog.diaSourceId.to_numpy()
+    return table[table.vetted != "skip"]
+
+
+def training_table(folders: list[str | Path], progress=None) -> pd.DataFrame:
+    """Features and labels of every detection of the runs; each unit's images are prepared once for all flavors."""
+    runs = load_runs(folders)
+    tables = []
+    by_run: dict[Path, list[FlavorRun]] = {}
+    for fr in runs:
+        by_run.setdefault(fr.run, []).append(fr)
+    for run, flavors in by_run.items():
+        labels = _labels(run)
+        keys = flavors[0].units.drop_duplicates(["visit", "detector"])
+        for unit in keys.itertuples(index=False):
+            images = None
+            for fr in flavors:
+                match = fr.units[(fr.units.visit == unit.visit) & (fr.units.detector == unit.detector)]
+                if match.empty:
+                    continue
+                row = match.iloc[0]
+                try:
+                    if images is None and not (unit_folder(fr, row) / "cutouts.fits").is_file():
+                        science, template, difference, _ = unit_images(fr, row)
+                        images = (science, template)
+                    own = None if images is None else \
+                        (*images, read_exposure(unit_folder(fr, row) / "difference.fits"), None)
+                    tables.append(_unit_rows(fr, row, own, labels))
+                except (OSError, BadInputError) as exc:
+                    log.warning("%s visit %s detector %s left out of training: %s", fr.label, row.visit,
+                                row.detector, exc)
+            if progress is not None:
+                progress()
+    tables = [t for t in tables if len(t)]
+    if not tables:
+        raise BadInputError("no detections to train on in " + ", ".join(str(f) for f in folders))
+    return pd.concat(tables, ignore_index=True)
+
+
+def _split_units(table: pd.DataFrame, seed: int) -> np.ndarray:
+    """0 (fit), 1 (calibrate) or 2 (held out) per row, drawn per (run, visit, detector)."""
+    keys = table.run + ":" + table.visit.astype(str) + ":" + table.detector.astype(str)
+    unique = np.array(sorted(keys.unique()))
+    if len(unique) < 5:
+        raise BadInputError(f"need at least 5 (visit, detector) units to train and hold some out, got {len(unique)}")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    part = np.zeros(len(unique), int)
+    part[order[int(0.6 * len(unique)) :]] = 1
+    part[order[int(0.8 * len(unique)) :]] = 2
+    return keys.map(dict(zip(unique, part))).to_numpy()
+
+
+def _export(clf, names: list[str], calibration, provenance: dict) -> ReliabilityModel:
+    """The fitted scikit-learn trees as plain arrays (their ``decision_function`` exactly)."""
+    trees = []
+    for (predictor,) in clf._predictors:
+        nodes = predictor.nodes
+        if nodes["is_categorical"].any():
+            raise ValueError("categorical splits are not exported")
+        trees.append({"feature": nodes["feature_idx"].astype(int), "threshold": nodes["num_threshold"].astype(float),
+                      "missing_left": nodes["missing_go_to_left"].astype(bool), "left": nodes["left"].astype(int),
+                      "right": nodes["right"].astype(int), "is_leaf": nodes["is_leaf"].astype(bool),
+                      "value": nodes["value"].astype(float)})
+    return ReliabilityModel(f"dialab-{__version__}-{datetime.now(UTC):%Y%m%dT%H%M%S}", names,
+                            float(np.ravel(clf._baseline_prediction)[0]), trees, calibration.X_thresholds_,
+                            calibration.y_thresholds_, provenance)
+
+
+def evaluate(probability: np.ndarray, label: np.ndarray, expected_snr: np.ndarray, cut: float = 0.5) -> dict:
+    """At ``cut``: the share of false detections removed and of reals (and of fakes of expected S/N >= 8) kept;
+    the false-positive rate at 1%, 2% and 5% of reals missed; ROC area."""
+    from sklearn.metrics import roc_auc_score
+
+    real, bogus = label == 1, label == 0
+    bright = real & (expected_snr >= BRIGHT_SNR)
+    out = {"reals": int(real.sum()), "bogus": int(bogus.sum()),
+           "bogus removed": float((probability[bogus] < cut).mean()) if bogus.any() else np.nan,
+           "reals kept": float((probability[real] >= cut).mean()) if real.any() else np.nan,
+           "fakes S/N>=8 kept": float((probability[bright] >= cut).mean()) if bright.any() else np.nan,
+           "ROC area": float(roc_auc_score(label, probability)) if real.any() and bogus.any() else np.nan}
+    for missed in (0.01, 0.02, 0.05):
+        threshold = np.quantile(probability[real], missed) if real.any() else np.nan
+        out[f"FPR at {missed:.0%} missed"] = float((probability[bogus] >= threshold).mean()) if bogus.any() \
+            else np.nan
+    return out
+
+
+def train(table: pd.DataFrame, seed: int = 0, sources: list[str] | None = None) -> tuple[ReliabilityModel, dict]:
+    """Fit, calibrate and evaluate (on held-out units) a model; returns it and the held-out evaluation."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.isotonic import IsotonicRegression
+
+    names = [c for c in table.columns if c not in ("kind", "vetted", "label", "expected_snr", "flavor", "run", "visit",
+                                                   "detector", "diaSourceId")]
+    part = _split_units(table, seed)
+    x, y = table[names].to_numpy(float), table.label.to_numpy(int)
+    if len(np.unique(y[part == 0])) < 2:
+        raise BadInputError("the training units hold only one class: add runs with fakes (or vetting labels)")
+    clf = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.08, max_leaf_nodes=31, min_samples_leaf=20,
+                                         l2_regularization=1.0, early_stopping=True, validation_fraction=0.15,
+                                         random_state=seed)
+    clf.fit(x[part == 0], y[part == 0])
+    raw = clf.decision_function(x)
+    calibration = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+    calibration.fit(1 / (1 + np.exp(-raw[part == 1])), y[part == 1])
+    provenance = {"trained_on": sources or sorted(table.run.unique()), "rows": {"fit": int((part == 0).sum()),
+                  "calibrate": int((part == 1).sum()), "held out": int((part == 2).sum())}, "seed": seed,
+                  "dialab": __version__}
+    model = _export(clf, names, calibration, provenance)
+    held = part == 2
+    probability = model.probability(table[held])
+    result = {"all flavors": evaluate(probability, y[held], table.expected_snr.to_numpy(float)[held])}
+    for flavor, rows in table[held].groupby("flavor"):
+        result[flavor] = evaluate(model.probability(rows), rows.label.to_numpy(int), rows.expected_snr.to_numpy(float))
+    model.provenance["held_out_evaluation"] = result["all flavors"]
+    return model, result
+
+
+def evaluate_runs(model: ReliabilityModel, folders: list[str | Path]) -> dict:
+    """The model on every detection of runs it was not trained on."""
+    table = training_table(folders)
+    return evaluate(model.probability(table), table.label.to_numpy(int), table.expected_snr.to_numpy(float))
