@@ -129,7 +129,7 @@ def test_report_of_two_runs_has_every_table_and_figure(two_runs, tmp_path):
                   "summary_values", "comparisons"):
         assert table in parser.ids and (index.parent / f"{table}.csv").is_file()
     expected = ["efficiency_expected_snr", "efficiency_forced_snr", "efficiency_mag", "flag_counts", "per_detector",
-                "sources_per_object", "sky_diaObjects", "per_ccd_visit", "causes"]
+                "sources_per_object", "sky_diaObjects", "per_ccd_visit", "causes", "reliability_roc"]
     for stem in expected:
         assert f"{stem}.png" in parser.images
     assert sum(src.startswith("side_by_side_") for src in parser.images) >= 1
@@ -148,6 +148,13 @@ def test_report_of_two_runs_has_every_table_and_figure(two_runs, tmp_path):
     for row in comparisons.itertuples():  # every claim follows from its interval
         significant = row.worse_by_lo > 0 or row.worse_by_hi < 0
         assert (row.verdict != "no significant difference") == significant
+    reliability = pd.read_csv(index.parent / "reliability.csv")
+    assert set(reliability.flavor) == set(summary.flavor)
+    assert reliability.filter(like="FPR").stack().between(0, 1).all()
+    counts = pd.read_csv(index.parent / "reliability_cut.csv")
+    for _, rows in counts.groupby("flavor"):  # every cut keeps a subset; both cuts keep the fewest
+        n = rows.set_index("cut").diaSources
+        assert n["both"] <= min(n["flag cut"], n["reliability >= 0.5"]) <= n["no cut"]
     causes = pd.read_csv(index.parent / "causes.csv", index_col=0)
     for flavor in summary.flavor:  # causes account for every contaminant passing the cut
         rows = summary[summary.flavor == flavor]

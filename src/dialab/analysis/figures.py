@@ -262,3 +262,24 @@ def sky_scatter(runs: list[FlavorRun], path: Path) -> Path:
         ax.set_ylabel("Dec (deg)")
         ax.legend(fontsize=7, title="main band", title_fontsize=7)
     return _save(fig, path)
+
+
+def roc_plot(table: pd.DataFrame, cut: float, path: Path) -> Path:
+    """Reals kept against bogus kept as the reliability threshold varies, one curve per flavor; the cut marked."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    for i, (label, t) in enumerate(table.groupby("flavor", sort=False)):
+        colour = COLOURS[i % len(COLOURS)]
+        at_cut = t[np.isclose(t.threshold, cut)]
+        for ax in axes:
+            ax.plot(t["bogus kept"], t["reals kept"], "-", color=colour, label=label)
+            ax.plot(at_cut["bogus kept"], at_cut["reals kept"], "o", color=colour)
+    axes[0].set_title(f"reliability ROC (dots: the {cut} cut)")
+    axes[1].set_xscale("symlog", linthresh=1e-3)
+    axes[1].set_xlim(0, 1)
+    axes[1].set_ylim(0.8, 1.005)
+    axes[1].set_title("zoom: the low false-positive end")
+    for ax in axes:
+        ax.set_xlabel("false detections kept (false-positive rate)")
+        ax.set_ylabel("real changes kept (completeness)")
+        ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -62,6 +62,10 @@ def contaminant_sources(sources: pd.DataFrame, fakes: pd.DataFrame, truth: pd.Da
     return ~sources.diaSourceId.isin(fake_ids) & ~real_variable_sources(sources, truth)
 
 
+#: Kinds of diaSource that are real changes (see :func:`source_kinds`).
+POSITIVE_KINDS = ("fake", "template fake", "variable")
+
+
 def source_kinds(sources: pd.DataFrame, fakes: pd.DataFrame, truth: pd.DataFrame | None) -> pd.Series:
     """What each diaSource is: ``fake``, ``template fake`` (a negative real change), ``variable`` (a truth
     object whose flux changed) or ``unmatched``."""

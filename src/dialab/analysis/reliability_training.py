@@ -21,12 +21,11 @@ from ..errors import BadInputError
 from ..exposure import read_exposure
 from ..reliability import STAMP, ReliabilityModel, features
 from .images import unit_folder, unit_images, unit_stamps
-from .metrics import source_kinds
+from .metrics import POSITIVE_KINDS, source_kinds
 from .runs import FlavorRun, load_runs
 
 log = logging.getLogger(__name__)
 
-POSITIVE_KINDS = ("fake", "template fake", "variable")
 #: Fakes at least this significant must survive the reliability cut (the acceptance's "bright" fakes).
 BRIGHT_SNR = 8.0
 

@@ -30,6 +30,7 @@ from .metrics import (
     positional_scatter,
     sources_per_object,
 )
+from .reliability_report import CUT, cut_counts, evaluation_table, roc_table, scored
 from .runs import FlavorRun, load_runs
 from .significance import unit_sums
 from .summary import regime_table, summary_lines
@@ -177,6 +178,19 @@ def _cause_section(out: Path, causes: pd.DataFrame, known: bool) -> list[str]:
             _table_html(causes, "causes", out, f"{title} (the first cause that applies)")]
 
 
+def _reliability_section(out: Path, runs) -> list[str]:
+    """ROC curves, the false-positive rate at 1, 2 and 5% missed, and the counts with the reliability cut."""
+    parts = ["<h2>Reliability</h2>"]
+    roc = roc_table(runs)
+    if len(roc):
+        parts.append(figure_html(figures.roc_plot(roc, CUT, out / "reliability_roc.png"),
+                                 "Reliability: real changes kept against false detections kept, per flavor"))
+        parts.append(_table_html(evaluation_table(runs), "reliability", out,
+                                 "Reliability against the truth (fakes and changing truth objects are real)"))
+    return parts + [_table_html(cut_counts(runs), "reliability_cut", out, "Counts with the flag cut and the "
+                                "reliability cut")]
+
+
 def _summary_section(out: Path, runs) -> list[str]:
     """The regime map (headline figure) and the claims with intervals."""
     sums = {fr.label: unit_sums(fr) for fr in runs}
@@ -241,6 +255,8 @@ def build_report(folders: list[str | Path], output: str | Path) -> Path:
     else:
         parts.append("<p>No fakes were injected in these runs: no efficiency, photometry or contamination by "
                      "truth (run with <code>--fakes</code> for them).</p>")
+    if scored(runs):
+        parts += _reliability_section(out, runs)
     parts += ["<h2>The same units in every flavor</h2>", *image_section(out, runs, units),
               "<h2>Distributions</h2>", *_distribution_figures(out, runs, flags, detectors, per_object),
               "<h2>Tables</h2>", _table_html(flags, "flags", out, "diaSources per pixel flag"),
