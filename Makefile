@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint docs bench clean
+.PHONY: setup test demo lint docs bench clean reliability-model
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# The shipped real/bogus model: simulates and runs its training and held-out datasets in reliability-work/ (~25 min
+# on 2 cores; reused when present), trains, prints the held-out evaluation.
+reliability-model: $(STAMP)
+	$(BIN)/python -m dialab.analysis.reliability_training reliability-work src/dialab/data/reliability-v1.json
 
 clean:
 	rm -rf $(VENV) demo-output docs/_build

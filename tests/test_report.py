@@ -171,6 +171,18 @@ def test_report_of_one_flavor_states_its_values_without_comparisons(two_runs, tm
     assert set(values.flavor) == {"preconvolution"} and values.value.notna().any()
 
 
+def test_train_reliability_writes_a_model_that_scores_and_prints_its_held_out_evaluation(two_runs, tmp_path, capsys):
+    from dialab.reliability import load_model
+
+    model = tmp_path / "model.json"
+    assert main(["train-reliability", *map(str, two_runs), "-o", str(model), "--test", str(two_runs[1])]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out evaluation" in printed and "FPR at 2% missed" in printed and f"held-out run {two_runs[1]}" in printed
+    loaded = load_model(model)
+    assert loaded.provenance["rows"]["held out"] > 0 and len(loaded.trees) > 0
+    assert main(["train-reliability", str(two_runs[0]), "-o", str(tmp_path)]) == 2  # a folder, not a file
+
+
 def test_report_rejects_an_empty_or_unfinished_run(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

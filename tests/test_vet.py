@@ -172,3 +172,23 @@ def test_every_diaSource_has_a_reliability_and_the_shipped_model_keeps_bright_fa
         bright = fr.fakes[(fr.fakes.diaSourceId > 0) & (fr.fakes.expected_snr >= 8)]
         kept = src.set_index("diaSourceId").reliability.reindex(bright.diaSourceId) >= 0.5
         assert len(bright) >= 10 and kept.mean() >= 0.9, (fr.label, kept.mean())
+
+
+def test_vetting_labels_override_the_truth_in_training(small_run):
+    from dialab.analysis.reliability_training import training_table
+
+    before = training_table([small_run])
+    fake = before[before.kind == "fake"].iloc[0]
+    unmatched = before[before.kind == "unmatched"].iloc[0]
+    skipped = before[before.kind == "fake"].iloc[1]
+    store = LabelStore(small_run)
+    try:
+        store.put(fake.flavor, fake.diaSourceId, "bogus")
+        store.put(unmatched.flavor, unmatched.diaSourceId, "real")
+        store.put(skipped.flavor, skipped.diaSourceId, "skip")
+        after = training_table([small_run]).set_index(["flavor", "diaSourceId"])
+    finally:
+        store.path.unlink()
+    assert after.loc[(fake.flavor, fake.diaSourceId), "label"] == 0
+    assert after.loc[(unmatched.flavor, unmatched.diaSourceId), "label"] == 1
+    assert (skipped.flavor, skipped.diaSourceId) not in after.index and len(after) == len(before) - 1

@@ -104,8 +104,8 @@ def _split_units(table: pd.DataFrame, seed: int) -> np.ndarray:
     """0 (fit), 1 (calibrate) or 2 (held out) per row, drawn per (run, visit, detector)."""
     keys = table.run + ":" + table.visit.astype(str) + ":" + table.detector.astype(str)
     unique = np.array(sorted(keys.unique()))
-    if len(unique) < 5:
-        raise BadInputError(f"need at least 5 (visit, detector) units to train and hold some out, got {len(unique)}")
+    if len(unique) < 3:
+        raise BadInputError(f"need at least 3 (visit, detector) units to fit, calibrate and hold out, got {len(unique)}")
     order = np.random.default_rng(seed).permutation(len(unique))
     part = np.zeros(len(unique), int)
     part[order[int(0.6 * len(unique)) :]] = 1
@@ -183,3 +183,65 @@ def evaluate_runs(model: ReliabilityModel, folders: list[str | Path]) -> dict:
     """The model on every detection of runs it was not trained on."""
     table = training_table(folders)
     return evaluate(model.probability(table), table.label.to_numpy(int), table.expected_snr.to_numpy(float))
+
+
+#: The shipped model's runs (``make reliability-model``): both PSF regimes (hsc-sprint-mini's seeing spread, psf-sweep's
+#: science/template ratios 0.6-1.6), several seeds, seeings and star densities, every flavor, fakes. The ``test`` runs
+#: are held out entirely: other seeds, a crowded sweep, a dense field.
+DEFAULT_RUNS = {
+    "train-mini-11": ("hsc-sprint-mini", 11, {}),
+    "train-mini-12-sparse": ("hsc-sprint-mini", 12, {"star_density": 1.0e4, "seeing_range": (0.4, 1.25)}),
+    "train-sweep-13": ("psf-sweep", 13, {}),
+    "test-sweep-21-crowded": ("psf-sweep", 21, {"star_density": 6.0e4}),
+    "test-mini-22-dense": ("hsc-sprint-mini", 22, {"star_density": 5.0e4, "galaxy_density": 2.0e5}),
+}
+
+
+def make_default_runs(root: str | Path, workers: int | None = None) -> dict[str, Path]:
+    """Simulate and run (every flavor, fakes) the datasets of ``DEFAULT_RUNS`` under ``root``; existing ones are
+    resumed, not redone."""
+    from ..pipeline.config import load_pipeline
+    from ..pipeline.runner import run_pipeline
+    from ..simulate.specs import get_spec
+    from ..simulate.survey import simulate_dataset
+
+    out = {}
+    for name, (spec, seed, update) in DEFAULT_RUNS.items():
+        folder = Path(root) / name
+        manifest = folder / "data" / "dataset.yaml"
+        if not manifest.is_file():
+            simulate_dataset(get_spec(spec).model_copy(update=update), folder / "data", seed=seed, workers=workers)
+        config = load_pipeline(overrides={
+            "flavors": ["convolveTemplate", "auto", "preconvolution", "zogy"], "reliability": {"enabled": False},
+            "inject": {"enabled": True, "density_per_deg2": 20000, "min_per_detector": 40, "seed": seed},
+            "execution": {"workers": workers}})
+        run_pipeline(manifest, config, folder / "run", resume=(folder / "run" / "run.yaml").is_file(),
+                     skip_failed=True)
+        out[name] = folder / "run"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dialab.analysis.reliability_training WORKDIR MODEL``: the shipped model, reproducibly."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("workdir", help="folder for the simulated datasets and runs (reused when present)")
+    parser.add_argument("model", help="model file to write")
+    parser.add_argument("--workers", type=int)
+    args = parser.parse_args(argv)
+    runs = make_default_runs(args.workdir, args.workers)
+    train_runs = [str(p) for n, p in runs.items() if n.startswith("train")]
+    table = training_table(train_runs)
+    model, evaluation = train(table, sources=[n for n in runs if n.startswith("train")])
+    for name, path in runs.items():
+        if name.startswith("test"):
+            evaluation[name] = evaluate_runs(model, [path])
+    model.provenance["held_out_runs"] = {k: v for k, v in evaluation.items() if k.startswith("test")}
+    Path(args.model).write_text(model.to_json())
+    print(pd.DataFrame(evaluation).T.to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
