@@ -214,7 +214,8 @@ def _cmd_train_reliability(args) -> int:
     table = training_table(args.runs)
     model, evaluation = train(table, seed=args.seed, sources=[str(r) for r in args.runs])
     for run in args.test:
-        evaluation[f"held-out run {run}"] = evaluate_runs(model, [run])
+        for scope, result in evaluate_runs(model, [run]).items():
+            evaluation[f"held-out run {run}: {scope}"] = result
     target.write_text(model.to_json())
     print(f"{target}: {model.version}, {len(model.trees)} trees on {len(model.feature_names)} features; "
           f"{len(table)} detections ({int(table.label.sum())} real)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from .. import __version__
 from ..errors import BadInputError
@@ -23,9 +24,13 @@ from ..reliability import STAMP, ReliabilityModel, features
 from .images import unit_folder, unit_images, unit_stamps
 from .metrics import POSITIVE_KINDS, source_kinds
 from .runs import FlavorRun, load_runs
+from .significance import REGIMES
 
 log = logging.getLogger(__name__)
 
+#: Columns of the training table that describe a detection rather than feed the model.
+NOT_FEATURES = ("kind", "vetted", "label", "expected_snr", "psf_ratio", "flavor", "run", "visit", "detector",
+                "diaSourceId")
 #: Fakes at least this significant must survive the reliability cut (the acceptance's "bright" fakes).
 BRIGHT_SNR = 8.0
 
@@ -60,6 +65,7 @@ def _unit_rows(fr: FlavorRun, unit, images, labels: dict) -> pd.DataFrame:
         else fr.fakes
     expected = dict(zip(fakes.diaSourceId, fakes.expected_snr)) if len(fakes) else {}
     table["expected_snr"] = [expected.get(i, np.nan) for i in catalog.diaSourceId]
+    table["psf_ratio"] = float(unit.science_fwhm / unit.template_fwhm)
     table["flavor"], table["run"] = fr.flavor, str(fr.run)
     table["visit"], table["detector"], table["diaSourceId"] = unit.visit, unit.detector, catalog.diaSourceId.to_numpy()
     return table[table.vetted != "skip"]
@@ -153,8 +159,7 @@ def train(table: pd.DataFrame, seed: int = 0, sources: list[str] | None = None) 
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.isotonic import IsotonicRegression
 
-    names = [c for c in table.columns if c not in ("kind", "vetted", "label", "expected_snr", "flavor", "run", "visit",
-                                                   "detector", "diaSourceId")]
+    names = [c for c in table.columns if c not in NOT_FEATURES]
     part = _split_units(table, seed)
     x, y = table[names].to_numpy(float), table.label.to_numpy(int)
     if len(np.unique(y[part == 0])) < 2:
@@ -179,10 +184,17 @@ def train(table: pd.DataFrame, seed: int = 0, sources: list[str] | None = None) 
     return model, result
 
 
-def evaluate_runs(model: ReliabilityModel, folders: list[str | Path]) -> dict:
-    """The model on every detection of runs it was not trained on."""
+def evaluate_runs(model: ReliabilityModel, folders: list[str | Path]) -> dict[str, dict]:
+    """The model on every detection of runs it was not trained on: all, and per PSF regime."""
     table = training_table(folders)
-    return evaluate(model.probability(table), table.label.to_numpy(int), table.expected_snr.to_numpy(float))
+    probability = model.probability(table)
+    out = {"all": evaluate(probability, table.label.to_numpy(int), table.expected_snr.to_numpy(float))}
+    for name, lo, hi in REGIMES:
+        inside = ((table.psf_ratio >= lo) & (table.psf_ratio < hi)).to_numpy()
+        if inside.any():
+            out[name] = evaluate(probability[inside], table.label.to_numpy(int)[inside],
+                                 table.expected_snr.to_numpy(float)[inside])
+    return out
 
 
 #: The shipped model's runs (``make reliability-model``): both PSF regimes (hsc-sprint-mini's seeing spread, psf-sweep's
@@ -215,8 +227,10 @@ def make_default_runs(root: str | Path, workers: int | None = None) -> dict[str,
             "flavors": ["convolveTemplate", "auto", "preconvolution", "zogy"], "reliability": {"enabled": False},
             "inject": {"enabled": True, "density_per_deg2": 20000, "min_per_detector": 40, "seed": seed},
             "execution": {"workers": workers}})
-        run_pipeline(manifest, config, folder / "run", resume=(folder / "run" / "run.yaml").is_file(),
-                     skip_failed=True)
+        record = folder / "run" / "run.yaml"
+        status = (yaml.safe_load(record.read_text()) or {}).get("status") if record.is_file() else None
+        if status not in ("complete", "complete-with-failures"):
+            run_pipeline(manifest, config, folder / "run", resume=status is not None, skip_failed=True)
         out[name] = folder / "run"
     return out
 
@@ -236,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     model, evaluation = train(table, sources=[n for n in runs if n.startswith("train")])
     for name, path in runs.items():
         if name.startswith("test"):
-            evaluation[name] = evaluate_runs(model, [path])
+            for scope, result in evaluate_runs(model, [path]).items():
+                evaluation[f"{name}: {scope}"] = result
     model.provenance["held_out_runs"] = {k: v for k, v in evaluation.items() if k.startswith("test")}
     Path(args.model).write_text(model.to_json())
     print(pd.DataFrame(evaluation).T.to_string(float_format=lambda v: f"{v:.3f}"))
