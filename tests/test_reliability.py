@@ -58,3 +58,9 @@ def test_a_model_file_that_is_not_one_is_a_clear_error(tmp_path):
     bad.write_text('{"version": 1}')
     with pytest.raises(BadInputError, match="not a dialab reliability model"):
         load_model(bad)
+    shipped = load_model()
+    assert 0 < len(shipped.version) <= 7  # the APDB's reliabilityVersion is VARCHAR(7) (PostgreSQL enforces it)
+    shipped.version = "dialab-0.3.0"
+    bad.write_text(shipped.to_json())
+    with pytest.raises(BadInputError, match="1 to 7 characters"):
+        load_model(bad)

@@ -31,6 +31,8 @@ STAMP = 51
 FLAG_FEATURES = ("bad", "cr", "crCenter", "interpolated", "interpolatedCenter", "saturated", "saturatedCenter",
                  "edge", "suspect", "nodata", "offimage")
 DEFAULT_MODEL = "reliability-v1.json"
+#: The APDB's ``reliabilityVersion`` holds this many characters: a model's version is "r" and 6 hex digits of its hash.
+VERSION_CHARS = 7
 
 
 class ReliabilityConfig(BaseModel):
@@ -185,11 +187,11 @@ class ReliabilityModel:
         uncalibrated = 1.0 / (1.0 + np.exp(-self.raw_score(table)))
         return np.interp(uncalibrated, self.calibration_x, self.calibration_y)
 
-    def to_json(self) -> str:
+    def to_json(self, with_provenance: bool = True) -> str:
         return json.dumps({"version": self.version, "feature_names": self.feature_names, "baseline": self.baseline,
                            "trees": [{k: v.tolist() for k, v in t.items()} for t in self.trees],
                            "calibration": {"x": self.calibration_x.tolist(), "y": self.calibration_y.tolist()},
-                           "provenance": self.provenance})
+                           **({"provenance": self.provenance} if with_provenance else {})})
 
     @classmethod
     def from_json(cls, text: str, source: object = "model") -> ReliabilityModel:
@@ -198,6 +200,8 @@ class ReliabilityModel:
             kinds = {"feature": int, "threshold": float, "missing_left": bool, "left": int, "right": int,
                      "is_leaf": bool, "value": float}
             trees = [{k: np.asarray(t[k], kinds[k]) for k in kinds} for t in data["trees"]]
+            if not 0 < len(str(data["version"])) <= VERSION_CHARS:
+                raise ValueError(f"version {data['version']!r} must have 1 to {VERSION_CHARS} characters")
             return cls(data["version"], list(data["feature_names"]), float(data["baseline"]), trees,
                        np.asarray(data["calibration"]["x"], float), np.asarray(data["calibration"]["y"], float),
                        dict(data.get("provenance", {})))

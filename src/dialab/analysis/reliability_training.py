@@ -9,6 +9,7 @@ the runs are split, never their detections: 60% fit the trees, 20% calibrate the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,9 +131,11 @@ def _export(clf, names: list[str], calibration, provenance: dict) -> Reliability
                       "missing_left": nodes["missing_go_to_left"].astype(bool), "left": nodes["left"].astype(int),
                       "right": nodes["right"].astype(int), "is_leaf": nodes["is_leaf"].astype(bool),
                       "value": nodes["value"].astype(float)})
-    return ReliabilityModel(f"dialab-{__version__}-{datetime.now(UTC):%Y%m%dT%H%M%S}", names,
-                            float(np.ravel(clf._baseline_prediction)[0]), trees, calibration.X_thresholds_,
-                            calibration.y_thresholds_, provenance)
+    model = ReliabilityModel("", names, float(np.ravel(clf._baseline_prediction)[0]), trees,
+                             calibration.X_thresholds_, calibration.y_thresholds_,
+                             {**provenance, "trained": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%S}"})
+    model.version = "r" + hashlib.sha256(model.to_json(with_provenance=False).encode()).hexdigest()[:6]
+    return model
 
 
 def evaluate(probability: np.ndarray, label: np.ndarray, expected_snr: np.ndarray, cut: float = 0.5) -> dict:
