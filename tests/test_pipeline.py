@@ -111,7 +111,7 @@ def test_resume_after_a_failed_unit_ends_like_an_uninterrupted_run(local_run, da
 def test_keeping_catalogs_only_drops_differences_after_storage(local_run, dataset, config, tmp_path):
     """output.keep: catalogs: the same catalogs and APDB rows (forced photometry included) as a full run, no
     difference.fits left, cutouts whose difference stamps are the difference's pixels, a resume that redoes and
-    stores nothing, and a report that shows the cutouts instead of the triplets."""
+    stores nothing, and a report that shows the cutout galleries, saying the full images are gone."""
     from astropy.io import fits
 
     from dialab.analysis.report import build_report
@@ -141,7 +141,8 @@ def test_keeping_catalogs_only_drops_differences_after_storage(local_run, datase
     again = run_pipeline(dataset, lean, tmp_path, resume=True, progress=False)
     assert again.ok and again.done == 0 and sum(again.stored.values()) == 0
     report = build_report([tmp_path], tmp_path / "report")
-    assert list((tmp_path / "report").glob("cutouts_*.png")) and report.is_file()
+    assert list((tmp_path / "report").glob("gallery_*.png")) and not list((tmp_path / "report").glob("side_by_side_*"))
+    assert "kept catalogs and cutouts only" in report.read_text()
 
 
 @pytest.mark.parametrize("content, message", [
