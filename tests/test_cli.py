@@ -70,6 +70,9 @@ def test_detect_another_tools_difference_with_science_and_template(pair, capsys)
     assert len(near) >= 5
     assert np.median(near.scienceFlux / near.psfFlux) == pytest.approx(1.0, abs=0.05)
     assert np.median(np.abs(near.templateFlux) / near.psfFlux) < 0.05
+    # with all three images the shipped model scores every diaSource; the transients are real
+    assert cat.reliability.between(0, 1).all() and cat.reliabilityVersion.str.match(r"^r[0-9a-f]{6}$").all()
+    assert (near.reliability >= 0.5).mean() >= 0.8
 
 
 @pytest.mark.parametrize("args,message", [
