@@ -206,7 +206,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_reliability(args) -> int:
-    from .analysis.reliability_training import evaluate_runs, train, training_table
+    from .analysis.reliability_training import evaluate_runs, evaluation_text, train, training_table
 
     target = Path(args.output)
     if target.is_dir() or not target.parent.is_dir():
@@ -219,16 +219,8 @@ def _cmd_train_reliability(args) -> int:
     target.write_text(model.to_json())
     print(f"{target}: {model.version}, {len(model.trees)} trees on {len(model.feature_names)} features; "
           f"{len(table)} detections ({int(table.label.sum())} real)")
-    print(_evaluation_text(evaluation))
+    print(evaluation_text(evaluation))
     return 0
-
-
-def _evaluation_text(evaluation: dict) -> str:
-    import pandas as pd
-
-    table = pd.DataFrame(evaluation).T
-    return "held-out evaluation (reliability cut 0.5; FPR: bogus passing at the given share of reals missed):\n" + \
-        table.to_string(float_format=lambda v: f"{v:.3f}")
 
 
 def _cmd_vet(args) -> int:

@@ -10,9 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import BadInputError
-from ..exposure import read_exposure
 from . import figures
-from .images import Stamps, difference_name, unit_folder, unit_images, unit_stamps
+from .images import Stamps, difference_name, shared_images, unit_members, unit_stamps
 from .metrics import contaminant_sources, good_sources, judged
 from .runs import FlavorRun
 
@@ -62,9 +61,7 @@ def _unit_figures(out: Path, members: list[tuple[FlavorRun, pd.Series]], kind: s
     parts = [f"<h3>{html.escape(title)}</h3>"]
     science, template, diffs = None, None, {}
     try:
-        science, template, diffs[first.label], _ = unit_images(first, unit)
-        for fr, row in members[1:]:
-            diffs[fr.label] = read_exposure(unit_folder(fr, row) / "difference.fits")
+        science, template, diffs = shared_images(members)
         panels = []
         for fr, row in members:
             src = fr.sources[(fr.sources.visit == row.visit) & (fr.sources.detector == row.detector)]
@@ -101,11 +98,7 @@ def _unit_figures(out: Path, members: list[tuple[FlavorRun, pd.Series]], kind: s
 def image_section(out: Path, runs: list[FlavorRun], units: pd.DataFrame) -> list[str]:
     parts = []
     for kind, (visit, detector) in pick_units(units):
-        members = []
-        for fr in runs:
-            rows = fr.units[(fr.units.visit == visit) & (fr.units.detector == detector)]
-            if len(rows):
-                members.append((fr, rows.iloc[0]))
+        members = unit_members(runs, visit, detector)
         if members:
             parts += _unit_figures(out, members, kind)
     return parts

@@ -51,6 +51,27 @@ def unit_images(fr: FlavorRun, unit):
     return science, template, difference, where
 
 
+def unit_members(runs: list[FlavorRun], visit: int, detector: int) -> list[tuple[FlavorRun, pd.Series]]:
+    """(flavor run, its unit row) of every flavor that ran this (visit, detector)."""
+    members = []
+    for fr in runs:
+        rows = fr.units[(fr.units.visit == visit) & (fr.units.detector == detector)]
+        if len(rows):
+            members.append((fr, rows.iloc[0]))
+    return members
+
+
+def shared_images(members: list[tuple[FlavorRun, pd.Series]]):
+    """(science, template, {flavor label: difference}) of one (visit, detector): the inputs prepared once, from
+    the first flavor, and each flavor's own difference; OSError when the inputs or a difference are gone."""
+    first, unit = members[0]
+    science, template, difference, _ = unit_images(first, unit)
+    differences = {first.label: difference}
+    for fr, row in members[1:]:
+        differences[fr.label] = read_exposure(unit_folder(fr, row) / "difference.fits")
+    return science, template, differences
+
+
 @dataclass
 class Stamps:
     """Template / science / difference stamps of one unit's diaSources and fakes (rows as
@@ -70,6 +91,12 @@ class Stamps:
 
     def of_fake(self, k: int) -> np.ndarray | None:
         return self._triplet(np.flatnonzero(self.rows.fake.to_numpy() == k))
+
+    def of_sources(self, ids) -> np.ndarray:
+        """(n, 3, 51, 51) triplets of these diaSources, in their order (KeyError for one the unit lacks)."""
+        index = {i: k for k, i in enumerate(self.rows.diaSourceId.to_numpy()) if i > 0}
+        rows = np.array([index[i] for i in ids], int)
+        return np.stack([self.cubes[name][rows] for name in CUTOUT_PLANES], axis=1)
 
 
 def unit_stamps(fr: FlavorRun, unit, images=None) -> Stamps:

@@ -20,9 +20,8 @@ import yaml
 
 from .. import __version__
 from ..errors import BadInputError
-from ..exposure import read_exposure
-from ..reliability import STAMP, ReliabilityModel, features
-from .images import unit_folder, unit_images, unit_stamps
+from ..reliability import ReliabilityModel, features
+from .images import shared_images, unit_folder, unit_members, unit_stamps
 from .metrics import POSITIVE_KINDS, source_kinds
 from .runs import FlavorRun, load_runs
 from .significance import REGIMES
@@ -51,11 +50,7 @@ def _unit_rows(fr: FlavorRun, unit, images, labels: dict) -> pd.DataFrame:
     catalog = pd.read_parquet(where / "diaSources.parquet")
     if catalog.empty:
         return pd.DataFrame()
-    stamps = unit_stamps(fr, unit, images)
-    index = {i: k for k, i in enumerate(stamps.rows.diaSourceId.to_numpy()) if i > 0}
-    rows = np.array([index[i] for i in catalog.diaSourceId])
-    triplets = np.stack([stamps.cubes[name][rows] for name in ("TEMPLATE", "SCIENCE", "DIFFERENCE")], axis=1)
-    table = features(catalog, triplets.reshape(len(catalog), 3, STAMP, STAMP))
+    table = features(catalog, unit_stamps(fr, unit, images).of_sources(catalog.diaSourceId))
     units = fr.sources[(fr.sources.visit == unit.visit) & (fr.sources.detector == unit.detector)]
     kind = dict(zip(units.diaSourceId, source_kinds(units, fr.fakes, fr.truth)))
     table["kind"] = [kind.get(i, "unmatched") for i in catalog.diaSourceId]
@@ -72,35 +67,26 @@ def _unit_rows(fr: FlavorRun, unit, images, labels: dict) -> pd.DataFrame:
     return table[table.vetted != "skip"]
 
 
-def training_table(folders: list[str | Path], progress=None) -> pd.DataFrame:
+def training_table(folders: list[str | Path]) -> pd.DataFrame:
     """Features and labels of every detection of the runs; each unit's images are prepared once for all flavors."""
     runs = load_runs(folders)
     tables = []
-    by_run: dict[Path, list[FlavorRun]] = {}
-    for fr in runs:
-        by_run.setdefault(fr.run, []).append(fr)
-    for run, flavors in by_run.items():
+    for run in dict.fromkeys(fr.run for fr in runs):
+        flavors = [fr for fr in runs if fr.run == run]
         labels = _labels(run)
-        keys = flavors[0].units.drop_duplicates(["visit", "detector"])
-        for unit in keys.itertuples(index=False):
-            images = None
-            for fr in flavors:
-                match = fr.units[(fr.units.visit == unit.visit) & (fr.units.detector == unit.detector)]
-                if match.empty:
-                    continue
-                row = match.iloc[0]
+        for unit in flavors[0].units.drop_duplicates(["visit", "detector"]).itertuples(index=False):
+            members = unit_members(flavors, unit.visit, unit.detector)
+            try:  # a catalogs-only run has its stamps in cutouts.fits instead
+                science, template, differences = shared_images(members)
+            except (OSError, BadInputError):
+                science = None
+            for fr, row in members:
+                images = None if science is None else (science, template, differences[fr.label], None)
                 try:
-                    if images is None and not (unit_folder(fr, row) / "cutouts.fits").is_file():
-                        science, template, difference, _ = unit_images(fr, row)
-                        images = (science, template)
-                    own = None if images is None else \
-                        (*images, read_exposure(unit_folder(fr, row) / "difference.fits"), None)
-                    tables.append(_unit_rows(fr, row, own, labels))
+                    tables.append(_unit_rows(fr, row, images, labels))
                 except (OSError, BadInputError) as exc:
                     log.warning("%s visit %s detector %s left out of training: %s", fr.label, row.visit,
                                 row.detector, exc)
-            if progress is not None:
-                progress()
     tables = [t for t in tables if len(t)]
     if not tables:
         raise BadInputError("no detections to train on in " + ", ".join(str(f) for f in folders))
@@ -187,6 +173,12 @@ def train(table: pd.DataFrame, seed: int = 0, sources: list[str] | None = None) 
     return model, result
 
 
+def evaluation_text(evaluation: dict[str, dict]) -> str:
+    """The evaluations as one aligned table, a row per scope."""
+    return "held-out evaluation (reliability cut 0.5; FPR: bogus passing at the given share of reals missed):\n" + \
+        pd.DataFrame(evaluation).T.to_string(float_format=lambda v: f"{v:.3f}")
+
+
 def evaluate_runs(model: ReliabilityModel, folders: list[str | Path]) -> dict[str, dict]:
     """The model on every detection of runs it was not trained on: all, and per PSF regime."""
     table = training_table(folders)
@@ -257,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 evaluation[f"{name}: {scope}"] = result
     model.provenance["held_out_runs"] = {k: v for k, v in evaluation.items() if k.startswith("test")}
     Path(args.model).write_text(model.to_json())
-    print(pd.DataFrame(evaluation).T.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(evaluation_text(evaluation))
     return 0
 
 

@@ -193,10 +193,15 @@ REGIMES = (("science sharper (PSF ratio < 0.95)", 0.0, 0.95), ("matched (0.95-1.
            ("science broader (> 1.05)", 1.05, np.inf))
 
 
-def regime_keys(flavors: dict[str, UnitSums], lo: float, hi: float) -> list:
-    """Units whose science/template FWHM ratio (mean over the flavors that ran them) is in [lo, hi)."""
+def unit_ratios(flavors: dict[str, UnitSums]) -> dict[tuple[int, int], float]:
+    """Each unit's science/template FWHM ratio, the mean over the flavors that ran it."""
     ratios: dict = {}
     for s in flavors.values():
         for k, r in zip(s.keys, s.psf_ratio):
             ratios.setdefault(k, []).append(r)
-    return sorted(k for k, r in ratios.items() if lo <= np.nanmean(r) < hi)
+    return {k: float(np.nanmean(r)) for k, r in ratios.items()}
+
+
+def regime_keys(flavors: dict[str, UnitSums], lo: float, hi: float) -> list:
+    """Units whose PSF ratio is in [lo, hi)."""
+    return sorted(k for k, r in unit_ratios(flavors).items() if lo <= r < hi)

@@ -21,6 +21,7 @@ from .significance import (
     interval,
     paired_bootstrap,
     regime_keys,
+    unit_ratios,
 )
 
 #: Units are grouped by PSF ratio in steps of this for the regime map.
@@ -36,19 +37,16 @@ def _fmt(metric: str, value: float) -> str:
 
 def regime_table(sums: dict, step: float = RATIO_STEP, draws: int = MAP_DRAWS) -> pd.DataFrame:
     """Per flavor, metric and PSF-ratio group (of at least 2 units): value and 68% bootstrap interval."""
-    ratios: dict = {}
-    for s in sums.values():
-        for k, r in zip(s.keys, s.psf_ratio):
-            ratios.setdefault(k, []).append(r)
+    ratios = unit_ratios(sums)
     groups: dict = {}
     for k, r in ratios.items():
-        groups.setdefault(round(float(np.nanmean(r)) / step) * step, []).append(k)
+        groups.setdefault(round(r / step) * step, []).append(k)
     rows = []
     for _, keys in sorted(groups.items()):
         if len(keys) < 2:
             continue
         values, samples = paired_bootstrap(sums, sorted(keys), draws=draws)
-        mean_ratio = float(np.mean([np.nanmean(ratios[k]) for k in keys]))
+        mean_ratio = float(np.mean([ratios[k] for k in keys]))
         for flavor in values:
             for m in METRICS:
                 lo, hi = interval(samples[flavor][m.name], 0.68)
