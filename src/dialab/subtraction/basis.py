@@ -1,20 +1,29 @@
-"""Alard-Lupton kernel basis: Gaussians times polynomials (Alard & Lupton 1998).
+"""Kernel bases: Alard-Lupton Gaussians times polynomials (Alard & Lupton 1998), or one delta function per
+kernel pixel (Bramich 2008), for PSFs no sum of Gaussians can match (diffraction spikes, sharp cores).
 
-Every raw basis function is separable, g_i(x) x^p * g_i(y) y^q, which is what makes per-stamp
-convolution cheap (two 1-d passes). The orthonormalised basis is a fixed linear map of the raw
-one: basis 0 has sum 1 and the others sum 0 and unit L2 norm, so the kernel sum is coefficient 0
-and stays constant when the other coefficients vary over the image.
+Every raw basis function is separable, g_i(x) x^p * g_i(y) y^q (a delta function is too), which is what
+makes per-stamp convolution cheap. The fitted basis is a fixed linear map of the raw one: basis 0 has
+sum 1 and the others sum 0, so the kernel sum is coefficient 0 and stays constant when the other
+coefficients vary over the image. The Alard-Lupton functions 1.. are orthonormalised (a well-conditioned
+fit); the delta basis is kept as (pixel - centre) differences (Bramich et al. 2013), whose fit a Laplacian
+penalty regularizes (``laplacian_penalty``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 MIN_KERNEL_SIZE = 21
 MAX_KERNEL_SIZE = 35
+
+BasisName = Literal["alard-lupton", "delta", "psf-models"]
+BASES: tuple[str, ...] = ("alard-lupton", "delta", "psf-models")
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,7 @@ class KernelBasis:
     factors_x: np.ndarray
     factors_y: np.ndarray
     transform: np.ndarray
+    name: str = "alard-lupton"
 
     @property
     def n(self) -> int:
@@ -43,9 +53,76 @@ class KernelBasis:
     def raw_images(self) -> np.ndarray:
         return np.einsum("ky,kx->kyx", self.factors_y, self.factors_x)
 
+    @cached_property
+    def _images(self) -> np.ndarray:
+        out = np.einsum("jk,kyx->jyx", self.transform, self.raw_images())
+        out.flags.writeable = False
+        return out
+
     def images(self) -> np.ndarray:
-        """Orthonormalised basis images, shape (n, size, size)."""
-        return np.einsum("jk,kyx->jyx", self.transform, self.raw_images())
+        """The fitted basis images, shape (n, size, size) (read-only, computed once)."""
+        return self._images
+
+    def convolve_valid(self, cut: np.ndarray) -> np.ndarray:
+        """'valid' convolution of ``cut`` with every basis function: (n, m, m) for an (m + size - 1)^2 cut."""
+        L = self.size
+        if self.name == "delta":
+            # the convolution with the delta at kernel pixel (p, q) is the cut shifted by (p, q) - centre
+            windows = sliding_window_view(cut, (L, L))[:, :, ::-1, ::-1]
+            raw = np.moveaxis(windows.reshape(*windows.shape[:2], L * L), -1, 0)
+            c = (L * L) // 2
+            out = raw[_delta_order(L)]
+            out[1:] -= raw[c]
+            return out
+        fx = self.factors_x[:, ::-1]
+        fy = self.factors_y[:, ::-1]
+        along_x = sliding_window_view(cut, L, axis=1) @ fx.T  # (M, m, n_raw)
+        windows = sliding_window_view(along_x, L, axis=0)  # (m, m, n_raw, L)
+        raw = np.einsum("yxkl,kl->kyx", windows, fy, optimize=True)
+        return np.tensordot(self.transform, raw, axes=1)
+
+
+def _delta_order(size: int) -> np.ndarray:
+    """Raw pixel indices in basis order: the centre first, then every other pixel in raster order."""
+    c = (size * size) // 2
+    return np.concatenate([[c], np.delete(np.arange(size * size), c)])
+
+
+def delta_basis(size: int) -> KernelBasis:
+    """One function per kernel pixel: basis 0 the delta at the centre, basis j the delta at pixel p_j minus it
+    (sum 0), so that the kernel sum is coefficient 0 as in the Alard-Lupton basis."""
+    if size % 2 == 0 or size < 3:
+        raise ValueError(f"delta kernel size must be odd and >= 3, not {size}")
+    n = size * size
+    order = _delta_order(size)
+    eye = np.eye(size)
+    factors_y = eye[np.arange(n) // size]
+    factors_x = eye[np.arange(n) % size]
+    transform = np.zeros((n, n))
+    transform[np.arange(n), order] = 1.0
+    transform[1:, order[0]] = -1.0
+    return KernelBasis((), (), size, factors_x, factors_y, transform, name="delta")
+
+
+def laplacian_penalty(basis: KernelBasis, prior: np.ndarray | None = None) -> np.ndarray:
+    """R with a^T R a = sum over kernel pixels of (discrete Laplacian of K - a_0 prior)^2, the kernel taken as
+    zero outside its box (so its edges are pulled to zero too): the smoothness penalty of Becker et al. (2012)
+    without a prior; with a unit-sum ``prior`` kernel, a pull towards that shape at the fitted kernel sum."""
+    imgs = np.pad(basis.images(), ((0, 0), (1, 1), (1, 1)))
+    if prior is not None:
+        imgs[0, 1:-1, 1:-1] -= prior / prior.sum()
+    lap = (imgs[:, :-2, 1:-1] + imgs[:, 2:, 1:-1] + imgs[:, 1:-1, :-2] + imgs[:, 1:-1, 2:]
+           - 4 * imgs[:, 1:-1, 1:-1]).reshape(basis.n, -1)
+    return lap @ lap.T
+
+
+def delta_kernel_size(sigma_target: float, sigma_convolved: float) -> int:
+    """A delta kernel's box: it must hold the matching kernel (of width sqrt(|s_t^2 - s_c^2|)) and the
+    differences of the PSFs' cores, which reach a few sigma of the broader PSF: 5 sigma, odd, within [11, 31]
+    (every pixel is a free parameter: a larger box costs time and needs more regularization)."""
+    s = max(sigma_target, sigma_convolved, math.sqrt(abs(sigma_target**2 - sigma_convolved**2)))
+    n = int(math.ceil(2 * 5 * s)) | 1
+    return min(max(n, 11), 31)
 
 
 def basis_sigmas(sigma_target: float, sigma_convolved: float, n_gauss: int = 3) -> tuple[float, ...]:

@@ -6,8 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .basis import BASES, BasisName
+
 Flavor = Literal["convolveTemplate", "convolveScience", "auto", "preconvolution", "zogy"]
 FLAVORS: tuple[str, ...] = ("convolveTemplate", "convolveScience", "auto", "preconvolution", "zogy")
+__all__ = ["BASES", "FLAVORS", "Flavor", "SubtractConfig"]
 
 
 class SubtractConfig(BaseModel):
@@ -16,9 +19,23 @@ class SubtractConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     flavor: Flavor = Field("convolveTemplate", description="which image is convolved (see dialab.subtraction.flavors)")
+    kernel_basis: BasisName = Field("alard-lupton", description="the matching kernel's basis: 'alard-lupton' "
+                                    "(Gaussians times polynomials), 'delta' (one free value per kernel pixel, "
+                                    "regularized; for PSFs with spikes, asymmetries or sharp cores) or "
+                                    "'psf-models' (the kernel the two PSF models imply, only its sum fitted)")
     kernel_degrees: tuple[int, ...] = Field((4, 2, 2), description="polynomial degree of each basis Gaussian")
+    kernel_size: int | None = Field(None, ge=3, description="side of a delta or psf-models kernel box, odd "
+                                    "(default: 10 sigma of the broader PSF, within 11-31)")
+    regularization: float | None = Field(None, ge=0, description="delta basis: Laplacian penalty strength in "
+                                         "units of the data's (trace ratio); default: chosen by cross-validation "
+                                         "over the kernel stamps")
+    kernel_prior: bool = Field(True, description="delta basis: penalise the kernel's departure from the shape the "
+                                                 "two PSF models imply (off: from smoothness alone)")
     spatial_order: int = Field(1, ge=0, le=2, description="Chebyshev order of the kernel's spatial variation")
     background_order: int = Field(2, ge=0, le=3, description="Chebyshev order of the differential background")
+    correct_convolved_noise: bool = Field(True, description="take the convolved image's expected noise power (with "
+                                          "its measured pixel correlation) out of the kernel fit's normal "
+                                          "equations; off: the kernel is shrunk by that noise (regression dilution)")
     decorrelate: bool = Field(True, description="whiten the difference's noise (DMTN-021)")
     rescale_variance: bool = Field(True, description="scale the input variances to their measured pixel noise "
                                    "(not in crowded images)")

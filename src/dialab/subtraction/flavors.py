@@ -28,12 +28,13 @@ from ..imageops import fft_convolve, interpolate_masked
 from ..moments import adaptive_moments
 from ..psf import Psf, map_stamps, measure_psf
 from ..timing import timed
-from .basis import KernelBasis, alard_lupton_basis
+from .basis import KernelBasis, alard_lupton_basis, delta_basis, delta_kernel_size, laplacian_penalty
 from .config import FLAVORS, Flavor, SubtractConfig  # noqa: F401 (the flavor names live with the configuration)
 from .convolve import convolve_image, convolve_mask, convolve_variance, kernel_footprint_radius
 from .decorrelation import apply_filter, filter_stamp
-from .kernel_fit import KernelFit, fit_matching_kernel, select_kernel_candidates
-from .noise import image_variance_scale, noise_ratio
+from .kernel_fit import KernelFit, Penalty, fit_matching_kernel, select_kernel_candidates
+from .model_kernel import model_basis, psf_matching_kernel
+from .noise import image_variance_scale, noise_correlation, noise_ratio
 from .photometric_scale import FLUX_RATIO_SYSTEMATIC, PhotometricScale, measure_photometric_scale
 from .result import SubtractionDiagnostics, SubtractionResult
 
@@ -100,6 +101,17 @@ class MatchingProblem:
     convolved_psf: Psf
     basis: KernelBasis
     prefilter: np.ndarray | None = None
+    model_kernel: np.ndarray | None = None  # the kernel the PSF models imply (delta and psf-models bases)
+    convolved_correlation: np.ndarray | None = None  # the convolved image's pixel noise correlation
+
+    @property
+    def half_stamp(self) -> int:
+        """Kernel stamps' half-size: 1.5 kernel boxes for the smooth Alard-Lupton basis; for a pixel basis the
+        box plus 3 sigma of the broader PSF, as a kernel pixel is constrained only by data within the
+        source's reach of it (a larger stamp adds cost, not information)."""
+        if self.basis.name == "alard-lupton":
+            return self.basis.size
+        return self.basis.half + max(3, int(np.ceil(3 * max(self.target_psf.sigma, self.convolved_psf.sigma))))
 
 
 @dataclass(frozen=True)
@@ -192,15 +204,33 @@ def matching_problem(pair: PreparedPair, cfg: SubtractConfig) -> MatchingProblem
         conv = template
     else:
         target, conv = (science, template) if pair.convolved == "template" else (template, science)
-    basis = alard_lupton_basis(target[2].sigma, conv[2].sigma, tuple(cfg.kernel_degrees))
-    return MatchingProblem(*target, *conv, basis, v)
+    correlation = noise_correlation(pair.science if pair.convolved == "science" and v is None else pair.template) \
+        if cfg.correct_convolved_noise else None
+    if cfg.kernel_basis == "alard-lupton":
+        basis = alard_lupton_basis(target[2].sigma, conv[2].sigma, tuple(cfg.kernel_degrees))
+        return MatchingProblem(*target, *conv, basis, v, None, correlation)
+    size = cfg.kernel_size or delta_kernel_size(target[2].sigma, conv[2].sigma)
+    size |= 1
+    model = psf_matching_kernel(target[2], conv[2], size)
+    basis = delta_basis(size) if cfg.kernel_basis == "delta" else model_basis(model)
+    return MatchingProblem(*target, *conv, basis, v, model, correlation)
+
+
+#: Memory for the kernel stamps' normal matrices of a pixel basis (8 (n + 6)^2 bytes each).
+STAMP_MATRIX_BUDGET = 300e6
+
+
+def max_kernel_stamps(basis: KernelBasis, cfg: SubtractConfig) -> int:
+    """The configured cap, lowered for a large pixel basis so the stamps' normal matrices fit the budget."""
+    per_stamp = 8.0 * (basis.n + 10) ** 2
+    return max(cfg.min_candidates, min(cfg.max_candidates, int(STAMP_MATRIX_BUDGET / per_stamp)))
 
 
 def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractConfig) -> KernelSources:
     """Step 3: isolated, unsaturated point-like sources seen in both images, and the stars' flux ratio."""
     basis = problem.basis
-    positions = select_kernel_candidates(pair.science, pair.template, basis.size + basis.half,
-                                         (cfg.candidate_snr_min, cfg.candidate_snr_max), cfg.max_candidates,
+    positions = select_kernel_candidates(pair.science, pair.template, problem.half_stamp + basis.half,
+                                         (cfg.candidate_snr_min, cfg.candidate_snr_max), max_kernel_stamps(basis, cfg),
                                          sigma_pix=max(pair.science_psf.sigma, 1.0))
     # v has unit sum, so the preconvolved target has the science image's fluxes: they are measured on the
     # science image itself (a narrower PSF, fewer neighbours in reach, uncorrelated noise)
@@ -214,12 +244,17 @@ def fit_kernel(problem: MatchingProblem, sources: KernelSources, cfg: SubtractCo
     """Step 4: the spatially varying kernel and differential background, the sum held at the stars' ratio
     when a free fit disagrees with it (see ``kernel_fit``)."""
     scale = sources.scale
+    penalty = None
+    if problem.basis.name == "delta":
+        prior = problem.model_kernel if cfg.kernel_prior else None
+        penalty = Penalty(laplacian_penalty(problem.basis, prior), relative=cfg.regularization)
     return fit_matching_kernel(
         problem.target_image, problem.target_variance, problem.convolved_image, problem.convolved_variance,
-        sources.positions, problem.basis, problem.basis.size, cfg.spatial_order, cfg.background_order,
+        sources.positions, problem.basis, problem.half_stamp, cfg.spatial_order, cfg.background_order,
         cfg.max_rejection_rounds, cfg.residual_mean_max, cfg.residual_rms_max, min_candidates=cfg.min_candidates,
         kernel_sum=scale.scale if cfg.scale_from_stars and scale.trusted else None,
-        kernel_sum_error=float(np.hypot(scale.error, FLUX_RATIO_SYSTEMATIC * scale.scale)))
+        kernel_sum_error=float(np.hypot(scale.error, FLUX_RATIO_SYSTEMATIC * scale.scale)), penalty=penalty,
+        noise_correlation=problem.convolved_correlation, correct_noise=cfg.correct_convolved_noise)
 
 
 def merge_masks(science_mask: np.ndarray, planes: MaskPlanes, template_mask: np.ndarray,
@@ -331,7 +366,8 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
         residual_rms=fit.residual_rms, variance_scale_science=pair.variance_scale_science,
         variance_scale_template=pair.variance_scale_template, noise_ratio=measured_ratio,
         variance_scale_difference=diff_scale, star_flux_ratio=sources.scale.scale, scale_error=sources.scale.error,
-        scale_stars=sources.scale.n_used, free_kernel_sum=fit.free_sum)
+        scale_stars=sources.scale.n_used, free_kernel_sum=fit.free_sum, kernel_basis=problem.basis.name,
+        kernel_size=problem.basis.size, regularization=fit.regularization)
     log.info("%s", diag.summary())
     check_subtraction(diag, science, pair.template, cfg, science.path)
     return SubtractionResult(difference, matched_exp, fit.kernel, convolved.background,

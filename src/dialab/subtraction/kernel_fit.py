@@ -3,6 +3,12 @@
 The model for a stamp is  target ~ sum_j a_j(x, y) (B_j * image) + background(x, y),  with
 a_0 (the kernel sum) constant over the image, the other a_j Chebyshev polynomials of the
 stamp position and the differential background a Chebyshev polynomial of the pixel position.
+
+The convolved image is noisy, so its columns' normal matrix A^T W A carries that noise's expected power,
+which shrinks the kernel towards zero (regression dilution: a kernel sum several percent low on faint stamps,
+and for a pixel basis, where every column sees the noise alone, far worse). The fit subtracts that expected
+power (corrected least squares): the convolved image's variance, with its measured pixel correlation, through
+each pair of basis functions.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy.signal import fftconvolve
 
 from ..errors import InsufficientKernelSourcesError
 from ..imageops import Chebyshev2D, window_any
@@ -37,35 +45,57 @@ class KernelFit:
     residual_rms: float
     positions: np.ndarray  # (n_used, 2) x, y of the stamps kept
     free_sum: float = float("nan")  # the sum a free least-squares fit gave (equal to the sum unless it was held)
+    regularization: float = 0.0  # the penalty strength used, relative to the data's (0: none)
 
     def background_image(self, shape: tuple[int, int]) -> np.ndarray:
         return self.background.evaluate(self.background_coeffs, shape)
 
 
 @dataclass
-class _Stamp:
-    """A kernel stamp reduced to the sums a least-squares fit needs.
+class _Stamps:
+    """The kernel stamps reduced to the sums a least-squares fit needs, stacked (one row per stamp).
 
-    With A the stamp's columns [basis-convolved image (n), background terms (m)], weights w and
-    target t: G = A^T W A, h = A^T W t, u = A^T sqrt(w), v = sum sqrt(w) t, tt = t^T W t. Any model
-    that is a linear map of these columns is fitted, and its residuals summarised, from them alone.
+    With A a stamp's columns [basis-convolved image (n), background terms (m)], weights w and target t:
+    G = A^T W A, h = A^T W t, u = A^T sqrt(w), v = sum sqrt(w) t, tt = t^T W t. Any model that is a linear
+    map of these columns is fitted, and its residuals summarised, from them alone.
     """
 
-    x: float
-    y: float
-    G: np.ndarray
-    h: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    G: np.ndarray  # (S, q, q)
+    h: np.ndarray  # (S, q)
     u: np.ndarray
-    v: float
-    tt: float
-    npix: int
+    v: np.ndarray
+    tt: np.ndarray
+    npix: np.ndarray
+    noise: np.ndarray  # (S, n, n): the convolved image's noise power in G's basis block (zeros: no correction)
 
-    def residual_stats(self, c: np.ndarray) -> tuple[float, float]:
-        """Mean and rms of sqrt(w) (t - A c) for column coefficients c (zero-padded to A's width)."""
-        q = len(c)
-        mean = (self.v - self.u[:q] @ c) / self.npix
-        chi2 = self.tt - 2 * c @ self.h[:q] + c @ self.G[:q, :q] @ c
-        return float(mean), float(np.sqrt(max(chi2, 0.0) / self.npix))
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def summed(self, select, q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The normal matrix (q x q), its expected noise power (same shape, zero outside the basis block) and
+        the right-hand side, summed over the selected stamps."""
+        G = self.G[select][..., :q, :q]
+        noise = self.noise[select]
+        h = self.h[select][..., :q]
+        if G.ndim == 3:
+            G, noise, h = G.sum(axis=0), noise.sum(axis=0), h.sum(axis=0)
+        n = noise.shape[-1]
+        padded = np.zeros((q, q))
+        padded[:n, :n] = noise
+        return G, padded, h
+
+    def chi2(self, c: np.ndarray) -> np.ndarray:
+        """sum w (t - A c)^2 per stamp for column coefficients c, (S, k) with k <= q (zero-padded)."""
+        k = c.shape[1]
+        quad = np.einsum("si,sij,sj->s", c, self.G[:, :k, :k], c)
+        return self.tt - 2 * np.einsum("si,si->s", c, self.h[:, :k]) + quad
+
+    def residual_stats(self, c: np.ndarray) -> np.ndarray:
+        """(S, 2): mean and rms of sqrt(w) (t - A c) for column coefficients c, (S, k)."""
+        mean = (self.v - np.einsum("si,si->s", c, self.u[:, : c.shape[1]])) / self.npix
+        return np.column_stack([mean, np.sqrt(np.maximum(self.chi2(c), 0.0) / self.npix)])
 
 
 #: Least S/N of a kernel candidate's counterpart in the template.
@@ -151,37 +181,71 @@ def spread_over_cells(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], n: i
     return np.sort(np.lexsort((np.arange(len(x)), turn))[:n])
 
 
-def _convolve_valid(cut: np.ndarray, basis: KernelBasis) -> np.ndarray:
-    """Separable 'valid' convolution of ``cut`` with every raw basis function: (n_raw, m, m)."""
+def _noise_power(basis: KernelBasis, conv_var: np.ndarray, w: np.ndarray,
+                 correlation: np.ndarray | None) -> np.ndarray:
+    """E[noise part of A^T W A] in the basis block: sum_pix w sum_{r, r'} B_j(r) B_k(r') s(r) s(r') c(r - r'),
+    with s(r)^2 = sum_pix w(pix) var(pix - r) / sum w (the variance each kernel pixel's column sees) and c the
+    noise correlation (None: white)."""
     L = basis.size
-    fx = basis.factors_x[:, ::-1]
-    fy = basis.factors_y[:, ::-1]
-    along_x = sliding_window_view(cut, L, axis=1) @ fx.T  # (M, m, n_raw)
-    windows = sliding_window_view(along_x, L, axis=0)  # (m, m, n_raw, L)
-    return np.einsum("yxkl,kl->kyx", windows, fy, optimize=True)
+    m = w.shape[0]
+    d = np.einsum("abij,ij->ab", sliding_window_view(conv_var, (m, m)), w)[::-1, ::-1]
+    bs = basis.images() * np.sqrt(np.maximum(d, 0.0))[None]
+    flat = bs.reshape(basis.n, L * L)
+    if correlation is None or np.count_nonzero(correlation) == 1:
+        return flat @ flat.T
+    return flat @ fftconvolve(bs, correlation[None], mode="same").reshape(basis.n, L * L).T
 
 
 def _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp,
-                  bg: Chebyshev2D) -> list[_Stamp]:
+                  bg: Chebyshev2D, correlation: np.ndarray | None = None, correct_noise: bool = True) -> _Stamps:
     h = basis.half
-    stamps = []
     yy, xx = np.mgrid[-half_stamp : half_stamp + 1, -half_stamp : half_stamp + 1]
+    rows = []
     for x, y in positions:
-        t = target_img[y - half_stamp : y + half_stamp + 1, x - half_stamp : x + half_stamp + 1]
-        c = conv_img[y - half_stamp - h : y + half_stamp + h + 1, x - half_stamp - h : x + half_stamp + h + 1]
+        stamp = (slice(y - half_stamp, y + half_stamp + 1), slice(x - half_stamp, x + half_stamp + 1))
+        reach = (slice(y - half_stamp - h, y + half_stamp + h + 1), slice(x - half_stamp - h, x + half_stamp + h + 1))
+        c = conv_img[reach]
         if c.shape != (2 * (half_stamp + h) + 1,) * 2:
             continue
-        raw = _convolve_valid(c.astype(float), basis).reshape(len(basis.factors_x), -1)
-        var = (target_var[y - half_stamp : y + half_stamp + 1, x - half_stamp : x + half_stamp + 1]
-               + conv_var[y - half_stamp : y + half_stamp + 1, x - half_stamp : x + half_stamp + 1])
-        w = 1.0 / np.maximum(var.ravel().astype(float), 1e-30)
-        target = t.ravel().astype(float)
-        a = np.vstack([basis.transform @ raw, bg.terms((xx + x).ravel(), (yy + y).ravel())]).T
+        conv = basis.convolve_valid(c.astype(float)).reshape(basis.n, -1)
+        var = target_var[stamp].astype(float) + conv_var[stamp]
+        w = 1.0 / np.maximum(var, 1e-30)
+        noise = (_noise_power(basis, conv_var[reach].astype(float), w, correlation) if correct_noise
+                 else np.zeros((basis.n, basis.n)))
+        w = w.ravel()
+        target = target_img[stamp].ravel().astype(float)
+        a = np.vstack([conv, bg.terms((xx + x).ravel(), (yy + y).ravel())]).T
         aw = a * w[:, None]
         sw = np.sqrt(w)
-        stamps.append(_Stamp(float(x), float(y), a.T @ aw, aw.T @ target, a.T @ sw, float(sw @ target),
-                             float(target @ (w * target)), len(target)))
-    return stamps
+        rows.append((x, y, a.T @ aw, aw.T @ target, a.T @ sw, sw @ target, target @ (w * target), len(target),
+                     noise))
+    if not rows:
+        q = basis.n + bg.n_terms
+        return _Stamps(*(np.zeros(0) for _ in range(2)), np.zeros((0, q, q)), np.zeros((0, q)), np.zeros((0, q)),
+                       *(np.zeros(0) for _ in range(3)), np.zeros((0, basis.n, basis.n)))
+    cols = list(zip(*rows))
+    return _Stamps(*(np.array(col, dtype=float) for col in cols))
+
+
+#: Largest fraction of a direction's power taken out as the convolved image's noise: a direction where the
+#: noise dominates the signal is corrected only this far, so the corrected matrix stays well conditioned.
+MAX_NOISE_FRACTION = 0.5
+
+
+def corrected(m: np.ndarray, noise: np.ndarray, max_fraction: float = MAX_NOISE_FRACTION) -> np.ndarray:
+    """m less its expected noise power: with noise V = m V diag(mu) (generalized eigenvectors, V^T m V = I),
+    m - noise = (m V) diag(1 - mu) (m V)^T, mu clipped to ``max_fraction`` (a noise estimate larger than the
+    power seen would make the matrix indefinite)."""
+    if not noise.any():
+        return m
+    scale = np.sqrt(np.maximum(np.diag(m), 1e-300))
+    ms, ns = m / np.outer(scale, scale), noise / np.outer(scale, scale)
+    try:
+        mu, v = scipy.linalg.eigh(ns, ms)
+    except np.linalg.LinAlgError:
+        return m
+    mv = ms @ v
+    return (mv * (1 - np.clip(mu, 0.0, max_fraction))) @ mv.T * np.outer(scale, scale)
 
 
 def _solve(m: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -209,66 +273,177 @@ def _solve_with_sum(m: np.ndarray, b: np.ndarray, kernel_sum: float | None,
     return sol, free
 
 
-def _single_stamp_fit(s: _Stamp, n_basis: int) -> tuple[np.ndarray, float, float]:
-    """Per-stamp fit (constant kernel + constant background): coefficients, residual mean and rms."""
-    q = n_basis + 1  # the basis columns and the constant background term
-    sol = _solve(s.G[:q, :q], s.h[:q])
-    return sol, *s.residual_stats(sol)
+@dataclass(frozen=True)
+class Penalty:
+    """A quadratic penalty on the kernel, strength * a^T R a for the constant term and strength * a^T R' a
+    (R without the sum's row and column) for each spatial term, with R in basis coefficients
+    (``basis.laplacian_penalty``)."""
+
+    R: np.ndarray
+    strength: float = 0.0
+    relative: float | None = None  # the strength in units of trace(data normal matrix) / trace(R); when given
+    # before the fit, it is used instead of cross-validation
+
+    def matrix(self, n_basis: int, n_sp: int, n_bg: int) -> np.ndarray:
+        """The penalty in the spatial parameters (add strength times it to the normal matrix)."""
+        n_par = 1 + (n_basis - 1) * n_sp + n_bg
+        P = np.zeros((n_par, n_par))
+        term0 = np.concatenate([[0], 1 + np.arange(n_basis - 1) * n_sp])
+        P[np.ix_(term0, term0)] = self.R
+        for t in range(1, n_sp):
+            idx = 1 + np.arange(n_basis - 1) * n_sp + t
+            P[np.ix_(idx, idx)] = self.R[1:, 1:]
+        return P
 
 
-def _expansion(s: _Stamp, n_basis: int, spatial: Chebyshev2D, n_bg: int) -> np.ndarray:
-    """E with (stamp columns) = E (spatial parameters): a_j = sum_k a_jk T_k(x_s, y_s), a_0 constant."""
-    n_sp = spatial.n_terms
-    n_par = 1 + (n_basis - 1) * n_sp + n_bg
-    e = np.zeros((n_basis + n_bg, n_par))
-    e[0, 0] = 1.0
-    t = spatial.terms(s.x, s.y)
-    for j in range(1, n_basis):
-        e[j, 1 + (j - 1) * n_sp : 1 + j * n_sp] = t
-    e[n_basis + np.arange(n_bg), 1 + (n_basis - 1) * n_sp + np.arange(n_bg)] = 1.0
-    return e
+def _spatial_system(stamps: _Stamps, weights: np.ndarray, n_basis: int, terms: np.ndarray,
+                    n_bg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normal matrix, its expected noise power and the right-hand side of the spatial model: sums over stamps
+    of weights_s E_s^T G_s E_s (and of the noise power alike).
+
+    The parameters are [a_0, a_jk (j = 1..n-1, k over the spatial terms T_k), background]: a stamp's basis
+    column j >= 1 takes sum_k a_jk T_k(x_s, y_s), and T_0 = 1. Every block is a slice of one contraction of
+    the stacked G with the weighted products T_k T_l.
+    """
+    n_sp = terms.shape[1]
+    q = n_basis + n_bg
+    nb = n_basis - 1
+    S, Q = stamps.G.shape[:2]
+    tt = (terms[:, :, None] * terms[:, None, :] * weights[:, None, None]).reshape(S, n_sp * n_sp)
+    ht = (stamps.h * weights[:, None]).T @ terms  # (Q, n_sp)
+    B, g = slice(1, n_basis), slice(n_basis, q)
+    n_par = 1 + nb * n_sp + n_bg
+    pB, pg = slice(1, 1 + nb * n_sp), slice(1 + nb * n_sp, n_par)
+
+    def assemble(stack: np.ndarray) -> np.ndarray:
+        k = stack.shape[1]
+        full = np.zeros((q, q, n_sp, n_sp))
+        full[:min(k, q), :min(k, q)] = (stack.reshape(S, k * k).T @ tt).reshape(k, k, n_sp, n_sp)[:q, :q]
+        m = np.empty((n_par, n_par))
+        m[0, 0] = full[0, 0, 0, 0]
+        m[0, pB] = m[pB, 0] = full[0, B, 0, :].ravel()
+        m[0, pg] = m[pg, 0] = full[0, g, 0, 0]
+        m[pB, pB] = full[B, B].transpose(0, 2, 1, 3).reshape(nb * n_sp, nb * n_sp)
+        m[pB, pg] = full[B, g, :, 0].transpose(0, 2, 1).reshape(nb * n_sp, n_bg)
+        m[pg, pB] = m[pB, pg].T
+        m[pg, pg] = full[g, g, 0, 0]
+        return m
+
+    b = np.concatenate([[ht[0, 0]], ht[B].ravel(), ht[g, 0]])
+    return assemble(stamps.G), assemble(stamps.noise), b
+
+
+def _stamp_coefficients(sol: np.ndarray, n_basis: int, terms: np.ndarray, n_bg: int) -> np.ndarray:
+    """(S, n_basis + n_bg): each stamp's column coefficients under the spatial solution."""
+    n_sp = terms.shape[1]
+    a = sol[1 : 1 + (n_basis - 1) * n_sp].reshape(n_basis - 1, n_sp)
+    c = np.empty((len(terms), n_basis + n_bg))
+    c[:, 0] = sol[0]
+    c[:, 1:n_basis] = terms @ a.T
+    c[:, n_basis:] = sol[1 + (n_basis - 1) * n_sp :]
+    return c
+
+
+def _penalised_solve(m: np.ndarray, b: np.ndarray, penalty: Penalty | None, n_basis: int, n_sp: int, n_bg: int,
+                     kernel_sum: float | None = None, sum_error: float = 0.0) -> tuple[np.ndarray, float]:
+    if penalty is not None and penalty.strength > 0:
+        m = m + penalty.strength * penalty.matrix(n_basis, n_sp, n_bg)
+    return _solve_with_sum(m, b, kernel_sum, sum_error)
+
+
+#: Regularization strengths tried, in units of trace(data normal matrix) / trace(R).
+STRENGTH_GRID = np.logspace(-7, 1, 17)
+
+
+def choose_strength(stamps: _Stamps, good: np.ndarray, n_basis: int, penalty: Penalty, folds: int = 5) -> Penalty:
+    """The penalty strength that best predicts held-out stamps (k-fold cross-validation over the stamps,
+    constant kernel and background): enough to stop the kernel fitting the noise, no more.
+
+    A fold's held-out chi^2 needs only its summed G, h and t^T W t, so every (fold, strength) costs one solve
+    of the constant-kernel system.
+    """
+    q = n_basis + 1
+    idx = np.nonzero(good)[0]
+    folds = max(2, min(folds, len(idx)))
+    fold = np.arange(len(idx)) % folds
+    G, noise, h = zip(*(stamps.summed(idx[fold == f], q) for f in range(folds)))
+    tt = [stamps.tt[idx[fold == f]].sum() for f in range(folds)]
+    G_all, noise_all, h_all = sum(G), sum(noise), sum(h)
+    train = [corrected(G_all - G[f], noise_all - noise[f]) for f in range(folds)]
+    P = penalty.matrix(n_basis, 1, 1)
+    unit = np.trace(G_all[:n_basis, :n_basis]) / max(np.trace(penalty.R), 1e-300)
+    if penalty.relative is not None:
+        return Penalty(penalty.R, penalty.relative * unit, penalty.relative)
+    scores = []
+    for rel in STRENGTH_GRID:
+        lam = rel * unit
+        score = 0.0
+        for f in range(folds):
+            a = _solve(train[f] + lam * P, h_all - h[f])
+            score += tt[f] - 2 * a @ h[f] + a @ G[f] @ a
+        scores.append(score)
+    best = int(np.argmin(scores))
+    if best in (0, len(STRENGTH_GRID) - 1):
+        log.info("kernel regularization: the best strength is at the end of the grid (%.1e)", STRENGTH_GRID[best])
+    return Penalty(penalty.R, float(STRENGTH_GRID[best] * unit), float(STRENGTH_GRID[best]))
 
 
 def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: np.ndarray, basis: KernelBasis,
                         half_stamp: int, spatial_order: int = 1, background_order: int = 2,
                         max_rounds: int = 3, max_mean: float = 0.25, max_rms: float = 1.5,
                         sum_clip: float = 3.0, min_candidates: int = 3, kernel_sum: float | None = None,
-                        kernel_sum_error: float = 0.0) -> KernelFit:
+                        kernel_sum_error: float = 0.0, penalty: Penalty | None = None,
+                        noise_correlation: np.ndarray | None = None, correct_noise: bool = True) -> KernelFit:
     """Fit K and the background so that K * conv_img + background ~ target_img on the stamps.
 
     With ``kernel_sum`` (measured apart, see photometric_scale) the sum is held at that value, and only the
-    shape and the background fitted, whenever the free fit's sum disagrees with it beyond its error.
+    shape and the background fitted, whenever the free fit's sum disagrees with it beyond its error. With a
+    ``penalty`` (the delta basis), its strength is chosen by cross-validation over the stamps. With
+    ``correct_noise`` the convolved image's expected noise power (pixel correlation ``noise_correlation``,
+    default white) is taken out of the normal equations.
     """
     ny, nx = target_img.shape
     full_bg = Chebyshev2D(background_order, nx, ny)
-    stamps = _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp, full_bg)
+    stamps = _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp, full_bg,
+                           noise_correlation, correct_noise)
     n_candidates = len(stamps)
     if n_candidates < min_candidates:
         raise InsufficientKernelSourcesError(
             f"only {n_candidates} usable kernel sources (need {min_candidates}): too few clean, unsaturated "
             "point sources with S/N 10-500 in the overlap")
     n_basis = basis.n
-    singles = [_single_stamp_fit(s, n_basis) for s in stamps]
-    sums = np.array([sol[0] for sol, _, _ in singles])
+    ones = np.ones((n_candidates, 1))
+    given = penalty.relative if penalty is not None else None
+    if penalty is not None:
+        penalty = choose_strength(stamps, np.ones(n_candidates, bool), n_basis, penalty)
+    # each stamp alone (constant kernel and background): stamps whose kernel sum is an outlier are left out
+    q0 = n_basis + 1
+    P0 = penalty.strength * penalty.matrix(n_basis, 1, 1) if penalty is not None else 0.0
+    # (each stamp's fit without the noise correction: a single stamp cannot tell its noise from its signal, and
+    # only the stamps' agreement matters here)
+    singles = np.array([_solve(G + P0, h) for G, _, h in (stamps.summed(i, q0) for i in range(n_candidates))])
+    single_stats = stamps.residual_stats(singles)
+    sums = singles[:, 0]
     med = np.median(sums)
     spread = 1.4826 * np.median(np.abs(sums - med)) + 1e-6 * abs(med)
     good = np.abs(sums - med) <= sum_clip * spread
-    good &= np.array([abs(m) <= max_mean and r <= max_rms for _, m, r in singles]) | (good.sum() < min_candidates)
+    good &= ((np.abs(single_stats[:, 0]) <= max_mean) & (single_stats[:, 1] <= max_rms)) | (good.sum() < min_candidates)
     if good.sum() < min_candidates:
         good = np.argsort(np.abs(sums - med)) < min_candidates
+    if penalty is not None:  # again without the outliers
+        penalty = choose_strength(stamps, good, n_basis, Penalty(penalty.R, relative=given))
     for round_ in range(max_rounds + 1):
-        used = [s for s, g in zip(stamps, good) if g]
+        n_used = int(good.sum())
         order = spatial_order
-        while order > 0 and len(used) < 3 * Chebyshev2D(order, nx, ny).n_terms:
+        while order > 0 and n_used < 3 * Chebyshev2D(order, nx, ny).n_terms:
             order -= 1
         spatial = Chebyshev2D(order, nx, ny)
-        bg = Chebyshev2D(background_order if len(used) >= 2 * full_bg.n_terms else 0, nx, ny)
-        q = n_basis + bg.n_terms
-        expansions = [_expansion(s, n_basis, spatial, bg.n_terms) for s in stamps]
-        m = sum(e.T @ s.G[:q, :q] @ e for s, e, g in zip(stamps, expansions, good) if g)
-        b = sum(e.T @ s.h[:q] for s, e, g in zip(stamps, expansions, good) if g)
-        sol, free_sum = _solve_with_sum(m, b, kernel_sum, kernel_sum_error)
-        stats = np.array([s.residual_stats(e @ sol) for s, e in zip(stamps, expansions)])
+        bg = Chebyshev2D(background_order if n_used >= 2 * full_bg.n_terms else 0, nx, ny)
+        terms = spatial.terms(stamps.x, stamps.y).T if spatial.n_terms > 1 else ones
+        m, noise, b = _spatial_system(stamps, good.astype(float), n_basis, terms, bg.n_terms)
+        sol, free_sum = _penalised_solve(corrected(m, noise), b, penalty, n_basis, spatial.n_terms, bg.n_terms, kernel_sum,
+                                         kernel_sum_error)
+        stats = stamps.residual_stats(_stamp_coefficients(sol, n_basis, terms, bg.n_terms))
         bad_now = good & ((np.abs(stats[:, 0]) > max_mean) | (stats[:, 1] > max_rms))
         if round_ == max_rounds or not bad_now.any() or (good & ~bad_now).sum() < min_candidates:
             break  # ``good`` stays the set the kernel was fitted on, which is what gets reported
@@ -279,8 +454,10 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
     kernel = SpatialKernel(basis, coeffs, spatial)
     bg_coeffs = sol[1 + (n_basis - 1) * spatial.n_terms :]
     kept = stats[good]
-    log.info("kernel fit: %d candidates, %d used, sum %.4f, residual mean %.3f rms %.3f",
-             n_candidates, int(good.sum()), kernel.kernel_sum, kept[:, 0].mean(), kept[:, 1].mean())
+    strength = penalty.relative if penalty is not None else 0.0
+    log.info("kernel fit (%s basis, %d functions): %d candidates, %d used, sum %.4f, residual mean %.3f rms %.3f%s",
+             basis.name, n_basis, n_candidates, int(good.sum()), kernel.kernel_sum, kept[:, 0].mean(),
+             kept[:, 1].mean(), f", regularization {strength:.3g}" if penalty is not None else "")
     return KernelFit(kernel, bg, bg_coeffs, n_candidates, int(good.sum()), n_candidates - int(good.sum()),
                      float(kept[:, 0].mean()), float(kept[:, 1].mean()),
-                     np.array([[s.x, s.y] for s, g in zip(stamps, good) if g]), free_sum)
+                     np.column_stack([stamps.x[good], stamps.y[good]]), free_sum, strength)

@@ -14,12 +14,12 @@ from ..imageops import grow_mask
 log = logging.getLogger(__name__)
 
 
-def variance_scale(exp: Exposure, bg=None, block: int = 4) -> float:
-    """(measured / recorded)^2 pixel noise in source-free unmasked pixels.
+def _sky_pixels(exp: Exposure, bg=None, block: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(image - sky, variance, source-free usable pixels), cut to whole blocks; None when under 30% is free.
 
     Sources are found on 4x4-binned S/N (noise 4x lower, so noise peaks are not mistaken for
     sources and the pixel distribution is not clipped); their blocks and the neighbouring ones
-    are excluded. Crowded images (under 30% free) keep their variance.
+    are excluded.
     """
     usable = ~exp.plane("BAD", "SAT", "NO_DATA", "EDGE", "CR")
     bg = bg or estimate_background(exp.image, ~usable)
@@ -35,14 +35,62 @@ def variance_scale(exp: Exposure, bg=None, block: int = 4) -> float:
     sources = grow_mask(np.abs(snr) > 3.0, 1)
     sources = np.repeat(np.repeat(sources, block, axis=0), block, axis=1)
     if (usable & ~sources).sum() < 0.3 * usable.sum():
+        return None
+    return resid, var, usable & ~sources
+
+
+def variance_scale(exp: Exposure, bg=None, block: int = 4) -> float:
+    """(measured / recorded)^2 pixel noise in source-free unmasked pixels (:func:`_sky_pixels`). Crowded
+    images (under 30% free) keep their variance."""
+    sky = _sky_pixels(exp, bg, block)
+    if sky is None:
         log.info("%s: too crowded to measure the pixel noise; variance kept", exp.path)
         return 1.0
-    usable &= ~sources
+    resid, var, usable = sky
     idx = np.flatnonzero(usable)
     idx = idx[:: max(1, len(idx) // 2_000_000)]
     z = resid.ravel()[idx] / np.sqrt(np.maximum(var.ravel()[idx], 1e-30))
     _, sigma = clipped_stats(z)
     return float(sigma**2) if np.isfinite(sigma) and sigma > 0 else 1.0
+
+
+#: Largest pixel lag of the measured noise correlation (drizzling and resampling kernels reach 1-2 pixels).
+MAX_LAG = 2
+
+
+def noise_correlation(exp: Exposure, max_lag: int = MAX_LAG) -> np.ndarray:
+    """The pixel noise's normalised autocorrelation c(dy, dx), (2 max_lag + 1)^2 with c(0, 0) = 1, measured on
+    source-free sky (at most a central 2048^2 window); lags within 4 sigma of zero are set to zero, so white
+    noise gives the delta function. Resampled, drizzled and stacked images have correlated noise, which a
+    fit that corrects for the noise of its inputs must know. Once per state of the image's pixels."""
+    def measure() -> np.ndarray:
+        out = np.zeros((2 * max_lag + 1,) * 2)
+        out[max_lag, max_lag] = 1.0
+        sky = _sky_pixels(exp, sky_background(exp))
+        if sky is None:
+            return out
+        resid, var, usable = sky
+        ny, nx = resid.shape
+        y0, x0 = max(0, (ny - 2048) // 2), max(0, (nx - 2048) // 2)
+        win = (slice(y0, y0 + 2048), slice(x0, x0 + 2048))
+        z = np.where(usable[win], resid[win] / np.sqrt(np.maximum(var[win], 1e-30)), 0.0).astype(float)
+        m = usable[win].astype(float)
+        zz0 = (z * z).sum() / max(m.sum(), 1.0)
+        k = max_lag
+        for dy in range(-k, k + 1):
+            for dx in range(0, k + 1):
+                if (dy, dx) <= (0, 0):
+                    continue
+                a = (slice(k + dy, z.shape[0] - k + dy), slice(k + dx, z.shape[1] - k + dx))
+                b = (slice(k, z.shape[0] - k), slice(k, z.shape[1] - k))
+                pairs = (m[a] * m[b]).sum()
+                if pairs < 100:
+                    continue
+                c = (z[a] * z[b]).sum() / pairs / zz0
+                if abs(c) > 4 / np.sqrt(pairs):
+                    out[k + dy, k + dx] = out[k - dy, k - dx] = c
+        return out
+    return exp.derived(("noise_correlation", max_lag), measure)
 
 
 def image_variance_scale(exp: Exposure) -> float:

@@ -31,9 +31,15 @@ class SubtractionDiagnostics:
     scale_error: float = float("nan")  # its error
     scale_stars: int = 0  # stars whose fluxes agree with that ratio
     free_kernel_sum: float = float("nan")  # the sum of a free least-squares fit (held at the ratio when it disagrees)
+    kernel_basis: str = "alard-lupton"
+    kernel_size: int = 0
+    regularization: float = 0.0  # delta basis: the penalty strength, relative to the data's
 
     def summary(self) -> str:
-        return (f"flavor {self.flavor} (convolved {self.convolved}), kernel sum {self.kernel_sum:.4f} "
+        basis = "" if self.kernel_basis == "alard-lupton" else (
+            f", {self.kernel_basis} kernel {self.kernel_size}x{self.kernel_size}"
+            + (f" regularization {self.regularization:.2g}" if self.kernel_basis == "delta" else ""))
+        return (f"flavor {self.flavor} (convolved {self.convolved}){basis}, kernel sum {self.kernel_sum:.4f} "
                 f"(free fit {self.free_kernel_sum:.4f}, stars' flux ratio {self.star_flux_ratio:.4f} "
                 f"+- {self.scale_error:.4f} from {self.scale_stars} stars), "
                 f"candidates {self.n_used}/{self.n_candidates} used, PSF FWHM science {self.science_fwhm:.2f} "
