@@ -40,6 +40,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method(name: str) -> str:
+    """``--flavor`` of a run: a flavor, or flavor.basis."""
+    from .subtraction.config import parse_method
+
+    try:
+        parse_method(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
+
+
 def _subtract_settings(args: argparse.Namespace):
     """The subtraction and repair configuration: a YAML file (a pipeline file or bare subtract keys), then the
     command-line options over it."""
@@ -47,7 +58,7 @@ def _subtract_settings(args: argparse.Namespace):
     from .subtraction import SubtractConfig
 
     config = load_pipeline([args.config], wrap=subtract_section) if args.config else PipelineConfig()
-    overrides = {"flavor": args.flavor, "workers": args.workers,
+    overrides = {"flavor": args.flavor, "workers": args.workers, "kernel_basis": args.kernel_basis,
                  "decorrelate": False if args.no_decorrelate else None}
     subtract = config.subtract.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     repair = config.repair.model_copy(update={"cosmic_rays": False}) if args.keep_cosmic_rays else config.repair
@@ -280,7 +291,7 @@ def _add_image_commands(sub) -> None:
     info.add_argument("--mask", help="mask FITS (non-zero = BAD)")
     info.set_defaults(func=_cmd_info)
 
-    from .subtraction.config import FLAVORS
+    from .subtraction.config import BASES, FLAVORS
 
     sub_p = sub.add_parser("subtract", help="PSF-matched difference of a science image and a template")
     sub_p.add_argument("science", help="science FITS")
@@ -290,6 +301,10 @@ def _add_image_commands(sub) -> None:
                        help="which image is convolved: convolveTemplate (default; D = N - K*R), convolveScience "
                             "(D = K*N - R), auto (convolve the sharper image), preconvolution (the science image "
                             "filtered by its PSF first; writes the score image)")
+    sub_p.add_argument("--kernel-basis", choices=BASES,
+                       help="matching kernel basis: alard-lupton (default; Gaussians times polynomials), delta (a "
+                            "free value per kernel pixel, regularized; PSFs with spikes or sharp cores), psf-models "
+                            "(the kernel the two PSF models imply; only its sum is fitted)")
     sub_p.add_argument("-c", "--config", help="YAML with subtraction settings: a pipeline file (its subtract and "
                        "repair sections) or bare SubtractConfig keys such as 'spatial_order: 2'")
     sub_p.add_argument("--workers", type=int, help="FFT threads (default: the core count)")
@@ -322,7 +337,6 @@ def _add_image_commands(sub) -> None:
 def _add_dataset_commands(sub) -> None:
     """simulate, apdb, run, report and demo: datasets, databases and runs."""
     from .simulate.specs import SPECS
-    from .subtraction.config import FLAVORS
 
     sim = sub.add_parser("simulate", help="write a simulated dataset with its manifest and truth tables")
     sim.add_argument("spec", help=f"dataset spec: {', '.join(SPECS)}")
@@ -347,7 +361,9 @@ def _add_dataset_commands(sub) -> None:
     run.add_argument("-p", "--pipeline", action="append", default=[],
                      help="pipeline YAML (repeat to layer, e.g. pipelines/default.yaml pipelines/with_fakes.yaml)")
     run.add_argument("-o", "--output", required=True, help="output repository folder")
-    run.add_argument("--flavor", action="append", choices=FLAVORS, help="flavor(s) to run (default: the config's)")
+    run.add_argument("--flavor", action="append", type=_method,
+                     help="flavor(s) to run, each optionally with its kernel basis as flavor.basis (e.g. "
+                          "convolveTemplate.delta; default: the config's flavors)")
     run.add_argument("--executor", choices=("local", "dask"), help="local processes (default) or a Dask cluster")
     run.add_argument("--workers", type=int, help="parallel units (default: the core count)")
     run.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")

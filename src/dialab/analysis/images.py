@@ -29,7 +29,7 @@ DIFFERENCE_NAMES = {"preconvolution": "score v*D (preconvolved difference)", "zo
 
 
 def difference_name(flavor: str) -> str:
-    return DIFFERENCE_NAMES.get(flavor, "difference")
+    return DIFFERENCE_NAMES.get(flavor.partition(".")[0], "difference")
 
 
 def unit_folder(fr: FlavorRun, unit) -> Path:

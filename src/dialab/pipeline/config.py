@@ -1,7 +1,8 @@
 """The pipeline configuration: one YAML file (or several, merged in order), validated by pydantic.
 
 Each stage has its section, with defaults that follow LSST ip_diffim; unknown keys and wrong types are errors
-naming the key path. ``flavors`` lists the subtraction flavors to run (default: ``subtract.flavor``).
+naming the key path. ``flavors`` lists the subtraction flavors to run (default: ``subtract.flavor``), each
+optionally with its kernel basis (``flavor.basis``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..association import AssociateConfig
 from ..detection import DetectConfig
@@ -18,9 +19,8 @@ from ..errors import BadInputError
 from ..injection import InjectConfig
 from ..measurement import MeasureConfig
 from ..reliability import ReliabilityConfig
-from ..subtraction import FLAVORS, SubtractConfig
-
-Flavor = Literal[FLAVORS]  # type: ignore[valid-type]
+from ..subtraction import SubtractConfig
+from ..subtraction.config import parse_method
 
 
 class RepairConfig(BaseModel):
@@ -76,7 +76,8 @@ class OutputConfig(BaseModel):
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    flavors: list[Flavor] | None = None
+    flavors: list[str] | None = Field(None, description="methods to run side by side: a flavor, or flavor.basis "
+                                       "to choose its kernel basis (e.g. [convolveTemplate, convolveTemplate.delta])")
     repair: RepairConfig = RepairConfig()
     subtract: SubtractConfig = SubtractConfig()
     detect: DetectConfig = DetectConfig()
@@ -88,6 +89,15 @@ class PipelineConfig(BaseModel):
     apdb: ApdbSection = ApdbSection()
     execution: ExecutionConfig = ExecutionConfig()
     output: OutputConfig = OutputConfig()
+
+    @field_validator("flavors")
+    @classmethod
+    def _known_methods(cls, value):
+        for name in value or []:
+            parse_method(name)
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a method is listed twice")
+        return value
 
     def flavors_to_run(self) -> list[str]:
         return list(self.flavors) if self.flavors else [self.subtract.flavor]

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -128,6 +129,11 @@ def _prepare_output(out: Path, manifest: Manifest, config: PipelineConfig, flavo
             "started": datetime.now(UTC).isoformat(timespec="seconds"), "status": "running"}
 
 
+def schema_name(prefix: str, run_id: str, flavor: str) -> str:
+    """The flavor's PostgreSQL schema: lower case, anything but letters, digits and _ as _ (flavor.basis)."""
+    return re.sub(r"[^a-z0-9_]", "_", f"{prefix}_{run_id}_{flavor}".lower())
+
+
 def _flavor_apdb(out: Path, flavor: str, config: PipelineConfig, apdb_url: str | None, run_id: str):
     """The flavor's APDB, made on first use: a SQLite file in the flavor's folder (recreated when it has gone
     missing: every done unit is then stored again), or a PostgreSQL schema named after the run id, so a new run
@@ -144,7 +150,7 @@ def _flavor_apdb(out: Path, flavor: str, config: PipelineConfig, apdb_url: str |
     if url is None:
         create_apdb(folder / "apdb.sqlite3", config_path)
     else:
-        create_apdb(url, config_path, namespace=f"{config.apdb.namespace_prefix}_{run_id}_{flavor}".lower())
+        create_apdb(url, config_path, namespace=schema_name(config.apdb.namespace_prefix, run_id, flavor))
     return open_apdb(config_path)
 
 

@@ -24,6 +24,7 @@ from ..measurement import BAD_FLAGS, detect_and_measure
 from ..reliability import cached_model
 from ..reliability import score as score_reliability
 from ..subtraction import subtract
+from ..subtraction.config import parse_method
 from ..timing import timed
 from .config import PipelineConfig
 from .manifest import Entry
@@ -59,7 +60,9 @@ def _process(unit: Unit, prepared: _Prepared, share: float, config: PipelineConf
     preparation's seconds (counted in the unit's own time)."""
     t0 = time.perf_counter()
     science, template, fakes = prepared.science, prepared.template, prepared.fakes
-    sub_cfg = config.subtract.model_copy(update={"flavor": unit.flavor, "workers": config.execution.threads_per_unit})
+    flavor, basis = parse_method(unit.flavor)
+    sub_cfg = config.subtract.model_copy(update={"flavor": flavor, "workers": config.execution.threads_per_unit,
+                                                 "kernel_basis": basis or config.subtract.kernel_basis})
     result = subtract(science, template, sub_cfg)
     with timed("detect_and_measure"):
         cat, _, _ = detect_and_measure(result, science, result.matched_image, config.detect, config.measure)

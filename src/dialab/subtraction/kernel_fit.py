@@ -455,7 +455,7 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
     bg_coeffs = sol[1 + (n_basis - 1) * spatial.n_terms :]
     kept = stats[good]
     strength = penalty.relative if penalty is not None else 0.0
-    log.info("kernel fit (%s basis, %d functions): %d candidates, %d used, sum %.4f, residual mean %.3f rms %.3f%s",
+    log.info("kernel fit: %s basis (%d functions), %d candidates, %d used, sum %.4f, residual mean %.3f rms %.3f%s",
              basis.name, n_basis, n_candidates, int(good.sum()), kernel.kernel_sum, kept[:, 0].mean(),
              kept[:, 1].mean(), f", regularization {strength:.3g}" if penalty is not None else "")
     return KernelFit(kernel, bg, bg_coeffs, n_candidates, int(good.sum()), n_candidates - int(good.sum()),
