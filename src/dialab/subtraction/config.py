@@ -48,9 +48,10 @@ class SubtractConfig(BaseModel):
                                                  "two PSF models imply (off: from smoothness alone)")
     spatial_order: int = Field(1, ge=0, le=2, description="Chebyshev order of the kernel's spatial variation")
     background_order: int = Field(2, ge=0, le=3, description="Chebyshev order of the differential background")
-    correct_convolved_noise: bool = Field(True, description="take the convolved image's expected noise power (with "
+    correct_convolved_noise: bool = Field(False, description="take the convolved image's expected noise power (with "
                                           "its measured pixel correlation) out of the kernel fit's normal "
-                                          "equations; off: the kernel is shrunk by that noise (regression dilution)")
+                                          "equations (corrected least squares against regression dilution; "
+                                          "experimental: no gain shown yet on simulated pairs)")
     decorrelate: bool = Field(True, description="whiten the difference's noise (DMTN-021)")
     rescale_variance: bool = Field(True, description="scale the input variances to their measured pixel noise "
                                    "(not in crowded images)")

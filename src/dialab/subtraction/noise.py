@@ -56,13 +56,17 @@ def variance_scale(exp: Exposure, bg=None, block: int = 4) -> float:
 
 #: Largest pixel lag of the measured noise correlation (drizzling and resampling kernels reach 1-2 pixels).
 MAX_LAG = 2
+#: Smallest noise correlation kept.
+MIN_CORRELATION = 0.02
 
 
 def noise_correlation(exp: Exposure, max_lag: int = MAX_LAG) -> np.ndarray:
     """The pixel noise's normalised autocorrelation c(dy, dx), (2 max_lag + 1)^2 with c(0, 0) = 1, measured on
-    source-free sky (at most a central 2048^2 window); lags within 4 sigma of zero are set to zero, so white
-    noise gives the delta function. Resampled, drizzled and stacked images have correlated noise, which a
-    fit that corrects for the noise of its inputs must know. Once per state of the image's pixels."""
+    source-free sky (at most a central 2048^2 window). Resampled, drizzled and stacked images have correlated
+    noise, which a fit that corrects for the noise of its inputs must know. Lags under 0.02 or within 4 sigma
+    of zero are set to zero, so white noise gives the delta function (the sky model leaves about -0.01 at
+    every lag, which would add up over a smooth kernel basis; resampling's are 0.05 and more). Once per state
+    of the image's pixels."""
     def measure() -> np.ndarray:
         out = np.zeros((2 * max_lag + 1,) * 2)
         out[max_lag, max_lag] = 1.0
@@ -87,7 +91,7 @@ def noise_correlation(exp: Exposure, max_lag: int = MAX_LAG) -> np.ndarray:
                 if pairs < 100:
                     continue
                 c = (z[a] * z[b]).sum() / pairs / zz0
-                if abs(c) > 4 / np.sqrt(pairs):
+                if abs(c) > max(MIN_CORRELATION, 4 / np.sqrt(pairs)):
                     out[k + dy, k + dx] = out[k - dy, k - dx] = c
         return out
     return exp.derived(("noise_correlation", max_lag), measure)
