@@ -7,7 +7,10 @@ work after start-up (read both files, measure PSFs, subtract, write the differen
 resident memory per science pixel and each step's share of the time (``dialab.timing``). The floor is
 one warm float32 FFT convolution of the same image with a 35 x 35 kernel, measured in the same run.
 
-Run: python bench/subtract.py [--quick] [--flavors convolveTemplate preconvolution ...]
+Methods are flavors, or flavor.basis to choose the kernel basis (``convolveTemplate.delta``): the bases are
+compared as the flavors are.
+
+Run: python bench/subtract.py [--quick] [--shape NY NX] [--methods convolveTemplate convolveTemplate.delta ...]
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ import numpy as np
 FLAVORS = ("convolveTemplate", "convolveScience", "auto", "preconvolution", "zogy")
 
 
-def make_pair(folder: Path, n: int) -> dict[str, tuple[Path, Path]]:
+def make_pair(folder: Path, shape: tuple[int, int]) -> dict[str, tuple[Path, Path]]:
     """Science and template FITS, with and without their PSFs."""
     from dialab.exposure import write_exposure
     from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
 
-    area = (n / 1024) ** 2
-    spec = TruthPairSpec(shape=(n, n), n_stars=int(120 * area), n_galaxies=int(400 * area),
+    area = shape[0] * shape[1] / 1024**2
+    spec = TruthPairSpec(shape=shape, n_stars=int(120 * area), n_galaxies=int(400 * area),
                          n_transients=int(60 * area))
     science, template, _, _ = simulate_truth_pair(spec, seed=5)
     paths = {}
@@ -57,16 +60,19 @@ def floor_seconds(shape: tuple[int, int]) -> float:
     return time.perf_counter() - t0
 
 
-def child(science: str, template: str, flavor: str, out: str) -> None:
+def child(science: str, template: str, method: str, out: str) -> None:
     """The timed work, after the imports a CLI start pays once: prints JSON."""
     import dialab.pipeline.prepare  # noqa: F401  (start-up: what the subtract command imports)
     import dialab.pipeline.repository  # noqa: F401
     import dialab.subtraction.flavors  # noqa: F401
     from dialab.cli import main
+    from dialab.subtraction.config import parse_method
     from dialab.timing import recorded
 
+    flavor, basis = parse_method(method)
     t0 = time.perf_counter()
-    main(["-q", "subtract", science, template, "-o", out, "--flavor", flavor, "--workers", "1"])
+    main(["-q", "subtract", science, template, "-o", out, "--flavor", flavor, "--workers", "1"]
+         + (["--kernel-basis", basis] if basis else []))
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "steps": recorded()}))
@@ -75,31 +81,34 @@ def child(science: str, template: str, flavor: str, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="1448 x 1448 instead of 2896 x 2896")
-    parser.add_argument("--flavors", nargs="+", default=list(FLAVORS), choices=FLAVORS)
+    parser.add_argument("--shape", nargs=2, type=int, metavar=("NY", "NX"), help="another image size")
+    parser.add_argument("--methods", "--flavors", nargs="+", default=list(FLAVORS),
+                        help="flavors, or flavor.basis (default: every flavor, Alard-Lupton basis)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
-    n = 1448 if args.quick else 2896
+    shape = tuple(args.shape) if args.shape else (1448, 1448) if args.quick else (2896, 2896)
+    npix = shape[0] * shape[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        pairs = make_pair(folder, n)
-        floor = floor_seconds((n, n))
-        print(f"pair {n} x {n} px ({n * n / 1e6:.1f} Mpix), spatially varying PSF, simulated in "
+        pairs = make_pair(folder, shape)
+        floor = floor_seconds(shape)
+        print(f"pair {shape[0]} x {shape[1]} px ({npix / 1e6:.1f} Mpix), spatially varying PSF, simulated in "
               f"{time.perf_counter() - t0:.0f} s; one core; floor (one 35x35 FFT convolution) {floor:.3f} s")
-        print(f"{'flavor':<18}{'PSFs':>9}{'seconds':>9}{'x floor':>9}{'peak MB':>9}{'B/px':>6}  largest steps (share)")
+        print(f"{'method':<24}{'PSFs':>9}{'seconds':>9}{'x floor':>9}{'peak MB':>9}{'B/px':>6}  largest steps (share)")
         for label, (sci, tpl) in pairs.items():
-            for flavor in args.flavors:
-                cmd = [sys.executable, __file__, "--child", str(sci), str(tpl), flavor, str(folder / "d.fits")]
+            for method in args.methods:
+                cmd = [sys.executable, __file__, "--child", str(sci), str(tpl), method, str(folder / "d.fits")]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
                 r = json.loads(done.stdout.strip().splitlines()[-1])
                 steps = sorted(r["steps"].items(), key=lambda kv: -kv[1])[:4]
                 shares = ", ".join(f"{k} {100 * v / r['seconds']:.0f}%" for k, v in steps)
-                print(f"{flavor:<18}{label:>9}{r['seconds']:>9.2f}{r['seconds'] / floor:>9.1f}{r['peak_mb']:>9.0f}"
-                      f"{r['peak_mb'] * 2**20 / n**2:>6.0f}  {shares}", flush=True)
+                print(f"{method:<24}{label:>9}{r['seconds']:>9.2f}{r['seconds'] / floor:>9.1f}{r['peak_mb']:>9.0f}"
+                      f"{r['peak_mb'] * 2**20 / npix:>6.0f}  {shares}", flush=True)
 
 
 if __name__ == "__main__":
