@@ -145,6 +145,23 @@ def test_keeping_catalogs_only_drops_differences_after_storage(local_run, datase
     assert "kept catalogs and cutouts only" in report.read_text()
 
 
+def test_a_kernel_basis_runs_and_is_reported_as_a_method(local_run, dataset, config, tmp_path):
+    """flavors: [convolveTemplate.psf-models]: every unit subtracts with that basis, its diaSources reach their
+    own APDB, and a report over this run and the Alard-Lupton one compares the two as it compares flavors."""
+    import json
+
+    from dialab.analysis.report import build_report
+
+    method = "convolveTemplate.psf-models"
+    result = run_pipeline(dataset, config.model_copy(update={"flavors": [method]}), tmp_path, progress=False)
+    assert result.ok and result.stored[method] > 0
+    units = sorted((tmp_path / method).glob("*/*/*/unit.json"))
+    assert units and all(json.loads(u.read_text())["kernel_basis"] == "psf-models" for u in units)
+    build_report([local_run.out, tmp_path], tmp_path / "report")
+    compared = pd.read_csv(tmp_path / "report" / "comparisons.csv")
+    assert {"convolveTemplate", method} <= set(compared.a) | set(compared.b)
+
+
 @pytest.mark.parametrize("content, message", [
     ("subtract:\n  flavr: auto\n", "subtract.flavr"),
     ("detect:\n  threshold: high\n", "detect.threshold"),

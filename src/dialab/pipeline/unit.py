@@ -80,7 +80,8 @@ def _process(unit: Unit, prepared: _Prepared, share: float, config: PipelineConf
     d = result.diagnostics
     summary = {"status": "done", "n_diaSources": len(cat),
                "n_good": int((~cat[list(BAD_FLAGS)].any(axis=1)).sum()) if len(cat) else 0,
-               "convolved": d.convolved, "kernel_sum": d.kernel_sum, "n_kernel_candidates": d.n_candidates,
+               "convolved": d.convolved, "kernel_basis": d.kernel_basis, "kernel_sum": d.kernel_sum,
+               "n_kernel_candidates": d.n_candidates,
                "n_kernel_used": d.n_used, "noise_ratio": d.noise_ratio,
                "science_fwhm": float(result.science_psf.fwhm),
                "template_fwhm": float(result.template_psf.fwhm),

@@ -68,7 +68,7 @@ class _Stamps:
     v: np.ndarray
     tt: np.ndarray
     npix: np.ndarray
-    noise: np.ndarray  # (S, n, n): the convolved image's noise power in G's basis block (zeros: no correction)
+    noise: np.ndarray | None  # (S, n, n): the convolved image's noise power in G's basis block (None: no correction)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -77,13 +77,14 @@ class _Stamps:
         """The normal matrix (q x q), its expected noise power (same shape, zero outside the basis block) and
         the right-hand side, summed over the selected stamps."""
         G = self.G[select][..., :q, :q]
-        noise = self.noise[select]
         h = self.h[select][..., :q]
         if G.ndim == 3:
-            G, noise, h = G.sum(axis=0), noise.sum(axis=0), h.sum(axis=0)
-        n = noise.shape[-1]
+            G, h = G.sum(axis=0), h.sum(axis=0)
         padded = np.zeros((q, q))
-        padded[:n, :n] = noise
+        if self.noise is not None:
+            noise = self.noise[select]
+            n = noise.shape[-1]
+            padded[:n, :n] = noise.sum(axis=0) if noise.ndim == 3 else noise
         return G, padded, h
 
     def chi2(self, c: np.ndarray) -> np.ndarray:
@@ -200,7 +201,13 @@ def _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, 
                   bg: Chebyshev2D, correlation: np.ndarray | None = None, correct_noise: bool = True) -> _Stamps:
     h = basis.half
     yy, xx = np.mgrid[-half_stamp : half_stamp + 1, -half_stamp : half_stamp + 1]
-    rows = []
+    q = basis.n + bg.n_terms
+    S = len(positions)
+    # filled in place: the normal matrices of a pixel basis are the fit's largest memory
+    G, hv, u = np.empty((S, q, q)), np.empty((S, q)), np.empty((S, q))
+    x_, y_, v, tt, npix = (np.empty(S) for _ in range(5))
+    noise = np.empty((S, basis.n, basis.n)) if correct_noise else None
+    k = 0
     for x, y in positions:
         stamp = (slice(y - half_stamp, y + half_stamp + 1), slice(x - half_stamp, x + half_stamp + 1))
         reach = (slice(y - half_stamp - h, y + half_stamp + h + 1), slice(x - half_stamp - h, x + half_stamp + h + 1))
@@ -210,21 +217,19 @@ def _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, 
         conv = basis.convolve_valid(c.astype(float)).reshape(basis.n, -1)
         var = target_var[stamp].astype(float) + conv_var[stamp]
         w = 1.0 / np.maximum(var, 1e-30)
-        noise = (_noise_power(basis, conv_var[reach].astype(float), w, correlation) if correct_noise
-                 else np.zeros((basis.n, basis.n)))
+        if noise is not None:
+            noise[k] = _noise_power(basis, conv_var[reach].astype(float), w, correlation)
         w = w.ravel()
         target = target_img[stamp].ravel().astype(float)
         a = np.vstack([conv, bg.terms((xx + x).ravel(), (yy + y).ravel())]).T
         aw = a * w[:, None]
         sw = np.sqrt(w)
-        rows.append((x, y, a.T @ aw, aw.T @ target, a.T @ sw, sw @ target, target @ (w * target), len(target),
-                     noise))
-    if not rows:
-        q = basis.n + bg.n_terms
-        return _Stamps(*(np.zeros(0) for _ in range(2)), np.zeros((0, q, q)), np.zeros((0, q)), np.zeros((0, q)),
-                       *(np.zeros(0) for _ in range(3)), np.zeros((0, basis.n, basis.n)))
-    cols = list(zip(*rows))
-    return _Stamps(*(np.array(col, dtype=float) for col in cols))
+        np.matmul(a.T, aw, out=G[k])
+        hv[k], u[k] = aw.T @ target, a.T @ sw
+        x_[k], y_[k], v[k], tt[k], npix[k] = x, y, sw @ target, target @ (w * target), len(target)
+        k += 1
+    return _Stamps(x_[:k], y_[:k], G[:k], hv[:k], u[:k], v[:k], tt[:k], npix[:k],
+                   None if noise is None else noise[:k])
 
 
 #: Largest fraction of a direction's power taken out as the convolved image's noise: a direction where the
@@ -339,7 +344,8 @@ def _spatial_system(stamps: _Stamps, weights: np.ndarray, n_basis: int, terms: n
         return m
 
     b = np.concatenate([[ht[0, 0]], ht[B].ravel(), ht[g, 0]])
-    return assemble(stamps.G), assemble(stamps.noise), b
+    noise = assemble(stamps.noise) if stamps.noise is not None else np.zeros((n_par, n_par))
+    return assemble(stamps.G), noise, b
 
 
 def _stamp_coefficients(sol: np.ndarray, n_basis: int, terms: np.ndarray, n_bg: int) -> np.ndarray:
