@@ -391,7 +391,7 @@ def choose_strength(stamps: _Stamps, good: np.ndarray, n_basis: int, penalty: Pe
     if penalty.relative is not None:
         return Penalty(penalty.R, penalty.relative * unit, penalty.relative)
     lams = STRENGTH_GRID * unit
-    scores = np.zeros(len(lams))
+    scores = np.zeros((folds, len(lams)))
     for f in range(folds):
         train = corrected(G_all - G[f], noise_all - noise[f])
         scale = np.sqrt(np.maximum(np.diag(train), 1e-300))
@@ -401,8 +401,14 @@ def choose_strength(stamps: _Stamps, good: np.ndarray, n_basis: int, penalty: Pe
             a = (v @ (c[:, None] / (1 + lams[None, :] * nu[:, None]))) / scale[:, None]  # (q, n_lams)
         except np.linalg.LinAlgError:  # a training system without full rank: one solve per strength
             a = np.column_stack([_solve(train + lam * P, h_all - h[f], positive=True) for lam in lams])
-        scores += tt[f] - 2 * h[f] @ a + np.einsum("il,ij,jl->l", a, G[f], a)
-    best = int(np.argmin(scores))
+        scores[f] = tt[f] - 2 * h[f] @ a + np.einsum("il,ij,jl->l", a, G[f], a)
+    # the one-standard-error rule, paired over folds: the strongest penalty whose held-out chi^2 exceeds the
+    # best one's by less than the standard error of that excess (a smoother kernel the data cannot tell from
+    # the best one is preferred: its outer pixels carry less noise into the difference)
+    lowest = int(np.argmin(scores.sum(axis=0)))
+    excess = scores - scores[:, [lowest]]
+    error = np.sqrt(folds) * excess.std(axis=0, ddof=1)
+    best = int(np.nonzero(excess.sum(axis=0) <= error)[0].max())
     if best in (0, len(STRENGTH_GRID) - 1):
         log.info("kernel regularization: the best strength is at the end of the grid (%.1e)", STRENGTH_GRID[best])
     return Penalty(penalty.R, float(STRENGTH_GRID[best] * unit), float(STRENGTH_GRID[best]))
