@@ -37,6 +37,7 @@ def test_subtract_takes_a_config_file_and_options_after_the_subcommand(pair, cap
     assert "kernel fit:" in printed.err  # -v after the subcommand: the subtraction's decisions are logged
     header = fits.getheader(out, 0)
     assert header["DIAFLAV"] in ("convolveTemplate", "convolveScience") and header["DIACONV"] in ("template", "science")
+    assert header["KERNBAS"] == "alard-lupton"
     assert header["KERNSUM"] == pytest.approx(0.8, rel=0.02)  # the pair's true flux ratio (auto: convolveTemplate)
     assert 0.8 < header["NOISERAT"] < 1.3
     assert header["DIALABV"]
@@ -184,3 +185,13 @@ def test_every_bad_input_is_one_line_and_exit_2(bad_inputs, capsys, command, wor
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"dialab {args[0]}: error:") and word in err, err
     assert sorted(str(p) for p in folder.rglob("*")) == before  # nothing half-written
+
+
+def test_subtract_with_the_delta_basis_records_it_and_its_penalty(pair):
+    folder, _ = pair
+    out = folder / "diff_delta.fits"
+    assert main(["subtract", str(folder / "science.fits"), str(folder / "template.fits"), "-o", str(out),
+                 "--kernel-basis", "delta"]) == 0
+    header = fits.getheader(out, 0)
+    assert header["KERNBAS"] == "delta" and header["KERNREG"] > 0
+    assert header["KERNSUM"] == pytest.approx(0.8, rel=0.02)

@@ -1,6 +1,8 @@
 """Kernel bases beyond Alard-Lupton: the regularized delta-function basis, the kernel the PSF models imply, and the
 noise-corrected normal equations under every basis (checked against known kernels and known noise)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.signal import fftconvolve
@@ -142,6 +144,9 @@ def test_methods_name_a_flavor_and_optionally_its_basis():
         with pytest.raises(BadInputError, match=word):
             load_pipeline(overrides={"flavors": [bad]})
     assert schema_name("dialab", "r1", "convolveTemplate.psf-models") == "dialab_r1_convolvetemplate_psf_models"
+    pipelines = Path(__file__).resolve().parents[1] / "pipelines"
+    shipped = load_pipeline([pipelines / "default.yaml", pipelines / "kernel_bases.yaml"])
+    assert {parse_method(m)[1] for m in shipped.flavors_to_run()} == {None, "delta", "psf-models"}
 
 
 def test_residual_counts_of_the_peer_difference_on_nircam(real_data):

@@ -130,6 +130,9 @@ def write_difference(result, path: str | Path, compression: str = "none", quanti
     header = result.difference.header
     header["DIAFLAV"] = (d.flavor, "dialab subtraction flavor")
     header["DIACONV"] = (d.convolved, "image convolved by the matching kernel")
+    header["KERNBAS"] = (d.kernel_basis if result.kernel is not None else "none", "matching kernel basis")
+    if d.kernel_basis == "delta":
+        header["KERNREG"] = (float(d.regularization), "delta kernel penalty strength (relative)")
     header["KERNSUM"] = (float(d.kernel_sum), "matching kernel sum (photometric scale)")
     header["NOISERAT"] = (float(d.noise_ratio), "measured / propagated noise of the difference")
     header["DIALABV"] = (__version__, "dialab version")
