@@ -20,8 +20,8 @@ MODEL_STRENGTH = 1e-4
 
 
 def psf_matching_kernel(target_psf: Psf, convolved_psf: Psf, size: int) -> np.ndarray:
-    """The unit-sum (size x size) kernel K minimising |P_t - K * P_c|^2 + lambda |Laplacian K|^2 at the
-    image centre."""
+    """The unit-sum (size x size) kernel K minimising ``sum (P_t - K * P_c)^2 + lambda sum (Laplacian K)^2`` at
+    the image centre."""
     basis = delta_basis(size)
     m = max(target_psf.default_size, convolved_psf.default_size, size) | 1
     target = target_psf.stamp(m)
