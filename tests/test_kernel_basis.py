@@ -167,3 +167,24 @@ def test_residual_counts_of_the_peer_difference_on_nircam(real_data):
     scaled = np.where(sfft != 0, sfft * noise + 0.03 * np.nan_to_num(tpl), 0.0)  # 3% of the template left over
     worse = count_residuals(scaled, sci, tpl, sigma_pix=0.93)
     assert worse.blobs > 3 * peer.blobs and worse.bright_with_residual >= 10
+
+
+def test_the_penalty_keeps_a_delta_kernel_from_fitting_the_noise_of_few_stamps():
+    """60 stars, noisy images: the cross-validated penalty (towards the PSF models' kernel) gives a kernel whose
+    K * P_template matches the science PSF to 1% of its peak; without a penalty the kernel fits the stamps'
+    noise and misses by more than 1.6x as much."""
+    rng = np.random.default_rng(5)
+    stars = star_positions(SHAPE, 60, rng, (1000.0, 4000.0))
+    sci = gaussian_exposure(SHAPE, (stars[0], stars[1], 1.3 * stars[2]), 2.4, 3.0, rng)
+    tpl = gaussian_exposure(SHAPE, stars, 2.0, 1.5, rng)
+    psf = 1.3 * GaussianPsf(sigma_pix=2.4).stamp(41)
+
+    def miss(regularization):
+        cfg = SubtractConfig(kernel_basis="delta", spatial_order=0, scale_from_stars=False,
+                             regularization=regularization)
+        k = subtract(sci, tpl, cfg).kernel.center_image
+        return np.abs(fftconvolve(GaussianPsf(sigma_pix=2.0).stamp(41), k, mode="same") - psf).max() / psf.max()
+
+    chosen, none = miss(None), miss(1e-9)
+    assert chosen < 0.01
+    assert none > 1.6 * chosen
