@@ -49,7 +49,7 @@ def test_laplacian_penalty_is_zero_only_for_the_prior_shape():
 def test_psf_model_kernel_of_two_gaussians_is_the_quadrature_gaussian(target, convolved):
     """A Gaussian PSF matched to a narrower one: K * P_c is P_t to 0.05% of its peak, and K, with unit sum, is the
     Gaussian of sigma sqrt(s_t^2 - s_c^2) to 5% of its peak (the modes P_c barely passes are regularized)."""
-    k = psf_matching_kernel(GaussianPsf(sigma_pix=target), GaussianPsf(sigma_pix=convolved), 21)
+    k = psf_matching_kernel(GaussianPsf(sigma_pix=target), GaussianPsf(sigma_pix=convolved), delta_basis(21))
     truth = GaussianPsf(sigma_pix=np.sqrt(target**2 - convolved**2)).stamp(21)
     assert k.sum() == pytest.approx(1.0)
     assert np.abs(k - truth).max() < 0.05 * truth.max()

@@ -55,7 +55,7 @@ class KernelBasis:
 
     @cached_property
     def _images(self) -> np.ndarray:
-        out = np.einsum("jk,kyx->jyx", self.transform, self.raw_images())
+        out = np.tensordot(self.transform, self.raw_images(), axes=1)  # a matrix product: BLAS, not a loop
         out.flags.writeable = False
         return out
 

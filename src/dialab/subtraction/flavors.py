@@ -211,12 +211,13 @@ def matching_problem(pair: PreparedPair, cfg: SubtractConfig) -> MatchingProblem
         return MatchingProblem(*target, *conv, basis, v, None, correlation)
     size = cfg.kernel_size or delta_kernel_size(target[2].sigma, conv[2].sigma)
     size |= 1
-    model = psf_matching_kernel(target[2], conv[2], size)
-    basis = delta_basis(size) if cfg.kernel_basis == "delta" else model_basis(model)
+    pixels = delta_basis(size)  # the model kernel is solved in it, and a delta fit uses it
+    model = psf_matching_kernel(target[2], conv[2], pixels)
+    basis = pixels if cfg.kernel_basis == "delta" else model_basis(model)
     return MatchingProblem(*target, *conv, basis, v, model, correlation)
 
 
-#: Memory for the kernel stamps' normal matrices of a pixel basis (8 (n + 6)^2 bytes each).
+#: Memory for the kernel stamps' normal matrices of a pixel basis (about 8 (n + 10)^2 bytes each).
 STAMP_MATRIX_BUDGET = 300e6
 
 

@@ -5,10 +5,9 @@ a_0 (the kernel sum) constant over the image, the other a_j Chebyshev polynomial
 stamp position and the differential background a Chebyshev polynomial of the pixel position.
 
 The convolved image is noisy, so its columns' normal matrix A^T W A carries that noise's expected power,
-which shrinks the kernel towards zero (regression dilution: a kernel sum several percent low on faint stamps,
-and for a pixel basis, where every column sees the noise alone, far worse). The fit subtracts that expected
-power (corrected least squares): the convolved image's variance, with its measured pixel correlation, through
-each pair of basis functions.
+which in principle shrinks the kernel towards zero (regression dilution). With ``correct_noise`` (off by
+default: no gain shown yet) the fit subtracts that expected power (corrected least squares): the convolved
+image's variance, with its measured pixel correlation, through each pair of basis functions.
 """
 
 from __future__ import annotations
@@ -381,15 +380,16 @@ def choose_strength(stamps: _Stamps, good: np.ndarray, n_basis: int, penalty: Pe
     """
     q = n_basis + 1
     idx = np.nonzero(good)[0]
+    trace = np.diagonal(stamps.G, axis1=1, axis2=2)[idx, :n_basis].sum()
+    unit = trace / max(np.trace(penalty.R), 1e-300)
+    if penalty.relative is not None:  # a fixed strength: no folds to build
+        return Penalty(penalty.R, penalty.relative * unit, penalty.relative)
     folds = max(2, min(folds, len(idx)))
     fold = np.arange(len(idx)) % folds
     G, noise, h = zip(*(stamps.summed(idx[fold == f], q) for f in range(folds)))
     tt = np.array([stamps.tt[idx[fold == f]].sum() for f in range(folds)])
     G_all, noise_all, h_all = sum(G), sum(noise), sum(h)
     P = penalty.matrix(n_basis, 1, 1)
-    unit = np.trace(G_all[:n_basis, :n_basis]) / max(np.trace(penalty.R), 1e-300)
-    if penalty.relative is not None:
-        return Penalty(penalty.R, penalty.relative * unit, penalty.relative)
     lams = STRENGTH_GRID * unit
     scores = np.zeros((folds, len(lams)))
     for f in range(folds):

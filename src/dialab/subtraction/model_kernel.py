@@ -12,18 +12,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..psf import Psf
-from .basis import KernelBasis, delta_basis, laplacian_penalty
+from .basis import KernelBasis, laplacian_penalty
 
 #: Penalty strength of the model kernel, in units of trace(A^T A) / trace(R): the PSF stamps are noise-free,
 #: so it only has to keep the solution smooth where the convolved PSF carries no information.
 MODEL_STRENGTH = 1e-4
 
 
-def psf_matching_kernel(target_psf: Psf, convolved_psf: Psf, size: int) -> np.ndarray:
-    """The unit-sum (size x size) kernel K minimising ``sum (P_t - K * P_c)^2 + lambda sum (Laplacian K)^2`` at
-    the image centre."""
-    basis = delta_basis(size)
-    m = max(target_psf.default_size, convolved_psf.default_size, size) | 1
+def psf_matching_kernel(target_psf: Psf, convolved_psf: Psf, basis: KernelBasis) -> np.ndarray:
+    """The unit-sum kernel K, on the box of the delta ``basis`` (``basis.delta_basis``), minimising
+    ``sum (P_t - K * P_c)^2 + lambda sum (Laplacian K)^2`` at the image centre."""
+    m = max(target_psf.default_size, convolved_psf.default_size, basis.size) | 1
     target = target_psf.stamp(m)
     conv = np.pad(convolved_psf.stamp(m), basis.half)
     a = basis.convolve_valid(conv).reshape(basis.n, -1)
