@@ -210,6 +210,25 @@ def test_kernel_sum_is_the_true_flux_ratio_in_every_flavor():
         assert abs(d.free_kernel_sum / truth - 1) > 0.01, flavor  # the test tells the methods apart
 
 
+def test_the_convolved_images_noise_does_not_bend_the_kernel():
+    """Sharper science, so auto convolves the noisier image. Its noise power in the fit's normal equations shrinks
+    the kernel's shape (regression dilution): bright stars and galaxies keep residuals of 1-4% of their flux, found
+    as diaSources. With that power taken out (the default) the flag-cut false detections fall by over 3x."""
+    from dialab.measurement import BAD_FLAGS, detect_and_measure
+    from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
+
+    spec = TruthPairSpec(shape=(1024, 1024), science_fwhm=3.0, template_fwhm=4.0)
+    science, template, transients, _ = simulate_truth_pair(spec, seed=5)
+    false = {}
+    for corrected in (True, False):
+        res = subtract(science, template, SubtractConfig(flavor="auto", correct_convolved_noise=corrected))
+        cat, _, _ = detect_and_measure(res, science, res.matched_image)
+        cat = cat[~cat[[*BAD_FLAGS, "pixelFlags_cr"]].any(axis=1)]
+        d = np.hypot(cat.x.to_numpy()[:, None] - transients.x.to_numpy(), cat.y.to_numpy()[:, None] - transients.y.to_numpy())
+        false[corrected] = int((d.min(axis=1) > 2).sum())
+    assert false[True] <= 2 and false[False] >= 3 * max(false[True], 1), false
+
+
 def test_template_of_another_field_is_a_bad_subtraction():
     """Same pixel grid, another sky: 0.2.0 'subtracted' it with kernel sum 0.03 and exit 0."""
     from dialab.errors import BadSubtractionError
