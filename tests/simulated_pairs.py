@@ -6,6 +6,7 @@ import galsim
 import numpy as np
 
 from dialab.exposure import Exposure
+from dialab.measurement import BAD_FLAGS
 from dialab.psf import GaussianPsf
 from dialab.simulate.render import draw_point_sources
 
@@ -41,3 +42,13 @@ def source_free(exp: Exposure, stars, radius: float) -> np.ndarray:
         sub = (xx[y0:y1, x0:x1] - x) ** 2 + (yy[y0:y1, x0:x1] - y) ** 2 < radius**2
         far[y0:y1, x0:x1] &= ~sub
     return far & ~exp.plane("EDGE", "NO_DATA", "BAD", "SAT")
+
+
+#: The flavor comparison's flag cut plus the cosmic-ray flag: what "a false detection after the cuts" means.
+CUT_FLAGS = [*BAD_FLAGS, "pixelFlags_cr"]
+
+
+def match_truth(cat, truth, radius: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """For each catalog row: is a truth position within ``radius`` px, and the index of the nearest one."""
+    d = np.hypot(cat.x.to_numpy()[:, None] - truth.x.to_numpy()[None], cat.y.to_numpy()[:, None] - truth.y.to_numpy()[None])
+    return d.min(axis=1) < radius, d.argmin(axis=1)

@@ -4,14 +4,12 @@ no false detections where A&L's sharper-science regime makes them, and a non-squ
 import numpy as np
 import pytest
 
-from dialab.measurement import BAD_FLAGS, detect_and_measure
+from dialab.measurement import detect_and_measure
 from dialab.psf import ImagePsf
 from dialab.subtraction import SubtractConfig, subtract
 from dialab.subtraction.zogy import _tile_weights
 
-from .simulated_pairs import gaussian_exposure, source_free, star_positions
-
-FLAGS = [*BAD_FLAGS, "pixelFlags_cr"]
+from .simulated_pairs import CUT_FLAGS, gaussian_exposure, match_truth, source_free, star_positions
 
 
 def _truth_pair(shape, science_fwhm, template_fwhm, seed=5, n_transients=60):
@@ -33,11 +31,6 @@ def _crop(exp, x0: int, width: int):
     return Exposure(image=exp.image[:, cols].copy(), mask=exp.mask[:, cols].copy(),
                     variance=exp.variance[:, cols].copy(), psf=psf, visit=exp.visit, detector=exp.detector,
                     band=exp.band, mjd=exp.mjd, magzero=exp.magzero, gain=exp.gain)
-
-
-def _matched(cat, truth, radius=2.0):
-    d = np.hypot(cat.x.to_numpy()[:, None] - truth.x.to_numpy()[None], cat.y.to_numpy()[:, None] - truth.y.to_numpy()[None])
-    return d.min(axis=1) < radius, d.argmin(axis=1)
 
 
 def test_tile_weights_sum_to_one():
@@ -74,8 +67,8 @@ def test_transients_found_and_measured_without_false_detections(science_fwhm, te
     sci, tpl, transients, _ = _truth_pair((1024, 1024), science_fwhm, template_fwhm)
     res = subtract(sci, tpl, SubtractConfig(flavor="zogy"))
     cat, _, _ = detect_and_measure(res, sci, res.matched_image)
-    good = cat[~cat[FLAGS].any(axis=1)]
-    hit, j = _matched(good, transients)
+    good = cat[~cat[CUT_FLAGS].any(axis=1)]
+    hit, j = match_truth(good, transients)
     assert (~hit).sum() <= 1, good[~hit]
     bright = transients.flux.to_numpy() > 5000
     found = np.zeros(len(transients), bool)
@@ -95,12 +88,12 @@ def test_a_non_square_pair_gives_the_diasources_of_its_square_crops():
     sci, tpl, transients, _ = _truth_pair((1024, 2048), 3.0, 4.0, seed=9, n_transients=120)
     full = subtract(sci, tpl, SubtractConfig(flavor="zogy"))
     whole, _, _ = detect_and_measure(full, sci, full.matched_image)
-    whole = whole[~whole[FLAGS].any(axis=1) & (whole.snr.abs() > 7)]
+    whole = whole[~whole[CUT_FLAGS].any(axis=1) & (whole.snr.abs() > 7)]
     for x0 in (0, 1024):
         s, t = _crop(sci, x0, 1024), _crop(tpl, x0, 1024)
         part = subtract(s, t, SubtractConfig(flavor="zogy"))
         cat, _, _ = detect_and_measure(part, s, part.matched_image)
-        cat = cat[~cat[FLAGS].any(axis=1) & (cat.snr.abs() > 7)]
+        cat = cat[~cat[CUT_FLAGS].any(axis=1) & (cat.snr.abs() > 7)]
         inner = whole[(whole.x > x0 + 80) & (whole.x < x0 + 1024 - 80)]
         d = np.hypot(inner.x.to_numpy()[:, None] - x0 - cat.x.to_numpy()[None],
                      inner.y.to_numpy()[:, None] - cat.y.to_numpy()[None])
