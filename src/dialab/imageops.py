@@ -155,6 +155,14 @@ def fft_convolve(image: np.ndarray, kernel: np.ndarray, workers: int | None = No
     return next(fft_convolve_each(image, kernel[None], workers))
 
 
+def convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The full linear convolution of two small 2-d arrays (stamps, kernels), float64."""
+    shape = (a.shape[0] + b.shape[0] - 1, a.shape[1] + b.shape[1] - 1)
+    padded = tuple(fft.next_fast_len(n, real=True) for n in shape)
+    out = fft.irfft2(fft.rfft2(a, padded) * fft.rfft2(b, padded), padded)
+    return out[: shape[0], : shape[1]]
+
+
 def matched_filter_snr(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndarray,
                        workers: int | None = None) -> np.ndarray:
     """(D * P') / sqrt(V * P'^2) with P' the reflected PSF: the S/N of a PSF fit at every pixel."""

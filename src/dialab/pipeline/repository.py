@@ -14,12 +14,16 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+import numpy as np
 
 from .. import __version__
 from ..exposure import QUANTIZE_LEVEL, image_hdu, typical_noise, write_exposure
 from ..imageops import cut_stamps
+
+if TYPE_CHECKING:  # pandas is imported where tables are made: `dialab subtract` never needs it
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,6 @@ def write_difference(result, path: str | Path, compression: str = "none", quanti
     """The difference Exposure plus the kernel image (``KERNEL``, A&L flavors) and ``SCORE`` (preconvolution: the
     score image; zogy: S_corr); its primary header records how it was made (flavor, convolved image, kernel sum
     or flux ratio, noise ratio, dialab version). ``compression``: one of ``exposure.COMPRESSIONS``."""
-    import numpy as np
     from astropy.io import fits
 
     d = result.diagnostics
@@ -155,7 +158,7 @@ CUTOUT_SIZE = 51
 def cutout_rows(catalog: pd.DataFrame, fakes: pd.DataFrame | None) -> pd.DataFrame:
     """One row per stamp: every diaSource (``fake`` = -1), then every fake (``diaSourceId`` = 0, ``fake`` = its
     row in the unit's fakes table), with the pixel position to centre on."""
-    import numpy as np
+    import pandas as pd
 
     rows = pd.DataFrame({"diaSourceId": catalog.diaSourceId.to_numpy(np.int64) if len(catalog) else np.zeros(0, np.int64),
                          "fake": np.full(len(catalog), -1, np.int32), "x": catalog.x.to_numpy(float) if len(catalog) else [],
@@ -175,7 +178,6 @@ def write_cutouts(path: Path, difference, science, template, catalog: pd.DataFra
     """Template, science and difference stamps (``CUTOUT_SIZE`` square, NaN off the image) of every diaSource
     and fake: what a survey keeps of a difference to look at its candidates. HDUs ``SOURCES`` (diaSourceId,
     fake index, x, y) and the cubes ``TEMPLATE``, ``SCIENCE``, ``DIFFERENCE`` (one stamp per row)."""
-    import numpy as np
     from astropy.io import fits
 
     rows = cutout_rows(catalog, fakes)
@@ -196,6 +198,7 @@ def write_cutouts(path: Path, difference, science, template, catalog: pd.DataFra
 
 def read_cutouts(path: Path) -> tuple[pd.DataFrame, dict]:
     """The stamp rows and the ``CUTOUT_PLANES`` cubes of a ``cutouts.fits``."""
+    import pandas as pd
     from astropy.io import fits
 
     with fits.open(path) as hdul:

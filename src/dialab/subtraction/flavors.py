@@ -19,12 +19,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import fftconvolve
 
 from ..background import Background, clipped_stats, sky_background
 from ..errors import BadInputError, BadSubtractionError, NoOverlapError
 from ..exposure import Exposure, MaskPlanes
-from ..imageops import fft_convolve, interpolate_masked
+from ..imageops import convolve_full, fft_convolve, interpolate_masked
 from ..moments import adaptive_moments
 from ..psf import Psf, map_stamps, measure_psf
 from ..timing import timed
@@ -185,7 +184,7 @@ def prepare_pair(science: Exposure, template: Exposure, cfg: SubtractConfig) -> 
 
 def _convolved_stamp(stamp: np.ndarray, kernel: np.ndarray, normalize: bool = False) -> np.ndarray:
     """stamp * kernel, cut to the larger of the two sizes; ``normalize`` rescales it to unit sum."""
-    out = fftconvolve(stamp, kernel, mode="full")
+    out = convolve_full(stamp, kernel)
     c, h = out.shape[0] // 2, max(stamp.shape[0], kernel.shape[0]) // 2
     out = out[c - h : c + h + 1, c - h : c + h + 1]
     return out / out.sum() if normalize else out

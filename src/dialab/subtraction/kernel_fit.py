@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.signal import fftconvolve
+from scipy import ndimage
 
 from ..errors import InsufficientKernelSourcesError
 from ..imageops import Chebyshev2D, window_any
@@ -194,7 +194,7 @@ def _noise_power(basis: KernelBasis, conv_var: np.ndarray, w: np.ndarray,
     flat = bs.reshape(basis.n, L * L)
     if correlation is None or np.count_nonzero(correlation) == 1:
         return flat @ flat.T
-    return flat @ fftconvolve(bs, correlation[None], mode="same").reshape(basis.n, L * L).T
+    return flat @ ndimage.convolve(bs, correlation[None], mode="constant").reshape(basis.n, L * L).T
 
 
 def _build_stamps(target_img, target_var, conv_img, conv_var, positions, basis, half_stamp,
