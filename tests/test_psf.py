@@ -79,6 +79,29 @@ def test_grid_psf_interpolates_bilinearly_between_nodes():
     np.testing.assert_allclose(grid.stamp(x=-10, y=0), stamps[0], atol=1e-12)
 
 
+def _grid_psf():
+    rng = np.random.default_rng(4)
+    sigmas = 1.5 + rng.random(9)
+    stamps = np.array([MoffatPsf(fwhm_pix=2.355 * s, beta=3.0, g1=0.1 * rng.random()).stamp(25) for s in sigmas])
+    xs, ys = np.meshgrid([0.0, 150.0, 300.0], [0.0, 80.0, 200.0])
+    return GridPsf(stamps, xs.ravel(), ys.ravel())
+
+
+@pytest.mark.parametrize("psf", [GaussianPsf(sigma_pix=1.8), MoffatPsf(fwhm_pix=3.0, beta=2.5, g2=0.1),
+                                 ImagePsf(GaussianPsf(sigma_pix=2.2, g1=0.1).stamp(19)), _grid_psf()],
+                         ids=["gaussian", "moffat", "image", "grid"])
+def test_batched_draws_are_the_one_at_a_time_draws(psf):
+    """Forced photometry draws every object's PSF at once: the same numbers as draw(), whatever the shift
+    (zero, on one axis, half a pixel, beyond a pixel) and wherever the object (off the grid too)."""
+    rng = np.random.default_rng(2)
+    dx = np.r_[0.0, 0.0, 0.37, -0.5, 0.5, 1e-9, 1.3, rng.uniform(-0.5, 0.5, 20)]
+    dy = np.r_[0.0, -0.21, 0.0, 0.5, -0.5, -1e-9, -2.2, rng.uniform(-0.5, 0.5, 20)]
+    x, y = rng.uniform(-50, 350, len(dx)), rng.uniform(-50, 250, len(dx))
+    batched = psf.draw_many(dx, dy, x, y)
+    for k in range(len(dx)):
+        np.testing.assert_allclose(batched[k], psf.draw(dx[k], dy[k], None, x=x[k], y=y[k]), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("bad", [np.ones((4, 4)), np.zeros((5, 5)), np.ones((5, 3))])
 def test_bad_psf_stamps_are_refused(bad):
     with pytest.raises(BadInputError):

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import BSpline, RectBivariateSpline
 
-from .imageops import grow_mask
+from .imageops import grow_mask, separable_product
 
 
 class Background:
@@ -211,7 +211,4 @@ def _upsample(grid: np.ndarray, ny: int, nx: int) -> np.ndarray:
     # a tensor-product spline on a pixel grid is two matrix products with the axes' B-spline design matrices
     rows = BSpline.design_matrix(np.clip(np.arange(ny), cy[0], cy[-1]), ty, ky).toarray() @ coeffs
     cols = BSpline.design_matrix(np.clip(np.arange(nx), cx[0], cx[-1]), tx, kx).toarray().T
-    out = np.empty((ny, nx), np.float32)
-    for start in range(0, ny, 512):  # row blocks: no full-size float64 intermediate
-        out[start : start + 512] = rows[start : start + 512] @ cols
-    return out
+    return separable_product(rows, cols)

@@ -136,9 +136,11 @@ def fft_convolve_each(image: np.ndarray, kernels, workers: int | None = None):
     for ker in kernels:
         fk = _padded_rfft2(ker.astype(np.float32), shape, workers)
         fk *= fi
-        full = fft.irfft2(fk, s=shape, workers=workers, overwrite_x=True)
+        # the inverse one axis at a time: irfft2 would copy the complex grid first (a full-size buffer more)
+        fk = fft.ifft(fk, axis=0, workers=workers, overwrite_x=True)
+        full = fft.irfft(fk[h : h + ny], n=shape[1], axis=1, workers=workers)
         del fk
-        yield np.ascontiguousarray(full[h : h + ny, h : h + nx])
+        yield np.ascontiguousarray(full[:, h : h + nx])
 
 
 def _padded_rfft2(kernel: np.ndarray, shape: tuple[int, int], workers: int) -> np.ndarray:
@@ -258,11 +260,23 @@ class Chebyshev2D:
         return [(ty[j].astype(np.float32), tx[i].astype(np.float32)) for i, j in self.powers()]
 
     def evaluate(self, coeffs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """Image of sum_k coeffs[k] T_k over a full (ny, nx) grid, computed separably."""
-        out = np.zeros(shape, dtype=np.float32)
-        for c, (row, col) in zip(coeffs, self.factors(shape)):
-            out += np.float32(c) * np.outer(row, col)
-        return out
+        """Image of sum_k coeffs[k] T_k over a full (ny, nx) grid: T_y C T_x, one matrix product."""
+        ny, nx = shape
+        xs, ys = self._scaled(np.arange(nx), np.arange(ny))
+        middle = np.zeros((self.order + 1, self.order + 1))
+        for c, (i, j) in zip(coeffs, self.powers()):
+            middle[j, i] = c
+        k = self.order + 1
+        return separable_product(np.array(self._polys(ys)[:k]).T @ middle, np.array(self._polys(xs)[:k]))
+
+
+def separable_product(rows: np.ndarray, cols: np.ndarray, block: int = 512) -> np.ndarray:
+    """The float32 image ``rows @ cols`` ((ny, k) by (k, nx)): a smooth surface of few terms, such as a
+    polynomial or a tensor-product spline, made by blocks of rows with no full-size float64 intermediate."""
+    out = np.empty((rows.shape[0], cols.shape[1]), np.float32)
+    for start in range(0, rows.shape[0], block):
+        out[start : start + block] = rows[start : start + block] @ cols
+    return out
 
 
 def aperture_sum(image: np.ndarray, variance: np.ndarray, x: float, y: float, radius: float) -> tuple[float, float]:

@@ -18,6 +18,9 @@ from .moments import adaptive_moments
 from .stars import select_psf_stars
 from .subtraction.result import SubtractionResult
 
+#: Objects measured per batch: bounds the (batch, size, size) model and pixel stamps held at once.
+FORCED_BATCH = 1024
+
 
 def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | None = None) -> pd.DataFrame:
     """Linear PSF fit at fixed positions: flux = sum(P D / V) / sum(P^2 / V), error 1 / sqrt(sum(P^2 / V)).
@@ -26,40 +29,51 @@ def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | Non
     On a score image (header SCORE = True: already the PSF-filtered difference, with correlated
     noise) the matched filter has been applied, so the flux is the score at the position divided by
     the score PSF's value there, and the error is sqrt(variance) scaled the same way.
+    Objects are measured in batches of array operations (``Psf.draw_many``): every diaObject of an image is.
     """
     psf = exp.psf
     if psf is None:
         raise ValueError("forced photometry needs the exposure's PSF")
     size = size or min(psf.default_size, 31)
-    h = size // 2
-    full = psf.default_size
-    o = (full - size) // 2 if full > size else 0
-    ny, nx = exp.shape
-    bad = exp.unusable
+    x, y = np.asarray(x, float), np.asarray(y, float)
     flux = np.full(len(x), np.nan)
     err = np.full(len(x), np.nan)
-    score = bool(exp.header.get("SCORE", False))
-    for i, (xi, yi) in enumerate(zip(np.asarray(x, float), np.asarray(y, float))):
-        ix, iy = int(round(xi)), int(round(yi))
-        if score:
-            if 0 <= ix < nx and 0 <= iy < ny and not bad[iy, ix]:
-                peak = psf.draw(xi - ix, yi - iy, None, x=xi, y=yi)[full // 2, full // 2]
-                flux[i] = exp.image[iy, ix] / peak
-                err[i] = np.sqrt(exp.variance[iy, ix]) / peak
-            continue
-        x0, x1, y0, y1 = max(ix - h, 0), min(ix + h + 1, nx), max(iy - h, 0), min(iy + h + 1, ny)
-        if x0 >= x1 or y0 >= y1:
-            continue
-        # The fit window is cropped from the full, unit-sum model: fluxes are totals, not window sums.
-        model = psf.draw(xi - ix, yi - iy, None, x=xi, y=yi)
-        model = model[o : o + size, o : o + size] if full > size else np.pad(model, (size - full) // 2)
-        p = model[y0 - iy + h : y1 - iy + h, x0 - ix + h : x1 - ix + h]
-        w = np.where(bad[y0:y1, x0:x1], 0.0, 1.0 / np.maximum(exp.variance[y0:y1, x0:x1], 1e-30))
-        denom = float((p * p * w).sum())
-        if denom > 0:
-            flux[i] = float((p * exp.image[y0:y1, x0:x1] * w).sum()) / denom
-            err[i] = 1.0 / np.sqrt(denom)
+    measure = _score_flux if exp.header.get("SCORE", False) else _fitted_flux
+    for start in range(0, len(x), FORCED_BATCH):
+        batch = slice(start, start + FORCED_BATCH)
+        flux[batch], err[batch] = measure(exp, x[batch], y[batch], size)
     return pd.DataFrame({"psfFlux": flux, "psfFluxErr": err})
+
+
+def _fitted_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    psf, full, h = exp.psf, exp.psf.default_size, size // 2
+    ny, nx = exp.shape
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    # The fit window is cropped from the full, unit-sum model: fluxes are totals, not window sums.
+    model = psf.draw_many(x - ix, y - iy, x, y)
+    o = (full - size) // 2
+    model = model[:, o : o + size, o : o + size] if full > size else np.pad(model, ((0, 0), (-o, -o), (-o, -o)))
+    rows, cols = iy[:, None] + np.arange(-h, h + 1), ix[:, None] + np.arange(-h, h + 1)
+    inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+    at = (np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :])
+    w = np.where(inside & ~exp.unusable[at], 1.0 / np.maximum(exp.variance[at], np.float32(1e-30)), np.float32(0))
+    denom = np.einsum("kij,kij,kij->k", model, model, w)
+    good = denom > 0
+    flux = np.where(good, np.einsum("kij,kij,kij->k", model, exp.image[at], w) / np.where(good, denom, 1.0), np.nan)
+    return flux, np.where(good, 1.0 / np.sqrt(np.where(good, denom, 1.0)), np.nan)
+
+
+def _score_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    ny, nx = exp.shape
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    ok = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    ok[ok] = ~exp.unusable[iy[ok], ix[ok]]
+    flux, err = np.full(len(x), np.nan), np.full(len(x), np.nan)
+    c = exp.psf.default_size // 2
+    peak = exp.psf.draw_many(x[ok] - ix[ok], y[ok] - iy[ok], x[ok], y[ok])[:, c, c]
+    flux[ok] = exp.image[iy[ok], ix[ok]] / peak
+    err[ok] = np.sqrt(exp.variance[iy[ok], ix[ok]]) / peak
+    return flux, err
 
 
 # --------------------------------------------------------------------------- diaSource measurement

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -73,6 +73,15 @@ class Psf(ABC):
         total = shifted.sum()
         return shifted / total if total > 0 else shifted
 
+    def stamps_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(n, s, s) centred unit-sum stamps of the default size at image positions."""
+        return np.array([self.stamp(None, xi, yi) for xi, yi in zip(x, y)]).reshape(-1, *(self.default_size,) * 2)
+
+    def draw_many(self, dx: np.ndarray, dy: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``draw(dx[i], dy[i], None, x[i], y[i])`` for every i, (n, s, s), in a few array operations: forced
+        photometry draws the PSF at every diaObject of every image."""
+        return shift_stamps(self.stamps_at(x, y), np.asarray(dx, float), np.asarray(dy, float))
+
     def at(self, x: float, y: float) -> Psf:
         """The PSF at one image position, as a non-varying model."""
         return self
@@ -98,6 +107,49 @@ class Psf(ABC):
         """Noise-equivalent area 1 / sum(p^2), pixels^2."""
         p = self.stamp()
         return float(1.0 / np.sum(p.astype(float) ** 2))
+
+
+def shift_stamps(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Each stamp moved by its (dx, dy) as :meth:`Psf.draw` moves one (cubic spline, zero outside, renormalised;
+    unmoved stamps returned as they are). The shift is separable, M(dy) @ stamp @ M(dx)^T, and the 1-d operator
+    M(s) is a cubic polynomial in s between integers, so it is interpolated exactly from four samples."""
+    n = stamps.shape[-1]
+    out = _shift_operators(n, dy) @ stamps @ _shift_operators(n, dx).transpose(0, 2, 1)
+    total = out.sum(axis=(1, 2))
+    moved = (dx != 0) | (dy != 0)
+    out[moved] /= np.where(total[moved] > 0, total[moved], 1.0)[:, None, None]
+    out[~moved] = stamps[~moved]
+    return out
+
+
+#: Shifts at which the 1-d spline shift operator is sampled on each side of zero (one polynomial piece each).
+_SHIFT_NODES = np.array([0.2, 0.4, 0.6, 0.8])
+
+
+@cache
+def _shift_samples(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The operators M(s) of ``ndimage.shift`` (order 3, zero outside) at +-``_SHIFT_NODES``, each (4, n, n)."""
+    def sample(sign):
+        return np.array([ndimage.shift(np.eye(n), (sign * s, 0), order=3, mode="constant") for s in _SHIFT_NODES])
+    return sample(1.0), sample(-1.0)
+
+
+def _shift_operators(n: int, shifts: np.ndarray) -> np.ndarray:
+    """M(s) for every shift, (len(shifts), n, n): Lagrange interpolation through the samples on its side of zero
+    (exact for |s| < 1), the identity at 0, and ``ndimage.shift`` itself for larger shifts."""
+    positive, negative = _shift_samples(n)
+    a = np.abs(shifts)
+    weights = np.ones((len(shifts), len(_SHIFT_NODES)))
+    for i, node in enumerate(_SHIFT_NODES):
+        for j, other in enumerate(_SHIFT_NODES):
+            if i != j:
+                weights[:, i] *= (a - other) / (node - other)
+    out = np.einsum("kq,qij->kij", weights * (shifts > 0)[:, None], positive) \
+        + np.einsum("kq,qij->kij", weights * (shifts < 0)[:, None], negative)
+    out[shifts == 0] = np.eye(n)
+    for k in np.flatnonzero(a >= 1):
+        out[k] = ndimage.shift(np.eye(n), (shifts[k], 0), order=3, mode="constant")
+    return out
 
 
 def _shear_inverse(g1: float, g2: float) -> np.ndarray:
@@ -138,6 +190,9 @@ class AnalyticPsf(Psf):
     def draw(self, dx, dy, size=None, x=None, y=None):
         size = self.default_size if size is None else _check_odd(size)
         return self._evaluate(dx, dy, size) / self._evaluate(0.0, 0.0, size).sum()
+
+    def draw_many(self, dx, dy, x, y):
+        return np.array([self.draw(a, b) for a, b in zip(dx, dy)]).reshape(-1, *(self.default_size,) * 2)
 
 
 @dataclass(frozen=True)
@@ -243,6 +298,9 @@ class ImagePsf(Psf):
         p = _resize(self.image, size)
         return p / p.sum()
 
+    def stamps_at(self, x, y):
+        return np.broadcast_to(self.stamp(), (len(x), *self.image.shape))
+
     @property
     def default_size(self) -> int:
         return self.image.shape[0]
@@ -296,6 +354,15 @@ class GridPsf(Psf):
                 out += wx * wy * self.stamps[self._node[j, i]]
         return out / out.sum()
 
+    def stamps_at(self, x, y):
+        out = np.zeros((len(x), *self.stamps.shape[1:]))
+        (jy, wy), (ix, wx) = _bilinear(self.grid_y, np.asarray(y, float)), _bilinear(self.grid_x, np.asarray(x, float))
+        for a in range(2):
+            for b in range(2):
+                out += (wy[:, a] * wx[:, b])[:, None, None] * self.stamps[self._node[jy[:, a], ix[:, b]]]
+        out /= out.sum(axis=(1, 2))[:, None, None]
+        return out / out.sum(axis=(1, 2))[:, None, None]
+
     def stamp(self, size=None, x=None, y=None):
         cx, cy = self.center
         x = cx if x is None else x
@@ -315,6 +382,16 @@ class GridPsf(Psf):
     @property
     def default_size(self) -> int:
         return self.stamps.shape[1]
+
+
+def _bilinear(axis: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per value, the two grid nodes either side and their linear weights ((n, 2) each), as
+    ``GridPsf._weights`` gives them one value at a time (the nearest node, weight 1, beyond the ends)."""
+    if len(axis) == 1:
+        return np.zeros((len(v), 2), int), np.column_stack([np.ones(len(v)), np.zeros(len(v))])
+    i = np.clip(np.searchsorted(axis, v) - 1, 0, len(axis) - 2)
+    t = np.clip((v - axis[i]) / (axis[i + 1] - axis[i]), 0.0, 1.0)
+    return np.column_stack([i, i + 1]), np.column_stack([1.0 - t, t])
 
 
 def map_stamps(psf: Psf, fn) -> Psf:

@@ -50,8 +50,11 @@ def apply_filter(image: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float
     shape = (fft.next_fast_len(ny + pad, real=True), fft.next_fast_len(nx + pad, real=True))
     phi = decorrelation_filter(kernel, s1sq, s2sq, shape, score_psf)
     workers = workers or default_workers()
-    fi = fft.rfft2(image.astype(np.float32), s=shape, workers=workers)
-    return fft.irfft2(fi * phi.astype(np.float32), s=shape, workers=workers)[:ny, :nx].astype(np.float32)
+    fi = fft.rfft2(image.astype(np.float32, copy=False), s=shape, workers=workers)
+    fi *= phi.astype(np.float32, copy=False)  # in place: a full-size complex buffer fewer at the run's peak
+    del phi
+    return np.ascontiguousarray(fft.irfft2(fi, s=shape, workers=workers, overwrite_x=True)[:ny, :nx],
+                                dtype=np.float32)
 
 
 def filter_stamp(stamp: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float,

@@ -16,7 +16,7 @@ Each step takes and returns plain dataclasses, so each can be run, inspected and
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -417,7 +417,13 @@ def subtract_alard_lupton(science: Exposure, template: Exposure, config: Subtrac
         fit = fit_kernel(problem, sources, cfg)
     with timed("convolve_pair"):
         convolved = convolve_pair(pair, problem, fit, cfg)
+    # each full-size input of a step is dropped once no later step reads it: fewer buffers alive at the peak
+    pair = replace(pair, science_image=None, template_image=None)
+    problem = replace(problem, target_image=None, convolved_image=None)
     with timed("decorrelate"):
         decorrelated = decorrelate(pair, problem, fit, convolved, cfg)
+    pair = replace(pair, science_variance=None, template_variance=None)
+    problem = replace(problem, target_variance=None, convolved_variance=None)
+    convolved = replace(convolved, difference=None)
     with timed("finalize"):
         return finalize(pair, problem, sources, fit, convolved, decorrelated, cfg)

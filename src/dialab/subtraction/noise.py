@@ -77,9 +77,9 @@ def noise_correlation(exp: Exposure, max_lag: int = MAX_LAG) -> np.ndarray:
         ny, nx = resid.shape
         y0, x0 = max(0, (ny - 2048) // 2), max(0, (nx - 2048) // 2)
         win = (slice(y0, y0 + 2048), slice(x0, x0 + 2048))
-        z = np.where(usable[win], resid[win] / np.sqrt(np.maximum(var[win], 1e-30)), 0.0).astype(float)
-        m = usable[win].astype(float)
-        zz0 = (z * z).sum() / max(m.sum(), 1.0)
+        m = usable[win]
+        z = np.where(m, resid[win] / np.sqrt(np.maximum(var[win], np.float32(1e-30))), np.float32(0))
+        zz0 = (z * z).sum(dtype=float) / max(np.count_nonzero(m), 1)
         k = max_lag
         for dy in range(-k, k + 1):
             for dx in range(0, k + 1):
@@ -87,10 +87,10 @@ def noise_correlation(exp: Exposure, max_lag: int = MAX_LAG) -> np.ndarray:
                     continue
                 a = (slice(k + dy, z.shape[0] - k + dy), slice(k + dx, z.shape[1] - k + dx))
                 b = (slice(k, z.shape[0] - k), slice(k, z.shape[1] - k))
-                pairs = (m[a] * m[b]).sum()
+                pairs = np.count_nonzero(m[a] & m[b])
                 if pairs < 100:
                     continue
-                c = (z[a] * z[b]).sum() / pairs / zz0
+                c = (z[a] * z[b]).sum(dtype=float) / pairs / zz0  # float32 products, summed in float64
                 if abs(c) > max(MIN_CORRELATION, 4 / np.sqrt(pairs)):
                     out[k + dy, k + dx] = out[k - dy, k - dx] = c
         return out
@@ -126,5 +126,15 @@ def noise_ratio(exp: Exposure, block: int = 64) -> float:
             level[enough] = clipped_stats(boxes[enough], axis=1)[0]
             del boxes
             z -= smooth_grid(level.reshape(ny // block, nx // block), ny, nx)
-    values = z[usable]
-    return float(clipped_stats(values[:: max(1, values.size // 2_000_000)])[1]) if values.size else float("nan")
+    values = every_nth(z, usable, max(1, int(np.count_nonzero(usable)) // 2_000_000))
+    return float(clipped_stats(values)[1]) if values.size else float("nan")
+
+
+def every_nth(image: np.ndarray, selected: np.ndarray, n: int, rows: int = 256) -> np.ndarray:
+    """``image[selected][::n]`` without the full-size copy of ``image[selected]``: a block of rows at a time."""
+    out, seen = [], 0
+    for y in range(0, image.shape[0], rows):
+        values = image[y : y + rows][selected[y : y + rows]]
+        out.append(values[(-seen) % n :: n])
+        seen += len(values)
+    return np.concatenate(out) if out else image[:0].ravel()
