@@ -76,6 +76,25 @@ def test_dask_executor_gives_the_same_catalogs(local_run, dataset, config, tmp_p
         pd.testing.assert_frame_equal(local[key], remote[key])
 
 
+def test_association_while_units_run_fills_the_apdb_a_pass_after_them_would(local_run, dataset, config, tmp_path):
+    """The driver stores each visit as soon as its units are done, while the workers go on with later ones: the
+    APDB must hold exactly what one pass after the last unit stores (ids, objects, forced photometry)."""
+    from dialab.apdb import create_apdb, open_apdb
+    from dialab.pipeline.manifest import read_manifest
+    from dialab.pipeline.runner import Association, plan_units
+
+    flavor = "convolveTemplate"
+    create_apdb(tmp_path / flavor / "apdb.sqlite3", tmp_path / flavor / "apdb.yaml")
+    manifest = read_manifest(dataset)
+    state = Association(local_run.out, manifest, [u for u, _ in plan_units(manifest, [flavor])], config,
+                        {flavor: open_apdb(tmp_path / flavor / "apdb.yaml")}).advance(final=True)
+    assert state[flavor].stopped is None and state[flavor].stored == local_run.stored[flavor]
+    streamed, after = _apdb_rows(local_run.out, flavor), _apdb_rows(tmp_path, flavor)
+    for name in ("DiaSource", "DiaObject", "DiaForcedSource"):
+        assert len(streamed[name]) > 0
+        pd.testing.assert_frame_equal(streamed[name], after[name], check_exact=False, rtol=1e-12)
+
+
 def test_resume_after_a_failed_unit_ends_like_an_uninterrupted_run(local_run, dataset, config, tmp_path):
     # a manifest whose middle entry reads a file that is broken on the first run and repaired before the resume
     manifest = yaml.safe_load(dataset.read_text())

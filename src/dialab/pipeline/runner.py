@@ -197,46 +197,74 @@ class _Association:
     failures: list = field(default_factory=list)
 
 
-def associate_flavors(out: Path, manifest: Manifest, units: list[Unit], config: PipelineConfig, handles: dict,
-                      signals: _Signals | None = None, skip_failed: bool = False) -> dict[str, _Association]:
-    """Store every flavor's done units visit by visit in time order, into that flavor's APDB.
+class Association:
+    """Every flavor's done units stored visit by visit in time order, into that flavor's APDB, as far as the
+    finished units allow.
 
+    ``advance`` is called each time a unit finishes, so the driver stores a visit while the workers go on with
+    later ones (association no longer waits for the last unit), and once more at the end (``final``).
     Visits are taken in turn for all flavors together, so each (visit, detector)'s science image is read and
     repaired once for every flavor's forced photometry. Within a flavor, a visit with a unit that is neither
-    done nor (with ``skip_failed``) failed for good stops that flavor's association there, so that a resumed
-    run stores in the same order; with ``skip_failed`` a unit that cannot be stored is recorded and passed over.
+    done nor (with ``skip_failed``) failed for good is waited for; at the end it stops that flavor's association
+    there, so that a resumed run stores in the same order. With ``skip_failed`` a unit that cannot be stored is
+    recorded and passed over.
     """
-    entries = {(e.visit, e.detector): e for e in manifest.entries}
-    by_visit: dict[int, list[Unit]] = defaultdict(list)
-    for u in units:
-        by_visit[u.visit].append(u)
-    state = {f: _Association() for f in handles}
-    for visit in sorted(by_visit, key=lambda v: (min(u.mjd for u in by_visit[v]), v)):
-        sciences: dict[int, Exposure] = {}  # detector -> the science as subtracted, shared by the flavors
-        for flavor, progress in state.items():
-            group = sorted((u for u in by_visit[visit] if u.flavor == flavor), key=lambda u: u.detector)
-            if progress.stopped is not None or not group:
-                continue
-            if not all(_settled(out, u, skip_failed) for u in group):
-                progress.stopped = visit
-                continue
-            for u in (u for u in group if is_done(out, u)):
-                if signals is not None:
-                    signals.check()
-                try:
-                    entry = entries[(u.visit, u.detector)]
-                    if u.detector not in sciences:
-                        sciences[u.detector] = _science_as_subtracted(manifest, entry, config)
-                    progress.stored += _store_unit(out, sciences[u.detector], u, config, handles[flavor])
-                    if config.output.keep == "catalogs":
-                        drop_difference(out, u)
-                except (DialabError, OSError, ValueError) as exc:  # ValueError: a damaged Parquet or FITS file
-                    progress.failures.append((f"APDB {u.label}", " ".join(str(exc).split())))
-                    if not skip_failed:
-                        progress.stopped = visit
-                        break
-                    mark_failed(out, u, f"APDB: {progress.failures[-1][1]}")
-    return state
+
+    def __init__(self, out: Path, manifest: Manifest, units: list[Unit], config: PipelineConfig, handles: dict,
+                 signals: _Signals | None = None, skip_failed: bool = False, on_store=None):
+        self.out, self.manifest, self.config, self.handles = out, manifest, config, handles
+        self.signals, self.skip_failed, self.on_store = signals, skip_failed, on_store
+        self.entries = {(e.visit, e.detector): e for e in manifest.entries}
+        self.by_visit: dict[int, list[Unit]] = defaultdict(list)
+        for u in units:
+            self.by_visit[u.visit].append(u)
+        self.visits = sorted(self.by_visit, key=lambda v: (min(u.mjd for u in self.by_visit[v]), v))
+        self.state = {f: _Association() for f in handles}
+        self.next = dict.fromkeys(handles, 0)  # per flavor, the index of the next visit to store
+
+    def _active(self) -> list[str]:
+        return [f for f, p in self.state.items() if p.stopped is None and self.next[f] < len(self.visits)]
+
+    def advance(self, final: bool = False) -> dict[str, _Association]:
+        """Store every visit that can be stored now; with ``final``, an unsettled visit stops its flavor."""
+        active = self._active()
+        i = min((self.next[f] for f in active), default=len(self.visits))
+        while i < len(self.visits):
+            visit = self.visits[i]
+            sciences: dict[int, Exposure] = {}  # detector -> the science as subtracted, shared by the flavors
+            for flavor in [f for f in self._active() if self.next[f] == i]:
+                group = sorted((u for u in self.by_visit[visit] if u.flavor == flavor), key=lambda u: u.detector)
+                if not all(_settled(self.out, u, self.skip_failed) for u in group):
+                    if final:
+                        self.state[flavor].stopped = visit
+                    continue
+                self._store(flavor, visit, group, sciences)
+                self.next[flavor] = i + 1
+            if not any(self.next[f] == i + 1 for f in self._active()):
+                break  # every flavor still going waits at this visit or an earlier one
+            i += 1
+        return self.state
+
+    def _store(self, flavor: str, visit: int, group: list[Unit], sciences: dict[int, Exposure]) -> None:
+        progress = self.state[flavor]
+        for u in (u for u in group if is_done(self.out, u)):
+            if self.signals is not None:
+                self.signals.check()
+            try:
+                entry = self.entries[(u.visit, u.detector)]
+                if u.detector not in sciences:
+                    sciences[u.detector] = _science_as_subtracted(self.manifest, entry, self.config)
+                progress.stored += _store_unit(self.out, sciences[u.detector], u, self.config, self.handles[flavor])
+                if self.config.output.keep == "catalogs":
+                    drop_difference(self.out, u)
+            except (DialabError, OSError, ValueError) as exc:  # ValueError: a damaged Parquet or FITS file
+                progress.failures.append((f"APDB {u.label}", " ".join(str(exc).split())))
+                if not self.skip_failed:
+                    progress.stopped = visit
+                    break
+                mark_failed(self.out, u, f"APDB: {progress.failures[-1][1]}")
+            if self.on_store is not None:
+                self.on_store(flavor, progress)
 
 
 def _science_as_subtracted(manifest: Manifest, entry: Entry, config: PipelineConfig) -> Exposure:
@@ -276,7 +304,7 @@ def _units_to_run(out: Path, planned: list[tuple[Unit, Entry]], resume: bool, sk
 
 
 def _run_units(todo, manifest: Manifest, config: PipelineConfig, out: Path, skip_failed: bool, bar, tasks,
-               result: RunResult) -> None:
+               result: RunResult, association: Association, signals: _Signals) -> None:
     failed_per_flavor: dict[str, int] = defaultdict(int)
     units = execute(todo, str(manifest.root.resolve()), config, str(out))
     try:
@@ -291,6 +319,10 @@ def _run_units(todo, manifest: Manifest, config: PipelineConfig, out: Path, skip
                     mark_failed(out, unit, reason)
                 bar.console.log(f"FAILED {unit.label}: {reason}")
             bar.update(tasks[unit.flavor], advance=1, failed=failed_per_flavor[unit.flavor])
+            signals.defer = True  # an interrupt now takes effect between two stores, not inside one
+            association.advance()
+            signals.defer = False
+            signals.check()
     finally:
         if hasattr(units, "close"):
             units.close()  # on an interrupt: cancels queued units and stops the workers
@@ -355,9 +387,13 @@ def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | P
             tasks = {f: bar.add_task(f, total=sum(u.flavor == f for u, _ in planned), failed=0,
                                      completed=sum(u.flavor == f for u, _ in planned) - sum(u.flavor == f for u, _ in todo))
                      for f in flavors}
-            _run_units(todo, manifest, config, out, skip_failed, bar, tasks, result)
+            apdb_tasks = {f: bar.add_task(f"APDB {f}", total=None, failed=0) for f in handles}
+            association = Association(
+                out, manifest, [u for u, _ in planned], config, handles, signals, skip_failed,
+                on_store=lambda f, p: bar.update(apdb_tasks[f], completed=p.stored, failed=len(p.failures)))
+            _run_units(todo, manifest, config, out, skip_failed, bar, tasks, result, association, signals)
             signals.defer = True
-            _associate(out, manifest, planned, config, handles, signals, skip_failed, bar, result)
+            _associate(association, bar, apdb_tasks, result)
     except RunInterrupted:
         _finish(out, record, result, planned, t0, interrupted=True)
         raise
@@ -365,9 +401,9 @@ def run_pipeline(manifest_path: str | Path, config: PipelineConfig, out: str | P
     return result
 
 
-def _associate(out, manifest, planned, config, handles, signals, skip_failed, bar, result) -> None:
-    tasks = {f: bar.add_task(f"APDB {f}", total=None, failed=0) for f in handles}
-    state = associate_flavors(out, manifest, [u for u, _ in planned], config, handles, signals, skip_failed)
+def _associate(association: Association, bar, tasks, result: RunResult) -> None:
+    """The association's last pass, after every unit: what it stored and where each flavor stopped."""
+    state = association.advance(final=True)
     for flavor, progress in state.items():
         result.stored[flavor] = progress.stored
         for label, reason in progress.failures:
@@ -377,7 +413,7 @@ def _associate(out, manifest, planned, config, handles, signals, skip_failed, ba
             result.association_stopped[flavor] = progress.stopped
             bar.console.log(f"{flavor}: association stopped at visit {progress.stopped} (a unit is not done; "
                             "resume the run to continue, or pass --skip-failed)")
-        bar.update(tasks[flavor], total=1, completed=1, failed=len(progress.failures))
+        bar.update(tasks[flavor], total=progress.stored, completed=progress.stored, failed=len(progress.failures))
 
 
 def _finish(out: Path, record: dict, result: RunResult, planned, t0: float, interrupted: bool = False) -> None:
