@@ -55,9 +55,12 @@ def floor_seconds(shape: tuple[int, int]) -> float:
     image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     kernel = np.ones((35, 35), np.float32) / 35**2
     fft_convolve(image, kernel, workers=1)
-    t0 = time.perf_counter()
-    fft_convolve(image, kernel, workers=1)
-    return time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(5):  # the fastest of five: one timing varies by 20-30% on a shared machine
+        t0 = time.perf_counter()
+        fft_convolve(image, kernel, workers=1)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def child(science: str, template: str, method: str, out: str) -> None:

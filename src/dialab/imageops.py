@@ -125,7 +125,7 @@ def default_workers() -> int:
 def fft_convolve_each(image: np.ndarray, kernels, workers: int | None = None):
     """'same'-size convolutions of ``image`` with each (odd, square, equal-sized) kernel in turn; float32, zero
     padding. The image is transformed once; one result at a time is held, so a caller summing them keeps one
-    full-size buffer, not one per kernel."""
+    full-size buffer, not one per kernel. Each result is a view into its padded transform (writable)."""
     ny, nx = image.shape
     kernels = np.asarray(kernels)
     size = kernels.shape[-1]
@@ -140,7 +140,7 @@ def fft_convolve_each(image: np.ndarray, kernels, workers: int | None = None):
         fk = fft.ifft(fk, axis=0, workers=workers, overwrite_x=True)
         full = fft.irfft(fk[h : h + ny], n=shape[1], axis=1, workers=workers)
         del fk
-        yield np.ascontiguousarray(full[:, h : h + nx])
+        yield full[:, h : h + nx]  # a view: no full-size copy (fft_convolve makes it contiguous)
 
 
 def _padded_rfft2(kernel: np.ndarray, shape: tuple[int, int], workers: int) -> np.ndarray:
@@ -154,7 +154,7 @@ def _padded_rfft2(kernel: np.ndarray, shape: tuple[int, int], workers: int) -> n
 
 def fft_convolve(image: np.ndarray, kernel: np.ndarray, workers: int | None = None) -> np.ndarray:
     """'same'-size convolution of ``image`` with one (odd, square) kernel; float32, zero padding."""
-    return next(fft_convolve_each(image, kernel[None], workers))
+    return np.ascontiguousarray(next(fft_convolve_each(image, kernel[None], workers)))
 
 
 def convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:

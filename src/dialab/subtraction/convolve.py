@@ -23,6 +23,7 @@ def convolve_image(image: np.ndarray, kernel: SpatialKernel, workers: int | None
         part *= row[:, None]
         part *= col[None, :]
         out += part
+        del part  # before the next term's buffers are made
     return out
 
 

@@ -43,8 +43,10 @@ def decorrelation_filter(kernel: np.ndarray, s1sq: float, s2sq: float, shape: tu
 
 
 def apply_filter(image: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float,
-                 score_psf: np.ndarray | None = None, workers: int | None = None) -> np.ndarray:
-    """Filter ``image`` with phi (or phi_S), zero-padded by the kernel size to avoid wrap-around."""
+                 score_psf: np.ndarray | None = None, workers: int | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Filter ``image`` with phi (or phi_S), zero-padded by the kernel size to avoid wrap-around; into ``out``
+    (float32, the image's shape; it may be the image itself) when given."""
     ny, nx = image.shape
     pad = kernel.shape[0] + (0 if score_psf is None else score_psf.shape[0])
     shape = (fft.next_fast_len(ny + pad, real=True), fft.next_fast_len(nx + pad, real=True))
@@ -53,8 +55,11 @@ def apply_filter(image: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float
     fi = fft.rfft2(image.astype(np.float32, copy=False), s=shape, workers=workers)
     fi *= phi.astype(np.float32, copy=False)  # in place: a full-size complex buffer fewer at the run's peak
     del phi
-    return np.ascontiguousarray(fft.irfft2(fi, s=shape, workers=workers, overwrite_x=True)[:ny, :nx],
-                                dtype=np.float32)
+    filtered = fft.irfft2(fi, s=shape, workers=workers, overwrite_x=True)[:ny, :nx]
+    if out is None:
+        return np.ascontiguousarray(filtered, dtype=np.float32)
+    out[...] = filtered
+    return out
 
 
 def filter_stamp(stamp: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float,

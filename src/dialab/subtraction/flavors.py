@@ -158,7 +158,11 @@ def _filled(exp: Exposure, nodata: np.ndarray, background: Background, psf: Psf,
     """The image with NO_DATA at the sky level and, when it is to be convolved, BAD/SAT/CR pixels
     interpolated over (a convolution must not smear its defects)."""
     if not convolved:
-        return np.where(nodata, background.level, exp.image).astype(np.float32)
+        if exp.image.dtype == np.float32 and not nodata.any():
+            view = exp.image.view()  # nothing to fill: the exposure's own pixels, read-only, not a full-size copy
+            view.flags.writeable = False
+            return view
+        return np.where(nodata, background.level, exp.image).astype(np.float32, copy=False)
     defects = exp.plane("BAD", "SAT", "CR") | nodata
     return interpolate_masked(np.where(nodata, background.level, exp.image), defects & ~nodata, max(psf.sigma, 1.0))
 
@@ -293,7 +297,7 @@ def decorrelate(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, co
     """Step 6: whiten the difference's noise (DMTN-021) and find the PSF of new sources on it.
 
     The variance planes: the unconvolved input's, and the convolved one's as it is after decorrelation
-    (k_s^2 var) or before it (var * K^2).
+    (k_s^2 var) or before it (var * K^2). When decorrelating, ``convolved.difference`` is overwritten by the result.
     """
     kernel, ks, v = fit.kernel, fit.kernel.kernel_sum, problem.prefilter
     usable = ~pair.nodata
@@ -311,7 +315,8 @@ def decorrelate(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, co
     if not cfg.decorrelate:
         return Decorrelated(convolved.difference, problem.target_variance + convolved.matched_variance, source_psf)
     kimg = kernel.center_image
-    image = apply_filter(convolved.difference, kimg, s1sq, s2sq, v, cfg.workers)
+    # in place: the raw difference becomes the decorrelated one (no later step reads it), a full-size buffer fewer
+    image = apply_filter(convolved.difference, kimg, s1sq, s2sq, v, cfg.workers, out=convolved.difference)
     if v is None:
         variance = problem.target_variance + np.float32(ks**2) * problem.convolved_variance
     else:
