@@ -360,7 +360,6 @@ class GridPsf(Psf):
         for a in range(2):
             for b in range(2):
                 out += (wy[:, a] * wx[:, b])[:, None, None] * self.stamps[self._node[jy[:, a], ix[:, b]]]
-        out /= out.sum(axis=(1, 2))[:, None, None]
         return out / out.sum(axis=(1, 2))[:, None, None]
 
     def stamp(self, size=None, x=None, y=None):
