@@ -209,14 +209,23 @@ def window_any(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, half: int) -> n
     return out
 
 
+def stamp_index(ix: np.ndarray, iy: np.ndarray, h: int, shape: tuple[int, int]) -> tuple[tuple, np.ndarray]:
+    """Index of the (2h + 1)^2 windows centred on integer pixels (ix, iy), for ``image[index]`` of shape
+    (n, 2h + 1, 2h + 1), clipped to the image; and where each window pixel lies on it. A fancy index takes
+    every window at once, with no padded copy of the image."""
+    offsets = np.arange(-h, h + 1)
+    rows, cols = np.asarray(iy)[:, None] + offsets, np.asarray(ix)[:, None] + offsets
+    inside = ((rows >= 0) & (rows < shape[0]))[:, :, None] & ((cols >= 0) & (cols < shape[1]))[:, None, :]
+    return (np.clip(rows, 0, shape[0] - 1)[:, :, None], np.clip(cols, 0, shape[1] - 1)[:, None, :]), inside
+
+
 def cut_stamps(image: np.ndarray, xs, ys, size: int) -> np.ndarray:
     """Array (n, size, size) of float32 stamps centred on the rounded (x, y) (clipped to the image), NaN
     beyond its border: every stamp has the same shape whatever its distance to the edge."""
-    h = size // 2
-    padded = np.pad(np.asarray(image, np.float32), h, constant_values=np.nan)
-    ix = np.clip(np.round(np.asarray(xs, float)).astype(int), 0, image.shape[1] - 1)
-    iy = np.clip(np.round(np.asarray(ys, float)).astype(int), 0, image.shape[0] - 1)
-    return np.array([padded[y : y + size, x : x + size] for x, y in zip(ix, iy)], np.float32).reshape(-1, size, size)
+    ix = np.clip(np.rint(np.asarray(xs, float)).astype(int), 0, image.shape[1] - 1)
+    iy = np.clip(np.rint(np.asarray(ys, float)).astype(int), 0, image.shape[0] - 1)
+    at, inside = stamp_index(ix, iy, size // 2, image.shape)
+    return np.where(inside, image[at].astype(np.float32), np.float32(np.nan)).reshape(-1, size, size)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from .background import sky_background
 from .detection import detect_sources
 from .exposure import Exposure
 from .ids import pack_ids
-from .imageops import aperture_sum, find_peaks, gaussian_filtered_snr
+from .imageops import aperture_sum, find_peaks, gaussian_filtered_snr, stamp_index
 from .moments import adaptive_moments
 from .stars import select_psf_stars
 from .subtraction.result import SubtractionResult
@@ -47,15 +47,12 @@ def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | Non
 
 def _fitted_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     psf, full, h = exp.psf, exp.psf.default_size, size // 2
-    ny, nx = exp.shape
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     # The fit window is cropped from the full, unit-sum model: fluxes are totals, not window sums.
     model = psf.draw_many(x - ix, y - iy, x, y)
     o = (full - size) // 2
     model = model[:, o : o + size, o : o + size] if full > size else np.pad(model, ((0, 0), (-o, -o), (-o, -o)))
-    rows, cols = iy[:, None] + np.arange(-h, h + 1), ix[:, None] + np.arange(-h, h + 1)
-    inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-    at = (np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :])
+    at, inside = stamp_index(ix, iy, h, exp.shape)
     w = np.where(inside & ~exp.unusable[at], 1.0 / np.maximum(exp.variance[at], np.float32(1e-30)), np.float32(0))
     denom = np.einsum("kij,kij,kij->k", model, model, w)
     good = denom > 0

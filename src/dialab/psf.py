@@ -337,22 +337,9 @@ class GridPsf(Psf):
     def center(self) -> tuple[float, float]:
         return float(np.mean(self.grid_x)), float(np.mean(self.grid_y))
 
-    def _weights(self, axis: np.ndarray, v: float) -> list[tuple[int, float]]:
-        if len(axis) == 1 or v <= axis[0]:
-            return [(0, 1.0)]
-        if v >= axis[-1]:
-            return [(len(axis) - 1, 1.0)]
-        i = int(np.searchsorted(axis, v) - 1)
-        t = (v - axis[i]) / (axis[i + 1] - axis[i])
-        return [(i, 1.0 - t), (i + 1, t)]
-
     def interpolated(self, x: float, y: float) -> np.ndarray:
         """Full-size interpolated stamp at (x, y), sum 1."""
-        out = np.zeros(self.stamps.shape[1:])
-        for j, wy in self._weights(self.grid_y, y):
-            for i, wx in self._weights(self.grid_x, x):
-                out += wx * wy * self.stamps[self._node[j, i]]
-        return out / out.sum()
+        return self.stamps_at([x], [y])[0]
 
     def stamps_at(self, x, y):
         out = np.zeros((len(x), *self.stamps.shape[1:]))
@@ -384,8 +371,8 @@ class GridPsf(Psf):
 
 
 def _bilinear(axis: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per value, the two grid nodes either side and their linear weights ((n, 2) each), as
-    ``GridPsf._weights`` gives them one value at a time (the nearest node, weight 1, beyond the ends)."""
+    """Per value, the two grid nodes either side and their linear weights ((n, 2) each); beyond the ends the
+    nearest node, with weight 1."""
     if len(axis) == 1:
         return np.zeros((len(v), 2), int), np.column_stack([np.ones(len(v)), np.zeros(len(v))])
     i = np.clip(np.searchsorted(axis, v) - 1, 0, len(axis) - 2)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..background import sky_background
-from ..imageops import aperture_sum
+from ..imageops import aperture_sum, stamp_index
 from ..stars import find_stars
 
 
@@ -186,7 +186,7 @@ def weighted_fluxes(image, variance, psf, centres: np.ndarray, sigma_w: float, h
     m = min(n, h)
     p = np.zeros_like(w)
     p[:, h - m : h + m + 1, h - m : h + m + 1] = model[:, n - m : n + m + 1, n - m : n + m + 1]
-    at = ((iy[:, None] + np.arange(-h, h + 1))[:, :, None], (ix[:, None] + np.arange(-h, h + 1))[:, None, :])
+    at, _ = stamp_index(ix, iy, h, image.shape)  # every window lies on the image
     norm = np.einsum("kij,kij->k", w, p)
     flux[inside] = np.einsum("kij,kij->k", w, image[at]) / norm
     err[inside] = np.sqrt(np.einsum("kij,kij,kij->k", w, w, variance[at])) / norm
