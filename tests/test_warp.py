@@ -67,3 +67,23 @@ def test_frames_without_wcs_register_by_star_offset():
     back = shift_exposure(e_moved, dx, dy)
     inner = (slice(40, -40), slice(40, -40))
     assert np.std((back.image - ref)[inner]) < 2.0
+
+
+@pytest.mark.parametrize("shape", [(64, 400), (400, 64)])
+def test_thin_images_warp(shape):
+    """A few rows of mapping nodes along one axis (a lower spline degree there): a smooth field warped by a
+    rotation and a shift lands where the WCSs put it."""
+    ny, nx = shape
+    src_wcs = tan_wcs(shape, 0.2, 150.0, 2.0, rotation_deg=1.0)
+    dst_wcs = tan_wcs(shape, 0.2, 150.0, 2.0, shift_pix=(3.3, -2.1))
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    field = lambda x, y: 100.0 + 0.1 * x + 0.2 * y  # noqa: E731 (linear: reproduced exactly by the cubic spline)
+    src = Exposure(image=field(xx, yy).astype(np.float32), mask=np.zeros(shape, np.int32),
+                   variance=np.ones(shape, np.float32), wcs=src_wcs)
+    out = warp_exposure(src, dst_wcs, shape)
+    back = src_wcs.all_world2pix(dst_wcs.all_pix2world(np.column_stack([xx.ravel(), yy.ravel()]), 0), 0)
+    expected = field(back[:, 0], back[:, 1]).reshape(shape)
+    inner = ~out.plane("NO_DATA") & (back[:, 0].reshape(shape) > 3) & (back[:, 0].reshape(shape) < nx - 4) \
+        & (back[:, 1].reshape(shape) > 3) & (back[:, 1].reshape(shape) < ny - 4)
+    assert inner.mean() > 0.6
+    assert np.abs(out.image - expected)[inner].max() < 1e-3

@@ -205,7 +205,7 @@ def _upsample(grid: np.ndarray, ny: int, nx: int) -> np.ndarray:
         out = np.broadcast_to(line[None, :] if by == 1 else line[:, None], (ny, nx))
         return np.ascontiguousarray(out, dtype=np.float32)
     ky, kx = min(3, by - 1), min(3, bx - 1)
-    spline = RectBivariateSpline(cy, cx, grid, kx=kx, ky=ky)
+    spline = RectBivariateSpline(cy, cx, grid, kx=ky, ky=kx)  # its first axis (its "x") is the image's y
     ty, tx = spline.get_knots()
     coeffs = spline.get_coeffs().reshape(len(ty) - ky - 1, len(tx) - kx - 1)
     # a tensor-product spline on a pixel grid is two matrix products with the axes' B-spline design matrices

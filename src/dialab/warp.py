@@ -52,7 +52,7 @@ class _Mapping:
             gy, gx = grid
             sx, sy = splines
             det = np.abs(sx(gy, gx, dy=1) * sy(gy, gx, dx=1) - sx(gy, gx, dx=1) * sy(gy, gx, dy=1))
-            self.det = RectBivariateSpline(gy, gx, det, kx=min(3, len(gx) - 1), ky=min(3, len(gy) - 1))
+            self.det = RectBivariateSpline(gy, gx, det, kx=min(3, len(gy) - 1), ky=min(3, len(gx) - 1))
 
     def rows(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
         """xs, ys and |det J| of destination rows y0..y1-1."""
@@ -79,9 +79,10 @@ def _mapping_from_wcs(src: Exposure, dst_wcs, dst_shape) -> _Mapping:
     mx, my = np.meshgrid(gx, gy)
     world = dst_wcs.all_pix2world(np.column_stack([mx.ravel(), my.ravel()]), 0)
     src_pix = src.wcs.all_world2pix(world, 0)
-    kx, ky = min(3, len(gx) - 1), min(3, len(gy) - 1)
-    sx = RectBivariateSpline(gy, gx, src_pix[:, 0].reshape(mx.shape), kx=kx, ky=ky)
-    sy = RectBivariateSpline(gy, gx, src_pix[:, 1].reshape(mx.shape), kx=kx, ky=ky)
+    # the splines' first axis (their "x") is the image's y: its degree is limited by the rows of the grid
+    degrees = dict(kx=min(3, len(gy) - 1), ky=min(3, len(gx) - 1))
+    sx = RectBivariateSpline(gy, gx, src_pix[:, 0].reshape(mx.shape), **degrees)
+    sy = RectBivariateSpline(gy, gx, src_pix[:, 1].reshape(mx.shape), **degrees)
     return _Mapping(dst_shape, (sx, sy), (gy, gx))
 
 
