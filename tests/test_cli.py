@@ -104,6 +104,21 @@ def test_info_into_a_closed_pipe_ends_quietly(pair):
     assert run.stdout.startswith("file") and "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr
 
 
+def test_a_bug_is_one_line_and_exit_1_with_its_traceback_under_v(pair, capsys, monkeypatch):
+    import dialab.cli
+
+    def broken(args):
+        raise ZeroDivisionError("float division by zero")
+
+    monkeypatch.setattr(dialab.cli, "_cmd_info", broken)
+    science = str(pair[0] / "science.fits")
+    assert main(["info", science]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "internal error: ZeroDivisionError" in err and "-v" in err
+    assert main(["-v", "info", science]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(pair):
     """Broken files of every kind, beside the good pair."""

@@ -1,4 +1,5 @@
-"""The ``dialab`` command line: one subcommand per job, errors as one line with exit status 2."""
+"""The ``dialab`` command line: one subcommand per job; bad input is a one-line error with exit status 2, a bug
+one line with exit status 1 (its traceback with -v)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from . import __version__
 from .errors import BadInputError, DialabError, RunInterrupted
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL_ERROR = 1
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -433,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader (e.g. head) has gone: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:  # a bug, not the input: one line, and the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose else "; -v shows where"
+        print(f"dialab {args.command}: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+              f"(a bug; please report it{hint})", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":
