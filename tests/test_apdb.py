@@ -207,3 +207,34 @@ def test_forced_source_ids_do_not_depend_on_the_order_objects_come_in():
     two = forced_sources(objects.sample(frac=1, random_state=1), e, None, 3, 1, "r", 60000.0, 60000.1)
     pd.testing.assert_frame_equal(one.reset_index(drop=True), two.reset_index(drop=True))
     assert one.diaForcedSourceId.is_unique
+
+
+def test_detectors_of_one_visit_that_overlap_update_their_shared_objects(apdb_config):
+    """Two overlapping detectors of one visit (cutouts of one exposure) see the same star: the second update of
+    its diaObject is a later version, not a collision with the first."""
+    handle = open_apdb(apdb_config)
+    e1, e2 = difference(4, detector=1), difference(4, detector=2)
+    store_visit_detector(handle, catalog(e1, [(0, 0), (5, 0)], [100, 200]), e1)
+    stored = store_visit_detector(handle, catalog(e2, [(0.2, 0), (-6, 0)], [110, 50]), e2)
+    assert stored["stored"] and stored["updated_objects"] == 1
+    objects = handle.table("DiaObject")
+    assert len(objects) == 3 and sorted(objects.nDiaSources) == [1, 1, 2]
+    versions = handle.table("DiaObject", latest=False)
+    shared = versions[versions.diaObjectId == objects[objects.nDiaSources == 2].diaObjectId.iloc[0]]
+    assert len(shared) == 2 and shared.validityStartMjdTai.nunique() == 2
+    assert shared.validityStartMjdTai.min() == pytest.approx(60004.0)
+
+
+def test_a_database_error_is_the_drivers_one_line_not_the_sql(apdb_config):
+    from dialab.apdb import ApdbError
+
+    handle = open_apdb(apdb_config)
+    e1, e2 = difference(5, detector=1), difference(5, detector=2)
+    store_visit_detector(handle, catalog(e1, [(0, 0)], [100]), e1)
+    objects = handle.table("DiaObject").drop(columns=["validityStartMjdTai", "validityEndMjdTai"])
+    sources = catalog(e2, [(0, 0)], [100]).assign(diaObjectId=objects.diaObjectId.iloc[0])
+    rows = sources[[c for c in handle.table("DiaSource").columns if c in sources]]
+    with pytest.raises(ApdbError) as info:  # the same object version again, at the same time
+        handle.store(60005.0, objects, rows)
+    message = str(info.value)
+    assert "INSERT" not in message and len(message) < 400 and len(message.splitlines()) == 1

@@ -84,8 +84,16 @@ def _describe(url: str) -> str:
 
 
 def _database_error(url: str, exc: Exception) -> ApdbError:
-    reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0]
-    return ApdbError(f"cannot use {_describe(url)}: {reason}")
+    """One line: the database driver's own message (found down the exception chain), not the failed SQL."""
+    cause, reason = exc, None
+    while cause is not None and reason is None:
+        reason = getattr(cause, "orig", None)
+        cause = cause.__cause__ or cause.__context__
+    text = str(reason or exc).strip()
+    if "Execution failed on sql" in text:  # pandas quotes the whole statement before the driver's message
+        text = text.rsplit("': ", 1)[-1]
+    lines = text.splitlines() or [type(exc).__name__]
+    return ApdbError(f"cannot use {_describe(url)}: {lines[0][:300]}")
 
 
 def create_apdb(url: str | Path, config_path: str | Path, namespace: str | None = None) -> Path:

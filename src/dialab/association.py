@@ -193,6 +193,24 @@ def forced_sources(objects: pd.DataFrame, difference: Exposure, science: Exposur
     return out[cols]
 
 
+#: Days between two versions of a diaObject written in one visit (an object seen by two of its detectors).
+VERSION_STEP_DAYS = 1e-6
+
+
+def _version_time(mjd: float, existing: pd.DataFrame, objects: pd.DataFrame) -> float:
+    """When the new diaObject versions start: the visit's time, or just after a version this visit already wrote.
+
+    A diaObject version is keyed by its start time. Detectors of one visit that overlap on the sky (cutouts of
+    one exposure, a mosaic with overlaps) update the same objects at the same time: the later detector's
+    versions start ``VERSION_STEP_DAYS`` after the earlier ones instead of colliding with them.
+    """
+    column = "validityStartMjdTai"
+    if column not in existing or not len(objects):
+        return mjd
+    start = existing.loc[existing.diaObjectId.isin(objects.diaObjectId), column].astype(float)
+    return max(mjd, float(start.max()) + VERSION_STEP_DAYS) if len(start) and start.max() >= mjd else mjd
+
+
 def store_visit_detector(handle, catalog: pd.DataFrame, difference: Exposure, science: Exposure | None = None,
                          config: AssociateConfig | None = None) -> dict:
     """Associate one (visit, detector) catalog with the APDB's diaObjects and store it, once.
@@ -236,7 +254,7 @@ def store_visit_detector(handle, catalog: pd.DataFrame, difference: Exposure, sc
     known = pd.concat([existing[~existing.diaObjectId.isin(objects.diaObjectId)], objects], ignore_index=True)
     forced = forced_sources(known, difference, science, visit, detector, band, mjd, processed) \
         if cfg.forced_photometry else None
-    if handle.store(mjd, objects, rows, forced):
+    if handle.store(_version_time(mjd, existing, objects), objects, rows, forced):
         new = int((objects.nDiaSources == 1).sum())
         summary.update(stored=True, sources=len(rows), new_objects=new, updated_objects=len(objects) - new,
                        forced_sources=0 if forced is None else len(forced))
