@@ -56,6 +56,10 @@ def stamp_sigma(stamp: np.ndarray) -> float:
 class Psf(ABC):
     """A point-spread function; position arguments are image pixels (0-based)."""
 
+    #: Measured from the image's stars (``measure_psf``), not given: its stamp misses the light beyond it and
+    #: what the stars' local sky took, so fluxes calibrated with it are a few per cent short.
+    from_stars: bool = False
+
     @abstractmethod
     def stamp(self, size: int | None = None, x: float | None = None, y: float | None = None) -> np.ndarray:
         """Centred stamp of odd ``size`` with sum 1 (for a varying PSF, at image position x, y)."""
@@ -597,6 +601,7 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
         if keep.all() or keep.sum() < min_stars:
             break
         stars = stars.select(keep)
+    psf.from_stars = True
     return psf
 
 

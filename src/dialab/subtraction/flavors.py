@@ -34,7 +34,7 @@ from .decorrelation import apply_filter, filter_stamp
 from .kernel_fit import KernelFit, Penalty, fit_matching_kernel, select_kernel_candidates
 from .model_kernel import model_basis, psf_matching_kernel
 from .noise import image_variance_scale, noise_correlation, noise_ratio
-from .photometric_scale import FLUX_RATIO_SYSTEMATIC, PhotometricScale, measure_photometric_scale
+from .photometric_scale import FLUX_RATIO_SYSTEMATIC, PhotometricScale, sources_flux_ratio
 from .result import SubtractionDiagnostics, SubtractionResult
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractCo
     sci_side = (pair.science_image - pair.science_background.level, pair.science_variance, pair.science_psf)
     tpl_side = (pair.template_image - pair.template_background.level, pair.template_variance, pair.template_psf)
     target_side, conv_side = (tpl_side, sci_side) if pair.convolved == "science" else (sci_side, tpl_side)
-    return KernelSources(positions, measure_photometric_scale(*target_side, *conv_side, positions))
+    return KernelSources(positions, sources_flux_ratio(*target_side, *conv_side, positions))
 
 
 def fit_kernel(problem: MatchingProblem, sources: KernelSources, cfg: SubtractConfig) -> KernelFit:
