@@ -287,3 +287,23 @@ def test_each_named_step_alone_on_a_pair_of_known_gaussians():
     assert np.std(white) == pytest.approx(1.0, abs=0.05)
     result = steps.finalize(pair, problem, sources, fit, convolved, decorrelated, cfg)
     np.testing.assert_array_equal(result.difference.image, subtract(sci, tpl, cfg).difference.image)
+
+
+def test_auto_compares_the_psfs_in_every_direction_and_names_crossing_psfs(caplog):
+    """A template elongated along the diagonal is wider than a round science PSF along x and along y, but not
+    along its minor axis: convolving the science image would deconvolve there, so auto keeps convolveTemplate
+    and says the PSFs cross. A template wider in every direction is convolved into, silently."""
+    from dialab.psf import GaussianPsf
+    from dialab.subtraction.flavors import choose_convolved, psf_covariance
+
+    science = GaussianPsf(sigma_pix=2.0)
+    diagonal = GaussianPsf(sigma_pix=2.3, g1=0.0, g2=0.25)  # about 3.0 x 1.8 px along the diagonals
+    cov = psf_covariance(diagonal)
+    assert cov[0, 0] > psf_covariance(science)[0, 0] and cov[1, 1] > psf_covariance(science)[1, 1]
+    with caplog.at_level("WARNING"):
+        assert choose_convolved(science, diagonal, "auto") == "template"
+    assert "the PSFs cross" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert choose_convolved(science, GaussianPsf(sigma_pix=2.6, g2=0.05), "auto") == "science"
+    assert "cross" not in caplog.text

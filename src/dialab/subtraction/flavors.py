@@ -40,24 +40,34 @@ from .result import SubtractionDiagnostics, SubtractionResult
 log = logging.getLogger(__name__)
 
 
-def psf_axes(psf: Psf, x: float | None = None, y: float | None = None) -> tuple[float, float]:
-    """Adaptive second moments (ixx, iyy) of the PSF, pixels^2."""
+def psf_covariance(psf: Psf, x: float | None = None, y: float | None = None) -> np.ndarray:
+    """Adaptive second-moment matrix [[ixx, ixy], [ixy, iyy]] of the PSF, pixels^2."""
     p = psf.stamp(x=x, y=y)
     c = p.shape[0] // 2
     m = adaptive_moments(p, c, c, max(psf.sigma, 0.5))
-    return m.ixx, m.iyy
+    return np.array([[m.ixx, m.ixy], [m.ixy, m.iyy]])
+
+
+#: Widening (of the matrix of second moments' difference, relative to its trace) below which two PSFs count as
+#: crossing: each sharper than the other along some direction.
+CROSSING_TOLERANCE = 0.02
 
 
 def choose_convolved(science_psf: Psf, template_psf: Psf, flavor: str) -> str:
-    """Which image the kernel convolves. auto convolves the science image only when the template PSF is wider on
-    both axes (adaptive second moments): then convolving the template would be a deconvolution."""
+    """Which image the kernel convolves. auto convolves the science image only when the template PSF is wider in
+    every direction (C_template - C_science positive definite): then convolving the template would be a
+    deconvolution. When neither is wider in every direction (a trailed or astigmatic PSF against a round one),
+    every matching kernel deconvolves along some direction: that is logged."""
+    science, template = psf_covariance(science_psf), psf_covariance(template_psf)
+    low, high = np.linalg.eigvalsh(template - science)
+    scale = np.trace(template + science)
+    if low < -CROSSING_TOLERANCE * scale and high > CROSSING_TOLERANCE * scale:
+        log.warning("the PSFs cross: each is sharper than the other along some direction (second moments differ "
+                    "by %+.2f and %+.2f px^2 along their principal axes), so no kernel convolves one into the other "
+                    "without deconvolving: expect residuals at bright sources", low, high)
     if flavor in ("convolveTemplate", "preconvolution", "zogy"):
         return "template"  # zogy convolves both; the template is the one whose counts are rescaled
-    if flavor == "convolveScience":
-        return "science"
-    sxx, syy = psf_axes(science_psf)
-    txx, tyy = psf_axes(template_psf)
-    return "science" if (txx > sxx and tyy > syy) else "template"
+    return "science" if flavor == "convolveScience" or low > 0 else "template"
 
 
 def flavor_used(flavor: str, convolved: str) -> str:
