@@ -583,7 +583,8 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
     found = select_psf_stars(exposure, min_snr, max_stars, min_stars)
     if len(found) < min_stars:
         raise PsfMeasurementError(
-            f"{exposure.path or 'image'}: only {len(found)} usable stars for the PSF (need {min_stars})")
+            f"{exposure.path or 'image'}: only {len(found)} usable stars for the PSF (need {min_stars}); give the "
+            "PSF as a stamp file (dialab subtract --science-psf/--template-psf, a manifest's science_psf/template_psf)")
     sigma = float(np.median(found.sigma))
     if size is None:
         size = odd_size(2 * math.ceil(3 * FWHM_PER_SIGMA * sigma) + 1, minimum=11, maximum=75)
