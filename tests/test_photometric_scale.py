@@ -64,5 +64,26 @@ def test_ratio_with_psfs_measured_from_the_stars_is_right_within_its_error(seed)
     sci, tpl, _, _ = simulate_truth_pair(spec, seed=seed)
     d = subtract(dataclasses.replace(sci, psf=None), dataclasses.replace(tpl, psf=None),
                  SubtractConfig(flavor="convolveTemplate")).diagnostics
+    assert d.scale_method == "aperture" and d.sum_source in ("free fit", "stars (aperture)")
     assert d.scale_error < 0.008 * spec.flux_ratio
     assert abs(d.star_flux_ratio - spec.flux_ratio) < 2.5 * d.scale_error
+
+
+def test_given_psfs_keep_the_weighted_ratio_and_the_header_says_what_set_the_sum(tmp_path):
+    """With both PSFs given, the PSF-calibrated (weighted) ratio is used; the difference's header and the
+    diagnostics say whether the free fit or the stars' ratio set the kernel sum."""
+    from astropy.io import fits
+
+    from dialab.pipeline.repository import write_difference
+    from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
+    from dialab.subtraction import SubtractConfig, subtract
+
+    spec = TruthPairSpec(shape=(512, 512), science_fwhm=4.0, template_fwhm=3.4)
+    sci, tpl, _, _ = simulate_truth_pair(spec, seed=1)
+    result = subtract(sci, tpl, SubtractConfig(flavor="convolveTemplate"))
+    d = result.diagnostics
+    assert d.scale_method == "weighted"
+    assert d.sum_source == ("free fit" if d.kernel_sum == d.free_kernel_sum else "stars (weighted)")
+    write_difference(result, tmp_path / "d.fits")
+    assert fits.getheader(tmp_path / "d.fits")["KSUMSRC"] == d.sum_source
+    assert d.sum_source in d.summary()

@@ -137,6 +137,7 @@ def write_difference(result, path: str | Path, compression: str = "none", quanti
     if d.kernel_basis == "delta":
         header["KERNREG"] = (float(d.regularization), "delta kernel penalty strength (relative)")
     header["KERNSUM"] = (float(d.kernel_sum), "matching kernel sum (photometric scale)")
+    header["KSUMSRC"] = (d.sum_source, "what set it: the free fit, or the stars' flux ratio")
     header["NOISERAT"] = (float(d.noise_ratio), "measured / propagated noise of the difference")
     header["DIALABV"] = (__version__, "dialab version")
     extra = [] if result.kernel is None else [fits.ImageHDU(result.kernel.center_image.astype(np.float32),

@@ -81,6 +81,7 @@ def _process(unit: Unit, prepared: _Prepared, share: float, config: PipelineConf
     summary = {"status": "done", "n_diaSources": len(cat),
                "n_good": int((~cat[list(BAD_FLAGS)].any(axis=1)).sum()) if len(cat) else 0,
                "convolved": d.convolved, "kernel_basis": d.kernel_basis, "kernel_sum": d.kernel_sum,
+               "kernel_sum_source": d.sum_source,
                "n_kernel_candidates": d.n_candidates,
                "n_kernel_used": d.n_used, "noise_ratio": d.noise_ratio,
                "science_fwhm": float(result.science_psf.fwhm),

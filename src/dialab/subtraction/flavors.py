@@ -381,7 +381,8 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
         residual_rms=fit.residual_rms, variance_scale_science=pair.variance_scale_science,
         variance_scale_template=pair.variance_scale_template, noise_ratio=measured_ratio,
         variance_scale_difference=diff_scale, star_flux_ratio=sources.scale.scale, scale_error=sources.scale.error,
-        scale_stars=sources.scale.n_used, free_kernel_sum=fit.free_sum, kernel_basis=problem.basis.name,
+        scale_stars=sources.scale.n_used, scale_method=sources.scale.method, free_kernel_sum=fit.free_sum,
+        kernel_basis=problem.basis.name,
         kernel_size=problem.basis.size, regularization=fit.regularization)
     log.info("%s", diag.summary())
     check_subtraction(diag, science, pair.template, cfg, science.path)

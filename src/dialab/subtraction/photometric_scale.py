@@ -11,6 +11,7 @@ keeps its own sum where it agrees with the ratio and is held at the ratio where 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ class PhotometricScale:
     n_stars: int
     n_used: int
     chi2_dof: float
+    method: str = "weighted"  # the stars' fluxes: "weighted" (PSF-calibrated) or "aperture" (one common aperture)
 
     @property
     def trusted(self) -> bool:
@@ -251,8 +253,9 @@ def aperture_flux_ratio(target_img, target_var, target_psf, conv_img, conv_var, 
     own = aperture_fluxes(target_img, target_var, centres, core)[0] / encircled_fraction(target_psf.stamp(), core)
     with np.errstate(invalid="ignore", divide="ignore"):
         alone = (own > 0) & (ft - own < MAX_NEIGHBOUR_LIGHT * own)
-    return fit_flux_ratio(np.where(alone, ft, np.nan), et, *aperture_fluxes(conv_img, conv_var, centres,
-                                                                           APERTURE_FWHM * fwhm))
+    fit = fit_flux_ratio(np.where(alone, ft, np.nan), et, *aperture_fluxes(conv_img, conv_var, centres,
+                                                                          APERTURE_FWHM * fwhm))
+    return dataclasses.replace(fit, method="aperture")
 
 
 def sources_flux_ratio(target_img, target_var, target_psf, conv_img, conv_var, conv_psf,

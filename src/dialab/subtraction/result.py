@@ -30,18 +30,27 @@ class SubtractionDiagnostics:
     star_flux_ratio: float = float("nan")  # the stars' total-flux ratio (target / convolved)
     scale_error: float = float("nan")  # its error
     scale_stars: int = 0  # stars whose fluxes agree with that ratio
+    scale_method: str = "weighted"  # how the stars' fluxes were measured: "weighted" or "aperture"
     free_kernel_sum: float = float("nan")  # the sum of a free least-squares fit (held at the ratio when it disagrees)
     kernel_basis: str = "alard-lupton"
     kernel_size: int = 0
     regularization: float = 0.0  # delta basis: the penalty strength, relative to the data's
 
+    @property
+    def sum_source(self) -> str:
+        """What set the kernel sum: the free fit, or the stars' flux ratio it was held at (and how measured)."""
+        if self.kernel_sum == self.free_kernel_sum:
+            return "free fit"
+        return f"stars ({self.scale_method})"  # held at their ratio (zogy: its flux ratio is theirs)
+
     def summary(self) -> str:
         basis = "" if self.kernel_basis == "alard-lupton" else (
             f", {self.kernel_basis} kernel {self.kernel_size}x{self.kernel_size}"
             + (f" regularization {self.regularization:.2g}" if self.kernel_basis == "delta" else ""))
+        apertures = " in common apertures" if self.scale_method == "aperture" else ""
         return (f"flavor {self.flavor} (convolved {self.convolved}){basis}, kernel sum {self.kernel_sum:.4f} "
-                f"(free fit {self.free_kernel_sum:.4f}, stars' flux ratio {self.star_flux_ratio:.4f} "
-                f"+- {self.scale_error:.4f} from {self.scale_stars} stars), "
+                f"(set by the {self.sum_source}; free fit {self.free_kernel_sum:.4f}, stars' flux ratio{apertures} "
+                f"{self.star_flux_ratio:.4f} +- {self.scale_error:.4f} from {self.scale_stars} stars), "
                 f"candidates {self.n_used}/{self.n_candidates} used, PSF FWHM science {self.science_fwhm:.2f} "
                 f"template {self.template_fwhm:.2f} px, noise ratio {self.noise_ratio:.3f}")
 

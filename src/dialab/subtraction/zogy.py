@@ -293,7 +293,8 @@ def _zogy_result(pair, z: ZogyInputs, planes: _Planes, psf_d: Psf, sources, rati
         template_fwhm=pair.template_psf.fwhm, residual_mean=float("nan"), residual_rms=float("nan"),
         variance_scale_science=pair.variance_scale_science, variance_scale_template=pair.variance_scale_template,
         noise_ratio=noise_ratio(difference), variance_scale_difference=1.0, star_flux_ratio=scale.scale,
-        scale_error=scale.error, scale_stars=scale.n_used, free_kernel_sum=float("nan"))
+        scale_error=scale.error, scale_stars=scale.n_used, scale_method=scale.method,
+        free_kernel_sum=float("nan") if scale.trusted else float(ratio))
     log.info("%s; registration noise %.3f, %.3f px", diag.summary(), *z.registration)
     check_subtraction(diag, science, template, cfg, science.path)
     return SubtractionResult(difference, matched, None, np.zeros(science.shape, np.float32), score, diag,
