@@ -10,9 +10,9 @@ from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
-from scipy.interpolate import BSpline, RectBivariateSpline
+from scipy.interpolate import BSpline
 
-from .imageops import grow_mask, separable_product
+from .imageops import grid_spline, grow_mask, separable_product
 
 
 class Background:
@@ -204,8 +204,8 @@ def _upsample(grid: np.ndarray, ny: int, nx: int) -> np.ndarray:
         line = np.interp(np.arange(n), axis_c, grid.ravel())
         out = np.broadcast_to(line[None, :] if by == 1 else line[:, None], (ny, nx))
         return np.ascontiguousarray(out, dtype=np.float32)
-    ky, kx = min(3, by - 1), min(3, bx - 1)
-    spline = RectBivariateSpline(cy, cx, grid, kx=ky, ky=kx)  # its first axis (its "x") is the image's y
+    spline = grid_spline(cy, cx, grid)
+    ky, kx = spline.degrees
     ty, tx = spline.get_knots()
     coeffs = spline.get_coeffs().reshape(len(ty) - ky - 1, len(tx) - kx - 1)
     # a tensor-product spline on a pixel grid is two matrix products with the axes' B-spline design matrices

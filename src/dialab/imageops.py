@@ -279,6 +279,15 @@ class Chebyshev2D:
         return separable_product(np.array(self._polys(ys)[:k]).T @ middle, np.array(self._polys(xs)[:k]))
 
 
+def grid_spline(ys: np.ndarray, xs: np.ndarray, values: np.ndarray):
+    """The interpolating spline of ``values`` (rows, columns) on the grid (``ys``, ``xs``): cubic along each axis
+    that has the points for it, lower along one that has fewer. It is called as f(y, x): scipy's first axis (its
+    "x", with degree kx) is the rows, so the degrees are given row axis first."""
+    from scipy.interpolate import RectBivariateSpline
+
+    return RectBivariateSpline(ys, xs, values, kx=min(3, len(ys) - 1), ky=min(3, len(xs) - 1))
+
+
 def separable_product(rows: np.ndarray, cols: np.ndarray, block: int = 512) -> np.ndarray:
     """The float32 image ``rows @ cols`` ((ny, k) by (k, nx)): a smooth surface of few terms, such as a
     polynomial or a tensor-product spline, made by blocks of rows with no full-size float64 intermediate."""

@@ -12,11 +12,10 @@ import logging
 
 import numpy as np
 from scipy import ndimage
-from scipy.interpolate import RectBivariateSpline
 
 from .errors import BadInputError, NoOverlapError
 from .exposure import Exposure, MaskPlanes
-from .imageops import box_reduce
+from .imageops import box_reduce, grid_spline
 from .psf import GridPsf, ImagePsf, Psf
 from .stars import find_stars
 
@@ -52,7 +51,7 @@ class _Mapping:
             gy, gx = grid
             sx, sy = splines
             det = np.abs(sx(gy, gx, dy=1) * sy(gy, gx, dx=1) - sx(gy, gx, dx=1) * sy(gy, gx, dy=1))
-            self.det = RectBivariateSpline(gy, gx, det, kx=min(3, len(gy) - 1), ky=min(3, len(gx) - 1))
+            self.det = grid_spline(gy, gx, det)
 
     def rows(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
         """xs, ys and |det J| of destination rows y0..y1-1."""
@@ -79,10 +78,8 @@ def _mapping_from_wcs(src: Exposure, dst_wcs, dst_shape) -> _Mapping:
     mx, my = np.meshgrid(gx, gy)
     world = dst_wcs.all_pix2world(np.column_stack([mx.ravel(), my.ravel()]), 0)
     src_pix = src.wcs.all_world2pix(world, 0)
-    # the splines' first axis (their "x") is the image's y: its degree is limited by the rows of the grid
-    degrees = dict(kx=min(3, len(gy) - 1), ky=min(3, len(gx) - 1))
-    sx = RectBivariateSpline(gy, gx, src_pix[:, 0].reshape(mx.shape), **degrees)
-    sy = RectBivariateSpline(gy, gx, src_pix[:, 1].reshape(mx.shape), **degrees)
+    sx = grid_spline(gy, gx, src_pix[:, 0].reshape(mx.shape))
+    sy = grid_spline(gy, gx, src_pix[:, 1].reshape(mx.shape))
     return _Mapping(dst_shape, (sx, sy), (gy, gx))
 
 

@@ -246,15 +246,14 @@ def aperture_flux_ratio(target_img, target_var, target_psf, conv_img, conv_var, 
     share in each image), this is the ratio to trust; sources with more than ``MAX_NEIGHBOUR_LIGHT`` of their
     own light from neighbours in the aperture are left out."""
     sigma = max(target_psf.sigma, conv_psf.sigma)
-    fwhm = max(target_psf.fwhm, conv_psf.fwhm)
+    radius = APERTURE_FWHM * max(target_psf.fwhm, conv_psf.fwhm)
     centres = _centroids(target_img, conv_img, positions, sigma, int(np.ceil(4 * sigma)))
-    ft, et = aperture_fluxes(target_img, target_var, centres, APERTURE_FWHM * fwhm)
+    ft, et = aperture_fluxes(target_img, target_var, centres, radius)
     core = max(target_psf.fwhm, 1.5)
     own = aperture_fluxes(target_img, target_var, centres, core)[0] / encircled_fraction(target_psf.stamp(), core)
     with np.errstate(invalid="ignore", divide="ignore"):
         alone = (own > 0) & (ft - own < MAX_NEIGHBOUR_LIGHT * own)
-    fit = fit_flux_ratio(np.where(alone, ft, np.nan), et, *aperture_fluxes(conv_img, conv_var, centres,
-                                                                          APERTURE_FWHM * fwhm))
+    fit = fit_flux_ratio(np.where(alone, ft, np.nan), et, *aperture_fluxes(conv_img, conv_var, centres, radius))
     return dataclasses.replace(fit, method="aperture")
 
 
@@ -277,4 +276,4 @@ def exposure_flux_ratio(target, conv) -> PhotometricScale:
     stars = stars.select(stars.clean)
     positions = np.column_stack([np.round(stars.x), np.round(stars.y)]).astype(int)
     return sources_flux_ratio(target.image - bgs[0].level, target.variance, target.psf,
-                                     conv.image - bgs[1].level, conv.variance, conv.psf, positions)
+                              conv.image - bgs[1].level, conv.variance, conv.psf, positions)
