@@ -1,10 +1,16 @@
 """Residuals of each kernel basis on the real JWST NIRCam pair, beside SFFT's published difference (issue 14).
 
 The pair (F200W, two epochs five months apart, given WebbPSF models and noise maps) is subtracted as
-`dialab subtract` does it, once per kernel basis; each difference is counted the same way as the peer's S/N map
+`dialab subtract` does it, once per kernel basis; each difference is counted as the issue counts it
 (``dialab.analysis.residuals.count_residuals``: blobs of |z| > 5 of at least 3 pixels, z the difference over its
-robust std on source-free sky, and how many of the 12 brightest template sources have one), and `dialab detect`'s
-unflagged diaSources are counted. A figure shows the 12 brightest sources in every difference.
+robust std on source-free sky, how many of the 12 brightest template sources have one, and the residual power
+on the sources), and `dialab detect`'s unflagged diaSources are counted.
+
+Two footings, as the peer's product is an S/N map (its difference over a propagated noise that includes the
+sources' photon noise, up to 4x the sky's at the brightest cores): "flux" counts a difference in flux units
+(ours as is; SFFT's as its S/N map times our difference's per-pixel sigma), "S/N" counts S/N maps (ours: the
+difference over the square root of its variance plane). A figure shows the 12 brightest sources in every
+difference.
 
 Run: python bench/nircam_residuals.py [--shared ../shared] [--figure docs/img/nircam_residuals.png] [--bright-stamps]
 """
@@ -46,28 +52,38 @@ def main() -> None:
     science = prepare_science(*paths["science"], repair=PipelineConfig().repair)
     template = prepare_template(science, *paths["template"])
     sigma = science.psf.sigma
-    peer = fits.getdata(real / "peer-results" / "sfft" / "nircam_t003_minus_t001.sfft.DeCorrelated.SNR.fits")
-    rows = [("SFFT (published S/N map)", count_residuals(peer, science.image, template.image, sigma), None, None)]
+    peer = np.nan_to_num(fits.getdata(real / "peer-results" / "sfft" /
+                                      "nircam_t003_minus_t001.sfft.DeCorrelated.SNR.fits"))
+    rows = []
     runs = [(b, {}) for b in BASES]
     if args.bright_stamps:
         runs += [(b, {"candidate_snr_max": 1e5}) for b in BASES]
-    images = {"SFFT": peer}
+    images = {}
     for basis, extra in runs:
         label = basis + (" + bright stamps" if extra else "")
         t0 = time.perf_counter()
         res = subtract(science, template, SubtractConfig(kernel_basis=basis, **extra))
         seconds = time.perf_counter() - t0
         diff = res.difference
-        counts = count_residuals(diff.image, science.image, template.image, sigma,
-                                 usable=~diff.plane("EDGE", "NO_DATA"))
+        usable = ~diff.plane("EDGE", "NO_DATA")
+        sigma_map = np.sqrt(diff.variance)
+        counts = [count_residuals(img, science.image, template.image, sigma, usable=usable)
+                  for img in (diff.image, diff.image / sigma_map)]
         cat, _, _ = detect_and_measure(res, science, res.matched_image)
         unflagged = int((~cat[list(BAD_FLAGS)].any(axis=1)).sum()) if len(cat) else 0
         rows.append((label, counts, unflagged, seconds))
         images[label] = diff.image
-    print(f"{'difference':<34}{'blobs':>6}{'bright':>8}{'unflagged':>10}{'seconds':>9}")
-    for label, c, unflagged, seconds in rows:
-        print(f"{label:<34}{c.blobs:>6}{c.bright_with_residual:>5}/{c.n_bright:<2}"
-              f"{'' if unflagged is None else unflagged:>10}{'' if seconds is None else f'{seconds:.1f}':>9}")
+        if len(rows) == 1:  # the peer, on both footings, with our first difference's sigma for its flux units
+            images = {"SFFT (S/N x sigma)": peer * sigma_map, **images}
+            rows.insert(0, ("SFFT (published S/N map)",
+                            [count_residuals(img, science.image, template.image, sigma, usable=usable)
+                             for img in (peer * sigma_map, peer)], None, None))
+    print(f"{'difference':<30}{'flux: blobs':>12}{'bright':>7}{'power':>7}{'S/N: blobs':>12}{'bright':>7}"
+          f"{'power':>7}{'unflagged':>10}{'seconds':>8}")
+    for label, (flux, snr), unflagged, seconds in rows:
+        print(f"{label:<30}" + "".join(f"{c.blobs:>12}{c.bright_with_residual:>4}/{c.n_bright:<2}{c.source_excess:>7.2f}"
+                                       for c in (flux, snr))
+              + f"{'' if unflagged is None else unflagged:>10}{'' if seconds is None else f'{seconds:.1f}':>8}")
     if args.figure:
         _figure(images, science.image, template.image, brightest_sources(template.image, 12, sigma, 20), sigma,
                 args.figure)

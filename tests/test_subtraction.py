@@ -271,7 +271,8 @@ def test_each_named_step_alone_on_a_pair_of_known_gaussians():
     assert problem.prefilter is None and problem.target_image is pair.science_image
     sources = steps.select_sources(pair, problem, cfg)
     d = np.hypot(sources.positions[:, 0, None] - stars[0][None], sources.positions[:, 1, None] - stars[1][None])
-    assert len(sources.positions) >= 30 and (d.min(axis=1) < 1.0).all()
+    # every stamp on a star, or on a blend's peak between two (galaxies and blends carry the kernel too)
+    assert len(sources.positions) >= 30 and (d.min(axis=1) < 3.0).all() and np.mean(d.min(axis=1) < 1.0) > 0.8
     assert sources.scale.scale == pytest.approx(1.3, rel=0.01)
     fit = steps.fit_kernel(problem, sources, cfg)
     matched = fftconvolve(GaussianPsf(sigma_pix=2.0).stamp(41), fit.kernel.center_image, mode="same")
@@ -307,3 +308,84 @@ def test_auto_compares_the_psfs_in_every_direction_and_names_crossing_psfs(caplo
     with caplog.at_level("WARNING"):
         assert choose_convolved(science, GaussianPsf(sigma_pix=2.6, g2=0.05), "auto") == "science"
     assert "cross" not in caplog.text
+
+
+def _varying_psf_exposure(stars, noise, rng):
+    """Gaussian stars whose sigma grows from 2.3 to 2.6 px across the image: a kernel held constant matches them
+    only to a few percent, so the brightest stars' residuals are far above their photon noise."""
+    import galsim
+
+    from dialab.exposure import Exposure
+    from dialab.simulate.render import draw_point_sources
+
+    x, y, f = stars
+    model = draw_point_sources(SHAPE, x, y, f, lambda a, b: galsim.Gaussian(sigma=2.3 + 0.3 * a / SHAPE[1]),
+                               method="no_pixel")
+    return Exposure(image=model + rng.normal(0.0, noise, SHAPE), mask=np.zeros(SHAPE, np.int32),
+                    variance=np.full(SHAPE, noise**2), psf=GaussianPsf(sigma_pix=2.5))
+
+
+def test_bright_stars_the_kernel_matches_only_to_a_percent_are_kept_and_a_variable_star_is_not():
+    """Stars up to S/N ~2000 under a kernel held constant across a varying PSF: it matches their shape to a
+    few percent, many times their photon noise, yet they are the best-constrained stamps; a star 25% brighter
+    in the science image is the outlier. Judged against the noise alone (0.2's rule) the brightest stars were
+    rejected with the variable."""
+    rng = np.random.default_rng(3)
+    x, y, f = star_positions(SHAPE, 120, rng, (2000.0, 200000.0))
+    variable = int(np.argsort(f)[-5])
+    sci_flux = f.copy()
+    sci_flux[variable] *= 1.25
+    sci = _varying_psf_exposure((x, y, sci_flux), 2.0, rng)
+    tpl = gaussian_exposure(SHAPE, (x, y, f), 2.0, 1.0, rng)
+    res = subtract(sci, tpl, SubtractConfig(spatial_order=0, candidate_snr_max=1e9, scale_from_stars=False))
+    used = res.kernel_positions
+
+    def is_used(i):
+        return bool((np.hypot(used[:, 0] - x[i], used[:, 1] - y[i]) < 1.5).any())
+
+    brightest = [i for i in np.argsort(f)[::-1][:10] if i != variable]
+    assert not is_used(variable)
+    assert sum(is_used(i) for i in brightest) >= 7, [is_used(i) for i in brightest]
+
+
+def _galaxy_field(gal, stars, sigma, ratio, noise, rng):
+    """Exponential galaxies (half-light radius 1.5-8 px, ellipticity up to 0.4) and stars through a Gaussian
+    PSF of ``sigma``, fluxes times ``ratio``, plus white noise."""
+    import galsim
+
+    from dialab.exposure import Exposure
+
+    canvas = galsim.ImageF(SHAPE[1], SHAPE[0], scale=1.0)
+    psf = galsim.Gaussian(sigma=sigma)
+    objects = [(x, y, f, galsim.Exponential(half_light_radius=r).shear(g1=g1, g2=g2)) for x, y, f, r, g1, g2 in gal]
+    objects += [(x, y, f, galsim.DeltaFunction()) for x, y, f in zip(*stars)]
+    for x, y, f, profile in objects:
+        stamp = galsim.Convolve(profile, psf).withFlux(ratio * f).drawImage(
+            scale=1.0, method="no_pixel", center=galsim.PositionD(x + 1, y + 1))
+        bounds = stamp.bounds & canvas.bounds
+        canvas[bounds] += stamp[bounds]
+    image = canvas.array.astype(np.float64) + rng.normal(0.0, noise, SHAPE)
+    return Exposure(image=image, mask=np.zeros(SHAPE, np.int32), variance=np.full(SHAPE, noise**2),
+                    psf=GaussianPsf(sigma_pix=sigma))
+
+
+def test_galaxies_carry_the_kernel_where_stars_are_few():
+    """12 stars and 120 galaxies, science PSF sigma 2.4 at 1.3x the template's throughput (sigma 2.0): most
+    kernel stamps sit on galaxies, and the kernel is still the quadrature Gaussian (K * P_template within 2% of
+    1.3 P_science's peak, sum 1.3 within 0.5%): target = K * convolved holds for any scene."""
+    rng = np.random.default_rng(8)
+    n = 120
+    gal = np.column_stack([rng.uniform(30, SHAPE[1] - 31, n), rng.uniform(30, SHAPE[0] - 31, n),
+                           rng.uniform(800.0, 6000.0, n), rng.uniform(1.5, 8.0, n), rng.uniform(-0.3, 0.3, n),
+                           rng.uniform(-0.3, 0.3, n)])
+    stars = star_positions(SHAPE, 12, rng, (1000.0, 4000.0))
+    sci = _galaxy_field(gal, stars, 2.4, 1.3, 1.0, rng)
+    tpl = _galaxy_field(gal, stars, 2.0, 1.0, 0.5, rng)
+    res = subtract(sci, tpl, SubtractConfig(spatial_order=0, scale_from_stars=False))
+    pos = res.kernel_positions
+    on_galaxy = np.hypot(pos[:, 0, None] - gal[None, :, 0], pos[:, 1, None] - gal[None, :, 1]).min(axis=1) < 2
+    assert on_galaxy.sum() >= 60 and on_galaxy.mean() > 0.7, (len(pos), int(on_galaxy.sum()))
+    matched = fftconvolve(GaussianPsf(sigma_pix=2.0).stamp(41), res.kernel.center_image, mode="same")
+    science = 1.3 * GaussianPsf(sigma_pix=2.4).stamp(41)
+    assert np.abs(matched - science).max() < 0.02 * science.max()
+    assert res.diagnostics.kernel_sum == pytest.approx(1.3, rel=0.005)

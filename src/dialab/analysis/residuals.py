@@ -25,10 +25,11 @@ class ResidualCounts:
     bright_with_residual: int
     n_bright: int
     sky_std: float  # the difference's robust std on source-free sky (the unit of z)
+    source_excess: float = float("nan")  # mean z^2 - 1 over the sources' pixels: their residual power, continuous
 
     def summary(self) -> str:
         return (f"{self.blobs} residual blobs, {self.bright_with_residual} of the {self.n_bright} brightest "
-                f"template sources with a residual")
+                f"template sources with a residual, excess power {self.source_excess:.2f} on the sources")
 
 
 def source_free(science: np.ndarray, template: np.ndarray, sigma_pix: float, grow: int = 3,
@@ -66,7 +67,9 @@ def count_residuals(difference: np.ndarray, science: np.ndarray, template: np.nd
 
     ``usable`` (default: finite, non-zero pixels away from the border) limits both the noise estimate and
     the blobs. Positive and negative blobs are counted apart (a dipole is two). A bright template source has
-    a residual when a blob pixel lies within ``radius`` (default 3 sigma_pix + 2) pixels of its peak.
+    a residual when a blob pixel lies within ``radius`` (default 3 sigma_pix + 2) pixels of its peak. Divide a
+    difference by its per-pixel sigma first (an S/N map, as peers publish) to count on the footing of a noise
+    that includes the sources' own photon noise.
     """
     diff = np.asarray(difference, np.float64)
     ok = np.isfinite(diff) & (diff != 0) if usable is None else usable & np.isfinite(diff)
@@ -88,4 +91,6 @@ def count_residuals(difference: np.ndarray, science: np.ndarray, template: np.nd
     bright = brightest_sources(template, n_bright, sigma_pix, border)
     near = grow_mask(blob_pixels, int(np.ceil(radius)), shape="disk") if blob_pixels.any() else blob_pixels
     hit = int(sum(near[y, x] for x, y in bright))
-    return ResidualCounts(blobs, hit, len(bright), std)
+    sources = ok & ~sky
+    excess = float(np.mean(z[sources] ** 2) - 1) if sources.any() else float("nan")
+    return ResidualCounts(blobs, hit, len(bright), std, excess)

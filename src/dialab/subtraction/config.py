@@ -62,17 +62,24 @@ class SubtractConfig(BaseModel):
     max_candidates: int = Field(400, ge=3, description="most kernel stamps used (spread over the image when more "
                                                        "qualify: the fit's time grows with their number)")
     min_candidates: int = Field(3, ge=1, description="fewest kernel stamps accepted")
+    kernel_sources: Literal["all", "compact"] = Field("all", description="which sources carry kernel stamps: 'all' "
+                                                      "(galaxies and blends too: the kernel is fitted where the "
+                                                      "brightest, most extended residuals would be) or 'compact' "
+                                                      "(point-like, isolated where enough are); the stars' flux "
+                                                      "ratio always uses the compact ones")
     candidate_snr_min: float = Field(10.0, description="lowest S/N of a kernel source")
     candidate_snr_max: float = Field(500.0, description="highest S/N of a kernel source")
     max_rejection_rounds: int = Field(3, ge=0, description="rounds of stamp rejection after the spatial fit")
-    residual_mean_max: float = Field(0.25, description="reject a stamp whose normalised residual |mean| exceeds")
-    residual_rms_max: float = Field(1.5, description="reject a stamp whose normalised residual rms exceeds")
+    residual_mean_max: float = Field(0.25, description="reject a stamp whose normalised residual |mean| exceeds this "
+                                     "and 10% of its own signal's (kernel_fit.RESIDUAL_SIGNAL_FRACTION)")
+    residual_rms_max: float = Field(1.5, description="reject a stamp whose normalised residual rms exceeds this and "
+                                    "whose residual in excess of the noise exceeds 30% of its own signal's rms")
     min_overlap_fraction: float = Field(0.25, description="least fraction of science pixels the template covers")
     scale_from_stars: bool = Field(True, description="hold the kernel sum at the stars' total-flux ratio (errors "
                                    "in both images); off: the sum is a free parameter of the least-squares fit")
     max_scale_deviation: float | None = Field(0.3, gt=0, description="largest fractional difference of the kernel "
                                               "sum from the zeropoint ratio when both images have MAGZERO (None: "
                                               "not checked)")
-    max_stamp_residual_rms: float = Field(10.0, gt=0, description="largest mean normalised residual rms of the kernel "
+    max_stamp_residual_rms: float = Field(10.0, gt=0, description="largest median normalised residual rms of the kernel "
                                           "stamps after the fit (about 1 for a good subtraction, a few at high S/N)")
     workers: int | None = Field(None, ge=1, description="FFT threads (default: all cores)")

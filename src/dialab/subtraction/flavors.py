@@ -243,15 +243,17 @@ def max_kernel_stamps(basis: KernelBasis, cfg: SubtractConfig) -> int:
 def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractConfig) -> KernelSources:
     """Step 3: isolated, unsaturated point-like sources seen in both images, and the stars' flux ratio."""
     basis = problem.basis
-    positions = select_kernel_candidates(pair.science, pair.template, problem.half_stamp + basis.half,
-                                         (cfg.candidate_snr_min, cfg.candidate_snr_max), max_kernel_stamps(basis, cfg),
-                                         sigma_pix=max(pair.science_psf.sigma, 1.0))
+    candidates = select_kernel_candidates(pair.science, pair.template, problem.half_stamp + basis.half,
+                                          (cfg.candidate_snr_min, cfg.candidate_snr_max), max_kernel_stamps(basis, cfg),
+                                          sigma_pix=max(pair.science_psf.sigma, 1.0),
+                                          compact_only=cfg.kernel_sources == "compact")
     # v has unit sum, so the preconvolved target has the science image's fluxes: they are measured on the
     # science image itself (a narrower PSF, fewer neighbours in reach, uncorrelated noise)
     sci_side = (pair.science_image - pair.science_background.level, pair.science_variance, pair.science_psf)
     tpl_side = (pair.template_image - pair.template_background.level, pair.template_variance, pair.template_psf)
     target_side, conv_side = (tpl_side, sci_side) if pair.convolved == "science" else (sci_side, tpl_side)
-    return KernelSources(positions, sources_flux_ratio(*target_side, *conv_side, positions))
+    return KernelSources(candidates.positions,
+                         sources_flux_ratio(*target_side, *conv_side, candidates.compact))
 
 
 def fit_kernel(problem: MatchingProblem, sources: KernelSources, cfg: SubtractConfig) -> KernelFit:
