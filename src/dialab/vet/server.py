@@ -165,6 +165,10 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8765, announce=p
     if not log.isEnabledFor(logging.INFO):  # one line per request only with -v
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = make_server(host, port, create_app(run), threaded=True)
+    # an open browser tab keeps its connections alive, each in a handler thread waiting for the next request:
+    # joining those at Ctrl-C would hang until the tab is closed
+    server.daemon_threads = True
+    server.block_on_close = False
     announce(f"dialab vet: http://{host}:{server.server_port}/ (labels in {Path(run) / 'labels.sqlite'}; "
              "Ctrl-C to stop)")
     try:
