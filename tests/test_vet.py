@@ -110,16 +110,18 @@ def _chromium() -> str:
 class _Server:
     """``dialab vet RUN --port 0`` as a real process; its address is read from its first line."""
 
-    def __init__(self, run: Path):
+    def __init__(self, run: Path, ignoring_sigint: bool = False):
+        # ignoring_sigint: started as a non-interactive shell starts a background job, SIGINT ignored
         self.process = subprocess.Popen([sys.executable, "-m", "dialab.cli", "vet", str(run), "--port", "0"],
-                                        stdout=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, text=True, preexec_fn=(lambda: signal.signal(
+                                            signal.SIGINT, signal.SIG_IGN)) if ignoring_sigint else None)
         line = self.process.stdout.readline()
         match = re.search(r"http://[\d.]+:\d+/", line)
         assert match, f"no address in {line!r}"
         self.url = match.group(0)
 
-    def stop(self):
-        self.process.send_signal(signal.SIGINT)
+    def stop(self, sig=signal.SIGINT):
+        self.process.send_signal(sig)
         assert self.process.wait(timeout=20) == 0
 
 
@@ -192,3 +194,15 @@ def test_vetting_labels_override_the_truth_in_training(small_run):
     assert after.loc[(fake.flavor, fake.diaSourceId), "label"] == 0
     assert after.loc[(unmatched.flavor, unmatched.diaSourceId), "label"] == 1
     assert (skipped.flavor, skipped.diaSourceId) not in after.index and len(after) == len(before) - 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_server_stops_cleanly_on_sigint_or_sigterm_even_started_as_a_background_job(small_run, sig):
+    """A background job of a non-interactive shell inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt: the server, started so, stopped on neither signal (nor on SIGTERM ever, cleanly)."""
+    from urllib.request import urlopen
+
+    server = _Server(small_run, ignoring_sigint=True)
+    with urlopen(server.url) as response:
+        assert response.status == 200
+    server.stop(sig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -165,13 +166,25 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8765, announce=p
     if not log.isEnabledFor(logging.INFO):  # one line per request only with -v
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = make_server(host, port, create_app(run), threaded=True)
-    # an open browser tab keeps its connections alive, each in a handler thread waiting for the next request:
-    # joining those at Ctrl-C would hang until the tab is closed
-    server.daemon_threads = True
-    server.block_on_close = False
     announce(f"dialab vet: http://{host}:{server.server_port}/ (labels in {Path(run) / 'labels.sqlite'}; "
              "Ctrl-C to stop)")
+    previous = _stop_on_signals()
     try:
         server.serve_forever()
     finally:
         server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_on_signals() -> dict:
+    """Ctrl-C and SIGTERM (a service manager's stop) end the server cleanly, even where SIGINT was inherited as
+    ignored (a background job of a non-interactive shell, where Python installs no KeyboardInterrupt); the
+    previous handlers are returned for restoring."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
