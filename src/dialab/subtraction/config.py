@@ -45,7 +45,8 @@ class SubtractConfig(BaseModel):
                                          "units of the data's (trace ratio); default: chosen by cross-validation "
                                          "over the kernel stamps")
     kernel_prior: bool = Field(True, description="delta basis: penalise the kernel's departure from the shape the "
-                                                 "two PSF models imply (off: from smoothness alone)")
+                                                 "two PSF models imply where that kernel convolves (off, or where it would "
+                                                 "deconvolve: from smoothness alone)")
     spatial_order: int = Field(1, ge=0, le=2, description="Chebyshev order of the kernel's spatial variation")
     background_order: int = Field(2, ge=0, le=3, description="Chebyshev order of the differential background")
     correct_convolved_noise: bool = Field(True, description="take the convolved image's expected noise power (with "
