@@ -53,11 +53,19 @@ def psf_covariance(psf: Psf, x: float | None = None, y: float | None = None) -> 
 CROSSING_TOLERANCE = 0.02
 
 
+def _widening(wider: Psf, narrower: Psf) -> tuple[float, float, float]:
+    """The principal values of C_wider - C_narrower (lowest first) and the tolerance below which a negative one
+    counts: how far ``narrower`` must widen along each axis to become ``wider``."""
+    a, b = psf_covariance(wider), psf_covariance(narrower)
+    low, high = np.linalg.eigvalsh(a - b)
+    return float(low), float(high), CROSSING_TOLERANCE * float(np.trace(a + b))
+
+
 def deconvolves(target_psf: Psf, convolved_psf: Psf) -> bool:
     """Whether matching the convolved image to the target narrows its PSF along some direction (C_target -
     C_convolved not positive semi-definite, beyond the crossing tolerance): no kernel then exists, only a fit."""
-    target, convolved = psf_covariance(target_psf), psf_covariance(convolved_psf)
-    return bool(np.linalg.eigvalsh(target - convolved)[0] < -CROSSING_TOLERANCE * np.trace(target + convolved))
+    low, _, tolerance = _widening(target_psf, convolved_psf)
+    return low < -tolerance
 
 
 def choose_convolved(science_psf: Psf, template_psf: Psf, flavor: str) -> str:
@@ -65,10 +73,8 @@ def choose_convolved(science_psf: Psf, template_psf: Psf, flavor: str) -> str:
     every direction (C_template - C_science positive definite): then convolving the template would be a
     deconvolution. When neither is wider in every direction (a trailed or astigmatic PSF against a round one),
     every matching kernel deconvolves along some direction: that is logged."""
-    science, template = psf_covariance(science_psf), psf_covariance(template_psf)
-    low, high = np.linalg.eigvalsh(template - science)
-    scale = np.trace(template + science)
-    if low < -CROSSING_TOLERANCE * scale and high > CROSSING_TOLERANCE * scale:
+    low, high, tolerance = _widening(template_psf, science_psf)
+    if low < -tolerance and high > tolerance:
         log.warning("the PSFs cross: each is sharper than the other along some direction (second moments differ "
                     "by %+.2f and %+.2f px^2 along their principal axes), so no kernel convolves one into the other "
                     "without deconvolving: expect residuals at bright sources", low, high)
@@ -248,7 +254,8 @@ def max_kernel_stamps(basis: KernelBasis, cfg: SubtractConfig) -> int:
 
 
 def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractConfig) -> KernelSources:
-    """Step 3: isolated, unsaturated point-like sources seen in both images, and the stars' flux ratio."""
+    """Step 3: unsaturated sources seen in both images (compact ones only with ``kernel_sources: compact``), and
+    the stars' flux ratio from the compact ones."""
     basis = problem.basis
     candidates = select_kernel_candidates(pair.science, pair.template, problem.half_stamp + basis.half,
                                           (cfg.candidate_snr_min, cfg.candidate_snr_max), max_kernel_stamps(basis, cfg),

@@ -131,9 +131,6 @@ class KernelCandidates:
     positions: np.ndarray  # (n, 2) integer x, y
     compact: np.ndarray  # (m, 2) integer x, y
 
-    def __len__(self) -> int:
-        return len(self.positions)
-
 
 def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0, 500.0),
                              max_candidates: int = 1000, sigma_pix: float = 2.0,
@@ -179,13 +176,13 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
         # any compact source measures the flux ratio (not only stars): only the clearly extended are left out
         compact[compact] &= stellar_locus(stars.sigma[compact], stars.x[compact], stars.y[compact], width=0.3,
                                           upper_sigmas=10.0)
-    chosen = []
-    for sel in (compact, compact if compact_only else ok):
+    def spread(sel: np.ndarray) -> np.ndarray:
         idx = np.nonzero(sel)[0]
         if len(idx) > max_candidates:
             idx = idx[spread_over_cells(ix[idx], iy[idx], (ny, nx), max_candidates)]
-        chosen.append(np.column_stack([ix[idx], iy[idx]]))
-    return KernelCandidates(chosen[1], chosen[0])
+        return np.column_stack([ix[idx], iy[idx]])
+
+    return KernelCandidates(spread(compact if compact_only else ok), spread(compact))
 
 
 #: Sources measured when looking for kernel candidates (the best of them are kept).
