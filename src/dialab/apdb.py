@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .errors import BadInputError, DialabError
+from .lazy import lazy_module
 from .sky import from_tangent, mean_position, tangent_offsets
+
+pd = lazy_module("pandas")
 
 log = logging.getLogger(__name__)
 

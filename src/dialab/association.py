@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from .apdb import APDB_BANDS, apdb_band, schema_columns, to_dia_sources
 from .errors import BadInputError
 from .exposure import Exposure
 from .ids import pack_ids
+from .lazy import lazy_module
 from .matching import match_sky
 from .measurement import forced_psf_flux
 from .sky import running_mean
+
+pd = lazy_module("pandas")
 
 log = logging.getLogger(__name__)
 

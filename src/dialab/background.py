@@ -150,7 +150,7 @@ def _mesh(image: np.ndarray, bad: np.ndarray, mesh_pix: int):
         row = data[ey[j] : ey[j + 1]]
         boxes = [row[:, ex[i] : ex[i + 1]].ravel()[::stride] for i in range(bx)]
         width = max(len(b) for b in boxes)
-        stack = np.full((bx, width), np.nan)
+        stack = np.full((bx, width), np.nan, np.float32)  # float32 sorts twice as fast as float64
         for i, b in enumerate(boxes):
             stack[i, : len(b)] = b
         enough = np.sum(np.isfinite(stack), axis=1) >= 0.1 * width

@@ -12,13 +12,15 @@ import logging
 import math
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from .exposure import Exposure
 from .ids import pack_ids
+from .lazy import lazy_module
 from .measurement import pixel_scale_arcsec
 from .subtraction.photometric_scale import exposure_flux_ratio
+
+pd = lazy_module("pandas")
 
 log = logging.getLogger(__name__)
 

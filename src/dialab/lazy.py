@@ -20,3 +20,21 @@ def lazy_names(package: str, names: dict[str, str], namespace: dict):
         return sorted(namespace.get("__all__", names))
 
     return __getattr__, __dir__
+
+
+def lazy_module(name: str):
+    """The module ``name``, imported on first attribute access: a module that needs pandas only inside its
+    functions does not make every command that imports it (``dialab subtract`` reads configs) pay pandas'
+    half-second import."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
 from .exposure import Exposure
+from .lazy import lazy_module
 from .measurement import forced_psf_flux, pixel_scale_arcsec
 from .sky import ARCSEC_PER_RADIAN, chord, unit_vectors
+
+pd = lazy_module("pandas")
 
 
 def match_one_to_one(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:

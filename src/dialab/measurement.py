@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
@@ -14,9 +13,12 @@ from .detection import detect_sources
 from .exposure import Exposure
 from .ids import pack_ids
 from .imageops import aperture_sum, find_peaks, gaussian_filtered_snr, stamp_index
+from .lazy import lazy_module
 from .moments import adaptive_moments
 from .stars import select_psf_stars
 from .subtraction.result import SubtractionResult
+
+pd = lazy_module("pandas")
 
 #: Objects measured per batch: bounds the (batch, size, size) model and pixel stamps held at once.
 FORCED_BATCH = 1024

@@ -19,11 +19,13 @@ from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import BadInputError
 from .imageops import cut_stamps
+from .lazy import lazy_module
+
+pd = lazy_module("pandas")
 
 #: Side of the stamps the features look at (the vetting page's cutouts).
 STAMP = 51

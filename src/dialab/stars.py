@@ -13,6 +13,7 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from .background import sky_background
 from .imageops import find_peaks, gaussian_filtered_snr, window_any
@@ -87,6 +88,7 @@ class _Peaks:
         self.y, self.x = find_peaks(snr, 5.0, max(2, int(round(sigma_guess_pix))), exclude=nodata)
         self.value = snr[self.y, self.x]  # filtered S/N: relative brightness of neighbours where the noise is even
         self._tables: dict = {}
+        self._tree = None
 
     def measured(self, radius: int, bad_planes: tuple[str, ...], n: int) -> np.ndarray:
         """Rows (x, y, flux, snr, sigma, ellipticity, isolated, clean, peak index) of the first ``n`` peaks
@@ -101,7 +103,10 @@ class _Peaks:
         exposure = self.exposure
         sub = exposure.image - sky_background(exposure).level
         ny, nx = sub.shape
-        all_pos = np.column_stack([self.x, self.y]).astype(float)
+        if self._tree is None:  # every peak, for the neighbour search (a crowded image has tens of thousands)
+            self._tree = cKDTree(np.column_stack([self.x, self.y]).astype(float))
+        near = self._tree.query_ball_point(np.column_stack([self.x[start:stop], self.y[start:stop]]).astype(float),
+                                           1.5 * radius)
         rows = []
         for k in range(start, stop):
             x0, y0 = int(self.x[k]), int(self.y[k])
@@ -111,10 +116,10 @@ class _Peaks:
             m = adaptive_moments(cut, radius, radius, self.sigma)
             if not (m.converged and np.isfinite(m.sigma)) or abs(m.x - radius) > 2 or abs(m.y - radius) > 2:
                 continue
-            d = np.hypot(all_pos[:, 0] - x0, all_pos[:, 1] - y0)
-            neighbours = (d > 0) & (d <= 1.5 * radius) & (self.value > 0.1 * self.value[k])
+            others = np.array([j for j in near[k - start] if j != k], int)
+            isolated = not (self.value[others] > 0.1 * self.value[k]).any()
             rows.append((x0 - radius + m.x, y0 - radius + m.y, float(cut.sum()), float(self.value[k]), m.sigma,
-                         m.ellipticity, not neighbours.any(), True, k))
+                         m.ellipticity, isolated, True, k))
         table = np.array(rows, dtype=float).reshape(-1, 9)
         peak = table[:, 8].astype(int)
         table[:, 7] = ~window_any(exposure.plane(*bad_planes), self.x[peak], self.y[peak], radius)

@@ -174,10 +174,13 @@ def measure_offset(src: Exposure, dst: Exposure, max_shift_fraction: float = 0.3
     """(dx, dy) such that a star at (x, y) in ``dst`` is at (x + dx, y + dy) in ``src``.
 
     All pairwise offsets of the brightest stars vote in a 2-px histogram; pairs within 1.5 px of the
-    winning offset are then averaged (median) for a sub-pixel answer.
+    winning offset are then averaged (median) for a sub-pixel answer. Stars are found with a filter of
+    ``dst``'s PSF when it has one: the subtraction's kernel candidates are found with the same filter, so
+    the science image is filtered once.
     """
-    a = find_stars(src, 2.0, 15.0, max_candidates=n_stars)
-    b = find_stars(dst, 2.0, 15.0, max_candidates=n_stars)
+    sigma = max(dst.psf.sigma, 1.0) if dst.psf is not None else 2.0
+    a = find_stars(src, sigma, 15.0, max_candidates=n_stars)
+    b = find_stars(dst, sigma, 15.0, max_candidates=n_stars)
     if len(a) < 3 or len(b) < 3:
         raise NoOverlapError(f"too few stars to register {src.path or 'template'} to {dst.path or 'science'}")
     dx = (a.x[:, None] - b.x[None, :]).ravel()

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..background import clipped_stats, estimate_background, sky_background, smooth_grid
 from ..exposure import Exposure
-from ..imageops import grow_mask
+from ..imageops import block_sum, grow_mask
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,8 @@ def _sky_pixels(exp: Exposure, bg=None, block: int = 4) -> tuple[np.ndarray, np.
     resid, usable = resid[:ny, :nx], usable[:ny, :nx]
     var = exp.variance[:ny, :nx]
 
-    def binned(a):
-        return a.reshape(ny // block, block, nx // block, block).sum(axis=(1, 3))
-
-    snr = binned(np.where(usable, resid, 0)) / np.sqrt(np.maximum(binned(np.where(usable, var, 0)), 1e-30))
+    snr = block_sum(np.where(usable, resid, 0), block) / np.sqrt(np.maximum(block_sum(np.where(usable, var, 0), block),
+                                                                             1e-30))
     sources = grow_mask(np.abs(snr) > 3.0, 1)
     sources = np.repeat(np.repeat(sources, block, axis=0), block, axis=1)
     if (usable & ~sources).sum() < 0.3 * usable.sum():
