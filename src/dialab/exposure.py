@@ -312,11 +312,11 @@ def _read_layered(hdul: fits.HDUList, path: Path) -> Exposure:
             raise BadInputError(f"HDU {name} is missing or empty", path)
         return hdul[name].data
 
-    image = np.array(data("IMAGE"), dtype=np.float32)
+    image = _native(data("IMAGE"), np.float32)
     if image.ndim != 2:
         raise BadInputError(f"IMAGE must be 2-d, got shape {image.shape}", path)
-    variance = np.array(data("VARIANCE"), dtype=np.float32)
-    mask = np.array(data("MASK"), dtype=np.int32)
+    variance = _native(data("VARIANCE"), np.float32)
+    mask = _native(data("MASK"), np.int32)
     for name, arr in (("VARIANCE", variance), ("MASK", mask)):
         if arr.shape != image.shape:
             raise BadInputError(f"{name} shape {arr.shape} differs from IMAGE shape {image.shape}", path)
@@ -332,10 +332,20 @@ def _read_layered(hdul: fits.HDUList, path: Path) -> Exposure:
         path=str(path), **_metadata(primary, fits.Header()))
 
 
+def _native(data: np.ndarray, dtype) -> np.ndarray:
+    """``data`` as a native-endian array of ``dtype``. FITS stores big-endian: a plane already of that type is
+    byte-swapped in its own buffer (a file's planes are read once, and a copy of each would double the read's
+    memory); anything else (scaled integers, other types) is converted."""
+    if data.dtype.newbyteorder("=") == np.dtype(dtype) and not data.dtype.isnative and data.flags.writeable \
+            and data.flags.c_contiguous:
+        return data.byteswap(inplace=True).view(np.dtype(dtype))
+    return np.array(data, dtype=dtype)
+
+
 def _read_plain(hdul: fits.HDUList, path: Path) -> Exposure:
     raw, header = _first_image(hdul, path)
     primary = hdul[0].header
-    image = np.array(raw, dtype=np.float32)
+    image = _native(raw, np.float32)
     finite = np.isfinite(image)
     if not finite.any():
         raise BadInputError("all pixels are non-finite", path)

@@ -27,20 +27,23 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndar
     """
     c = psf_stamp.shape[0] // 2
     p0 = psf_stamp[c, c]
-    ny, nx = image.shape
     out = np.zeros(image.shape, bool)
-    sigma_img = np.sqrt(np.maximum(variance, 1e-30))
+    # a cheap superset of the significant pixels (squares, no full-size sqrt), then the exact test on those only
+    maybe = image * image > variance * np.float32(nsigma * nsigma * (1 - 1e-5))
+    maybe[[0, -1], :] = False
+    maybe[:, [0, -1]] = False
+    if usable is not None:
+        maybe &= usable
+    y_all, x_all = np.nonzero(maybe)
+    del maybe
+    value_all = image[y_all, x_all]
+    sig_all = np.sqrt(np.maximum(variance[y_all, x_all], 1e-30))
     for sign in (1.0, -1.0):
-        significant = sign * image > nsigma * sigma_img
-        significant[[0, -1], :] = False
-        significant[:, [0, -1]] = False
-        if usable is not None:
-            significant &= usable
-        y, x = np.nonzero(significant)
+        significant = sign * value_all > nsigma * sig_all
+        y, x, sig = y_all[significant], x_all[significant], sig_all[significant]
         if not len(y):
             continue
-        v = sign * image[y, x].astype(float)
-        sig = sigma_img[y, x]
+        v = sign * value_all[significant].astype(float)
         sharp = np.zeros(len(y), bool)
         for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
             ratio = (1 - psf_tolerance) * 0.5 * (psf_stamp[c + dy, c + dx] + psf_stamp[c - dy, c - dx]) / p0

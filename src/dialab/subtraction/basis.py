@@ -74,12 +74,26 @@ class KernelBasis:
             out = raw[_delta_order(L)]
             out[1:] -= raw[c]
             return out
-        fx = self.factors_x[:, ::-1]
-        fy = self.factors_y[:, ::-1]
-        along_x = sliding_window_view(cut, L, axis=1) @ fx.T  # (M, m, n_raw)
-        windows = sliding_window_view(along_x, L, axis=0)  # (m, m, n_raw, L)
-        raw = np.einsum("yxkl,kl->kyx", windows, fy, optimize=True)
+        along_x = sliding_window_view(cut, L, axis=1) @ self.factors_x[:, ::-1].T  # (M, m, n_raw): [y', x, k]
+        # the pass along y: one banded (m, M) matrix per raw function, a batched matrix product (BLAS)
+        raw = np.matmul(self._along_y(cut.shape[0]), along_x.transpose(2, 0, 1))  # (n_raw, m, m): [k, y, x]
         return np.tensordot(self.transform, raw, axes=1)
+
+    @cached_property
+    def _banded(self) -> dict:
+        return {}
+
+    def _along_y(self, M: int) -> np.ndarray:
+        """(n_raw, m, M) matrices T with T[k, y, y + l] = factors_y[k, L - 1 - l]: T[k] @ column is the 'valid'
+        convolution of the column with factor k (kept per cut size)."""
+        if M not in self._banded:
+            L, m = self.size, M - self.size + 1
+            T = np.zeros((self.factors_y.shape[0], m, M))
+            rows = np.arange(m)
+            for lag in range(L):
+                T[:, rows, rows + lag] = self.factors_y[:, L - 1 - lag, None]
+            self._banded[M] = T
+        return self._banded[M]
 
 
 def _delta_order(size: int) -> np.ndarray:

@@ -150,7 +150,6 @@ class ConvolvedPair:
 
     matched: np.ndarray
     matched_variance: np.ndarray
-    background: np.ndarray
     difference: np.ndarray
     mask: np.ndarray  # both images' defects, the convolved one's spread over the kernel footprint
     convolved_mask: np.ndarray
@@ -309,8 +308,8 @@ def merge_masks(science_mask: np.ndarray, planes: MaskPlanes, template_mask: np.
 def convolve_pair(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, cfg: SubtractConfig) -> ConvolvedPair:
     """Step 5: K * convolved + B, its variance, the raw difference target - matched, and the merged mask."""
     kernel = fit.kernel
-    background = fit.background_image(pair.science.shape)
-    matched = convolve_image(problem.convolved_image, kernel, cfg.workers) + background
+    matched = convolve_image(problem.convolved_image, kernel, cfg.workers)
+    matched += fit.background_image(pair.science.shape)  # in place: no third full-size buffer
     matched_var = convolve_variance(problem.convolved_variance, kernel, cfg.workers)
     conv_exp = pair.template if pair.convolved == "template" else pair.science
     conv_mask = convolve_mask(conv_exp.mask, conv_exp.mask_planes.bits, kernel_footprint_radius(kernel.center_image))
@@ -318,7 +317,7 @@ def convolve_pair(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, 
         mask = merge_masks(pair.science.mask, pair.science.mask_planes, conv_mask, pair.template.mask_planes)
     else:
         mask = merge_masks(conv_mask, pair.science.mask_planes, pair.template.mask, pair.template.mask_planes)
-    return ConvolvedPair(matched, matched_var, background, problem.target_image - matched, mask, conv_mask)
+    return ConvolvedPair(matched, matched_var, problem.target_image - matched, mask, conv_mask)
 
 
 def decorrelate(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, convolved: ConvolvedPair,
@@ -363,7 +362,8 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
     if pair.convolved == "science":
         diff = diff / np.float32(-ks)  # D = (K*N + B - R) / k_s: science flux scale
         var = var / np.float32(ks**2)
-        matched = (matched - convolved.background) / np.float32(ks)
+        matched -= fit.background_image(science.shape)  # the convolved science alone, on its own flux scale
+        matched /= np.float32(ks)
         matched_var = matched_var / np.float32(ks**2)
     mask = convolved.mask
     h = fit.kernel.size // 2
@@ -405,10 +405,10 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
         kernel_size=problem.basis.size, regularization=fit.regularization)
     log.info("%s", diag.summary())
     check_subtraction(diag, science, pair.template, cfg, science.path)
-    return SubtractionResult(difference, matched_exp, fit.kernel, convolved.background,
-                             difference if cfg.flavor == "preconvolution" else None, diag,
-                             science_psf=pair.science_psf, template_psf=pair.template_psf,
-                             kernel_positions=fit.positions, background_coeffs=fit.background_coeffs)
+    return SubtractionResult(difference, matched_exp, fit.kernel, difference if cfg.flavor == "preconvolution" else None,
+                             diag, science_psf=pair.science_psf, template_psf=pair.template_psf,
+                             kernel_positions=fit.positions, background_coeffs=fit.background_coeffs,
+                             background_model=fit.background)
 
 
 def check_subtraction(diag: SubtractionDiagnostics, science: Exposure, template: Exposure, cfg: SubtractConfig,

@@ -7,40 +7,49 @@ import logging
 
 import numpy as np
 
-from ..background import clipped_stats, estimate_background, sky_background, smooth_grid
+from ..background import clipped_stats, sky_background, smooth_grid
 from ..exposure import Exposure
 from ..imageops import block_sum, grow_mask
 
 log = logging.getLogger(__name__)
 
 
-def _sky_pixels(exp: Exposure, bg=None, block: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _sky_pixels(exp: Exposure, block: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(image - sky, variance, source-free usable pixels), cut to whole blocks; None when under 30% is free.
 
     Sources are found on 4x4-binned S/N (noise 4x lower, so noise peaks are not mistaken for
     sources and the pixel distribution is not clipped); their blocks and the neighbouring ones
-    are excluded.
+    are excluded. The sky is the image's shared one, and the free pixels are found once per state of the
+    pixels (the variance scale and the noise correlation both ask).
     """
-    usable = ~exp.plane("BAD", "SAT", "NO_DATA", "EDGE", "CR")
-    bg = bg or estimate_background(exp.image, ~usable)
-    resid = exp.image - bg.level
+    bg = sky_background(exp)
     ny, nx = (exp.shape[0] // block) * block, (exp.shape[1] // block) * block
-    resid, usable = resid[:ny, :nx], usable[:ny, :nx]
+    resid = (exp.image - bg.level)[:ny, :nx]
     var = exp.variance[:ny, :nx]
 
-    snr = block_sum(np.where(usable, resid, 0), block) / np.sqrt(np.maximum(block_sum(np.where(usable, var, 0), block),
-                                                                             1e-30))
-    sources = grow_mask(np.abs(snr) > 3.0, 1)
-    sources = np.repeat(np.repeat(sources, block, axis=0), block, axis=1)
-    if (usable & ~sources).sum() < 0.3 * usable.sum():
-        return None
-    return resid, var, usable & ~sources
+    def free_pixels() -> np.ndarray | None:
+        usable = ~exp.plane("BAD", "SAT", "NO_DATA", "EDGE", "CR")[:ny, :nx]
+        snr = block_sum(np.where(usable, resid, 0), block) / np.sqrt(
+            np.maximum(block_sum(np.where(usable, var, 0), block), 1e-30))
+        sources = grow_mask(np.abs(snr) > 3.0, 1)
+        sources = np.repeat(np.repeat(sources, block, axis=0), block, axis=1)
+        if (usable & ~sources).sum() < 0.3 * usable.sum():
+            return None
+        return usable & ~sources
+
+    # kept packed (a bit per pixel): the exposure holds it as long as its pixels stay the same
+    packed = exp.derived(("sky_pixels", block), lambda: _pack(free_pixels()))
+    return None if packed is None else (resid, var, np.unpackbits(packed, count=ny * nx).reshape(ny, nx).view(bool))
 
 
-def variance_scale(exp: Exposure, bg=None, block: int = 4) -> float:
+def _pack(mask: np.ndarray | None) -> np.ndarray | None:
+    return None if mask is None else np.packbits(mask)
+
+
+def variance_scale(exp: Exposure, block: int = 4) -> float:
     """(measured / recorded)^2 pixel noise in source-free unmasked pixels (:func:`_sky_pixels`). Crowded
     images (under 30% free) keep their variance."""
-    sky = _sky_pixels(exp, bg, block)
+    sky = _sky_pixels(exp, block)
     if sky is None:
         log.info("%s: too crowded to measure the pixel noise; variance kept", exp.path)
         return 1.0
@@ -68,7 +77,7 @@ def noise_correlation(exp: Exposure, max_lag: int = MAX_LAG) -> np.ndarray:
     def measure() -> np.ndarray:
         out = np.zeros((2 * max_lag + 1,) * 2)
         out[max_lag, max_lag] = 1.0
-        sky = _sky_pixels(exp, sky_background(exp))
+        sky = _sky_pixels(exp)
         if sky is None:
             return out
         resid, var, usable = sky
@@ -98,7 +107,7 @@ def noise_correlation(exp: Exposure, max_lag: int = MAX_LAG) -> np.ndarray:
 def image_variance_scale(exp: Exposure) -> float:
     """:func:`variance_scale` against the image's shared sky, once per state of its pixels (every flavor
     that subtracts the image asks for it)."""
-    return exp.derived("variance_scale", lambda: variance_scale(exp, sky_background(exp)))
+    return exp.derived("variance_scale", lambda: variance_scale(exp))
 
 
 def noise_ratio(exp: Exposure, block: int = 64) -> float:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..exposure import Exposure
+from ..imageops import Chebyshev2D
 from ..psf import Psf
 from .kernel import SpatialKernel
 
@@ -62,16 +63,24 @@ class SubtractionResult:
     For preconvolution ``difference`` is the score-like image S (PSF v * P_N) and ``score`` is it too.
     ``science_psf`` and ``template_psf`` are the PSFs the subtraction used (given or measured);
     ``kernel_positions`` the (x, y) of the stamps the kernel was fitted on; ``background_coeffs`` the
-    differential background's Chebyshev coefficients.
+    differential background's Chebyshev coefficients in ``background_model`` (None: no background fitted).
     """
 
     difference: Exposure
     matched_image: Exposure
     kernel: SpatialKernel | None  # None for zogy (no matching kernel)
-    background: np.ndarray
     score: Exposure | None
     diagnostics: SubtractionDiagnostics
     science_psf: Psf
     template_psf: Psf
     kernel_positions: np.ndarray
     background_coeffs: np.ndarray
+    background_model: Chebyshev2D | None = None
+
+    @property
+    def background(self) -> np.ndarray:
+        """The differential background B, full size: evaluated when asked (nothing in a run needs it, and a
+        full-size plane held with the result is 4 bytes per pixel more at the peak)."""
+        if self.background_model is None:
+            return np.zeros(self.difference.shape, np.float32)
+        return self.background_model.evaluate(self.background_coeffs, self.difference.shape)

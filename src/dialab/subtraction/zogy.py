@@ -297,6 +297,6 @@ def _zogy_result(pair, z: ZogyInputs, planes: _Planes, psf_d: Psf, sources, rati
         free_kernel_sum=float("nan") if scale.trusted else float(ratio))
     log.info("%s; registration noise %.3f, %.3f px", diag.summary(), *z.registration)
     check_subtraction(diag, science, template, cfg, science.path)
-    return SubtractionResult(difference, matched, None, np.zeros(science.shape, np.float32), score, diag,
+    return SubtractionResult(difference, matched, None, score, diag,
                              science_psf=pair.science_psf, template_psf=pair.template_psf,
                              kernel_positions=sources.positions, background_coeffs=np.zeros(0))
