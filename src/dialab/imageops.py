@@ -186,18 +186,21 @@ def matched_filter_snr(image: np.ndarray, variance: np.ndarray, psf_stamp: np.nd
     return num / np.sqrt(np.maximum(var, 1e-30))
 
 
-def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float, fill: float = 0.0) -> np.ndarray:
+def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float, fill: float = 0.0,
+                       only: np.ndarray | None = None) -> np.ndarray:
     """A copy with masked pixels replaced by the Gaussian-weighted mean of the good pixels round them.
 
     Bad columns, saturated cores and cosmic rays must not be smeared by a convolution; pixels with
     no good neighbour within a few sigma (inside a NO_DATA strip) get ``fill``. Only boxes round the
-    masked regions are filtered, so sparse defects stay cheap on large images.
+    masked regions are filtered, so sparse defects stay cheap on large images. With ``only`` (a subset of
+    ``masked``), just those pixels are replaced: the boxes go round them, the rest of ``masked`` still giving
+    no weight (cosmic rays next to a bad column are filled from good pixels alone).
     """
     out = np.array(image, dtype=np.float32, copy=True)
-    if not masked.any():
+    if not masked.any() or (only is not None and not only.any()):
         return out
-    pad = int(np.ceil(4 * sigma)) + 1
-    labels, _ = ndimage.label(grow_mask(masked, pad))
+    pad = int(np.ceil(4 * sigma)) + 1  # the filter's reach (4 sigma): each box holds all it reads
+    labels, _ = ndimage.label(grow_mask(masked if only is None else only, pad))
     for sl in ndimage.find_objects(labels):
         sub_mask = masked[sl]
         good = (~sub_mask).astype(np.float32)
@@ -205,7 +208,7 @@ def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float, fill
         values = ndimage.gaussian_filter(np.where(sub_mask, 0, out[sl]).astype(np.float32), sigma, mode="constant")
         with np.errstate(invalid="ignore", divide="ignore"):
             filled = np.where(weights > 1e-3, values / weights, fill)
-        out[sl] = np.where(sub_mask, filled, out[sl])
+        out[sl] = np.where(sub_mask if only is None else only[sl], filled, out[sl])
     return out
 
 

@@ -139,6 +139,14 @@ def aperture_flux(exp: Exposure, x: float, y: float, radius: float) -> tuple[flo
     return aperture_sum(exp.image, exp.variance, x, y, radius)
 
 
+def _fd_steps(x: np.ndarray) -> np.ndarray:
+    """The forward-difference steps least_squares takes by default: sqrt(eps) max(1, |x|), made exactly
+    representable."""
+    x = np.asarray(x, float)
+    h = np.sqrt(np.finfo(float).eps) * np.where(x >= 0, 1.0, -1.0) * np.maximum(1.0, np.abs(x))
+    return (x + h) - x
+
+
 def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, float] | None = None) -> dict:
     """Fit F * [P(x - x+) - P(x - x-)] on the footprint: a shared flux, separation and angle.
 
@@ -163,42 +171,67 @@ def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, fl
                                        mode="constant")
 
     n = len(yy)
-    coords = np.empty((2, 2 * n))
+    dw = data * w
 
-    def shape(q):
-        """P(x - x+) - P(x - x-) on the footprint, weighted: both PSFs in one interpolation call."""
+    def shapes(q, steps=None):
+        """The weighted shape P(x - x+) - P(x - x-) at q = (x+, y+, x-, y-) and, given ``steps``, at q moved by
+        each step in turn: every PSF position in one interpolation call (a finite-difference Jacobian needs
+        six, not ten)."""
         xp, yp, xn, yn = q
-        coords[0, :n], coords[1, :n] = yy - yp + size, xx - xp + size
-        coords[0, n:], coords[1, n:] = yy - yn + size, xx - xn + size
-        both = ndimage.map_coordinates(psf_spline, coords, order=3, mode="constant", prefilter=False)
-        return (both[:n] - both[n:]) * w
+        points = [(xp, yp), (xn, yn)]
+        if steps is not None:
+            points += [(xp + steps[0], yp), (xp, yp + steps[1]), (xn + steps[2], yn), (xn, yn + steps[3])]
+        coords = np.empty((2, len(points), n))
+        for i, (px, py) in enumerate(points):
+            coords[0, i], coords[1, i] = yy - py + size, xx - px + size
+        p = ndimage.map_coordinates(psf_spline, coords.reshape(2, -1), order=3, mode="constant",
+                                    prefilter=False).reshape(len(points), n)
+        m = (p[0] - p[1]) * w
+        if steps is None:
+            return m
+        return m, [(p[2] - p[1]) * w, (p[3] - p[1]) * w, (p[0] - p[4]) * w, (p[0] - p[5]) * w]
 
     def best_flux(m):
         """The shared flux that fits the weighted model shape m best (linear least squares)."""
-        return float(m @ (data * w)) / max(float(m @ m), 1e-300)
+        return float(m @ dw) / max(float(m @ m), 1e-300)
 
     def profile(q):
         """Residuals with the shared flux solved linearly for the positions q (variable projection)."""
-        m = shape(q)
-        return data * w - best_flux(m) * m
+        m = shapes(q)
+        return dw - best_flux(m) * m
+
+    def profile_jac(q):
+        steps = _fd_steps(q)
+        m, moved = shapes(q, steps)
+        r = dw - best_flux(m) * m
+        return np.column_stack([(dw - best_flux(mi) * mi - r) / h for mi, h in zip(moved, steps)])
 
     u = np.array([pos[0] - neg[0], pos[1] - neg[1]])
     u = u / max(np.hypot(*u), 1e-9)
     best = None
     for half_sep in (0.25, 1.0, 2.5):  # separation and flux trade off: start from several separations
         q0 = [xc + half_sep * u[0], yc + half_sep * u[1], xc - half_sep * u[0], yc - half_sep * u[1]]
-        r = least_squares(profile, q0, x_scale=0.3)
+        r = least_squares(profile, q0, jac=profile_jac, x_scale=0.3)
         if best is None or r.cost < best.cost:
             best = r
     if flux_prior is not None and not flux_prior[0] > 0:
         flux_prior = None
-    f0 = flux_prior[0] if flux_prior is not None else best_flux(shape(best.x))
+    f0 = flux_prior[0] if flux_prior is not None else best_flux(shapes(best.x))
 
     def full(p):
-        r = data * w - p[0] * shape(p[1:])
+        r = dw - p[0] * shapes(p[1:])
         return r if flux_prior is None else np.append(r, (p[0] - flux_prior[0]) / flux_prior[1])
 
-    res = least_squares(full, [f0, *best.x], x_scale=[abs(f0) + 1e-9, 0.3, 0.3, 0.3, 0.3], max_nfev=100)
+    def full_jac(p):
+        steps = _fd_steps(p)
+        m, moved = shapes(p[1:], steps[1:])
+        jac = np.column_stack([-m] + [-p[0] * (mi - m) / h for mi, h in zip(moved, steps[1:])])
+        if flux_prior is None:
+            return jac
+        return np.vstack([jac, np.r_[1.0 / flux_prior[1], np.zeros(4)]])
+
+    res = least_squares(full, [f0, *best.x], jac=full_jac, x_scale=[abs(f0) + 1e-9, 0.3, 0.3, 0.3, 0.3],
+                        max_nfev=100)
     f, xp, yp, xn, yn = res.x
     if f < 0:  # the same pair with the signs swapped
         f, xp, yp, xn, yn = -f, xn, yn, xp, yp

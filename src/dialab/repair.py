@@ -65,12 +65,14 @@ def repair_cosmic_rays(exp, nsigma: float = 6.0, margin: float = 3.0) -> int:
     unusable = exp.plane("BAD", "SAT", "NO_DATA")
     background = sky_background(exp)
     psf = exp.psf if exp.psf is not None else measure_psf(exp)
-    residual = (exp.image - background.level).astype(np.float32)
+    residual = (exp.image - background.level).astype(np.float32, copy=False)
     cr = find_cosmic_rays(residual, exp.variance, psf.stamp(), nsigma, margin, ~unusable)
     if cr.any():
         exp.set_plane("CR", cr)
         exp.set_plane("INTRP", cr)
-        filled = interpolate_masked(residual, cr | unusable, max(psf.sigma, 1.0)) + background.level
-        exp.image = np.where(cr, filled, exp.image).astype(np.float32)
+        filled = interpolate_masked(residual, cr | unusable, max(psf.sigma, 1.0), only=cr)
+        image = exp.image.astype(np.float32)  # a new array: values derived from the old pixels see the change
+        image[cr] = filled[cr] + background.level[cr]
+        exp.image = image
         keep_sky(exp, background)
     return int(cr.sum())
