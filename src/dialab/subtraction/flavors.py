@@ -346,7 +346,8 @@ def decorrelate(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, co
     # in place: the raw difference becomes the decorrelated one (no later step reads it), a full-size buffer fewer
     image = apply_filter(convolved.difference, kimg, s1sq, s2sq, v, cfg.workers, out=convolved.difference)
     if v is None:
-        variance = problem.target_variance + np.float32(ks**2) * problem.convolved_variance
+        variance = problem.convolved_variance * np.float32(ks**2)
+        variance += problem.target_variance  # in place: one full-size buffer, not two
     else:
         variance = fft_convolve(pair.science_variance + np.float32(ks**2) * problem.convolved_variance, v**2,
                                 cfg.workers)
