@@ -177,6 +177,16 @@ def convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out[: shape[0], : shape[1]]
 
 
+def correlate_valid(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The 'valid' correlation sum_ij a[p + i, q + j] w[i, j] of two small 2-d arrays (float64), by FFT: a
+    circular correlation over a's own extent never wraps for the valid lags, and costs a few small transforms
+    where a direct sum costs size^2 x lags^2."""
+    out_shape = (a.shape[0] - w.shape[0] + 1, a.shape[1] - w.shape[1] + 1)
+    padded = tuple(fft.next_fast_len(n, real=True) for n in a.shape)
+    full = fft.irfft2(fft.rfft2(a, padded) * np.conj(fft.rfft2(w, padded)), padded)
+    return full[: out_shape[0], : out_shape[1]]
+
+
 def matched_filter_snr(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndarray,
                        workers: int | None = None) -> np.ndarray:
     """(D * P') / sqrt(V * P'^2) with P' the reflected PSF: the S/N of a PSF fit at every pixel."""

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
-from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
 from ..errors import InsufficientKernelSourcesError
-from ..imageops import Chebyshev2D, window_any
+from ..imageops import Chebyshev2D, correlate_valid, window_any
 from ..stars import find_stars, stellar_locus
 from .basis import KernelBasis
 from .kernel import SpatialKernel
@@ -208,8 +207,7 @@ def _noise_power(basis: KernelBasis, conv_var: np.ndarray, w: np.ndarray,
     with s(r)^2 = sum_pix w(pix) var(pix - r) / sum w (the variance each kernel pixel's column sees) and c the
     noise correlation (None: white)."""
     L = basis.size
-    m = w.shape[0]
-    d = np.einsum("abij,ij->ab", sliding_window_view(conv_var, (m, m)), w)[::-1, ::-1]
+    d = correlate_valid(conv_var, w)[::-1, ::-1]
     bs = basis.images() * np.sqrt(np.maximum(d, 0.0))[None]
     flat = bs.reshape(basis.n, L * L)
     if correlation is None or np.count_nonzero(correlation) == 1:
