@@ -9,14 +9,8 @@ command line) stay fast::
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
+from ._version import __version__
 from .lazy import lazy_names
-
-try:
-    __version__ = version("dialab")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0"
 
 #: Public name -> the module that defines it.
 _API = {

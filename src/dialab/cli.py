@@ -11,11 +11,13 @@ import traceback
 import warnings
 from pathlib import Path
 
-import numpy as np
-from pydantic import ValidationError
-
-from . import __version__
+from ._version import __version__
 from .errors import BadInputError, DialabError, RunInterrupted
+from .lazy import lazy_module
+
+# loaded on first use: `dialab --version` and `dialab --help` import neither
+np = lazy_module("numpy")
+pydantic = lazy_module("pydantic")
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 1
@@ -45,7 +47,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _method(name: str) -> str:
     """``--flavor`` of a run: a flavor, or flavor.basis."""
-    from .subtraction.config import parse_method
+    from .subtraction.methods import parse_method
 
     try:
         parse_method(name)
@@ -294,7 +296,7 @@ def _add_image_commands(sub) -> None:
     info.add_argument("--mask", help="mask FITS (non-zero = BAD)")
     info.set_defaults(func=_cmd_info)
 
-    from .subtraction.config import BASES, FLAVORS
+    from .subtraction.methods import BASES, FLAVORS
 
     sub_p = sub.add_parser("subtract", help="PSF-matched difference of a science image and a template")
     sub_p.add_argument("science", help="science FITS")
@@ -339,10 +341,8 @@ def _add_image_commands(sub) -> None:
 
 def _add_dataset_commands(sub) -> None:
     """simulate, apdb, run, report and demo: datasets, databases and runs."""
-    from .simulate.specs import SPECS
-
     sim = sub.add_parser("simulate", help="write a simulated dataset with its manifest and truth tables")
-    sim.add_argument("spec", help=f"dataset spec: {', '.join(SPECS)}")
+    sim.add_argument("spec", help="dataset spec name, e.g. hsc-sprint-mini (an unknown name lists them all)")
     sim.add_argument("-o", "--output", required=True, help="folder to write the dataset into")
     sim.add_argument("--seed", type=int, default=1, help="same spec and seed give identical files")
     sim.add_argument("--workers", type=int, help="processes rendering in parallel (default: the core count)")
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     except DialabError as exc:
         print(f"dialab {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except ValidationError as exc:  # a setting out of range (e.g. --threshold 0)
+    except pydantic.ValidationError as exc:  # a setting out of range (e.g. --threshold 0)
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
         print(f"dialab {args.command}: error: {problems}", file=sys.stderr)
         return EXIT_BAD_INPUT

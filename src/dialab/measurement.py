@@ -147,6 +147,63 @@ def _fd_steps(x: np.ndarray) -> np.ndarray:
     return (x + h) - x
 
 
+class _DipoleModel:
+    """F [P(x - x+) - P(x - x-)] on a footprint's pixels, weighted by 1 / sigma, with the finite-difference
+    Jacobians of its fits: every PSF position a step needs goes into one interpolation call (six, not ten)."""
+
+    def __init__(self, psf_spline: np.ndarray, size: int, xx: np.ndarray, yy: np.ndarray, data: np.ndarray,
+                 w: np.ndarray, flux_prior: tuple[float, float] | None):
+        self.psf_spline, self.size, self.xx, self.yy, self.w = psf_spline, size, xx, yy, w
+        self.dw = data * w
+        self.flux_prior = flux_prior
+
+    def shapes(self, q, steps=None):
+        """The weighted shape at q = (x+, y+, x-, y-) and, given ``steps``, at q moved by each step in turn."""
+        xp, yp, xn, yn = q
+        points = [(xp, yp), (xn, yn)]
+        if steps is not None:
+            points += [(xp + steps[0], yp), (xp, yp + steps[1]), (xn + steps[2], yn), (xn, yn + steps[3])]
+        coords = np.empty((2, len(points), len(self.xx)))
+        for i, (px, py) in enumerate(points):
+            coords[0, i], coords[1, i] = self.yy - py + self.size, self.xx - px + self.size
+        p = ndimage.map_coordinates(self.psf_spline, coords.reshape(2, -1), order=3, mode="constant",
+                                    prefilter=False).reshape(len(points), -1)
+        w = self.w
+        m = (p[0] - p[1]) * w
+        if steps is None:
+            return m
+        return m, [(p[2] - p[1]) * w, (p[3] - p[1]) * w, (p[0] - p[4]) * w, (p[0] - p[5]) * w]
+
+    def best_flux(self, m: np.ndarray) -> float:
+        """The shared flux that fits the weighted model shape m best (linear least squares)."""
+        return float(m @ self.dw) / max(float(m @ m), 1e-300)
+
+    def profile(self, q):
+        """Residuals with the shared flux solved linearly for the positions q (variable projection)."""
+        m = self.shapes(q)
+        return self.dw - self.best_flux(m) * m
+
+    def profile_jac(self, q):
+        steps = _fd_steps(q)
+        m, moved = self.shapes(q, steps)
+        r = self.dw - self.best_flux(m) * m
+        return np.column_stack([(self.dw - self.best_flux(mi) * mi - r) / h for mi, h in zip(moved, steps)])
+
+    def full(self, p):
+        """Residuals of flux p[0] at positions p[1:], and the flux prior's when there is one."""
+        r = self.dw - p[0] * self.shapes(p[1:])
+        prior = self.flux_prior
+        return r if prior is None else np.append(r, (p[0] - prior[0]) / prior[1])
+
+    def full_jac(self, p):
+        steps = _fd_steps(p)
+        m, moved = self.shapes(p[1:], steps[1:])
+        jac = np.column_stack([-m] + [-p[0] * (mi - m) / h for mi, h in zip(moved, steps[1:])])
+        if self.flux_prior is None:
+            return jac
+        return np.vstack([jac, np.r_[1.0 / self.flux_prior[1], np.zeros(4)]])
+
+
 def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, float] | None = None) -> dict:
     """Fit F * [P(x - x+) - P(x - x-)] on the footprint: a shared flux, separation and angle.
 
@@ -169,68 +226,20 @@ def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, fl
     # the cubic spline's coefficients once, not at each of the fit's hundreds of evaluations (same numbers)
     psf_spline = ndimage.spline_filter(exp.psf.at(xc, yc).stamp(2 * size + 1), 3, output=np.float64,
                                        mode="constant")
-
-    n = len(yy)
-    dw = data * w
-
-    def shapes(q, steps=None):
-        """The weighted shape P(x - x+) - P(x - x-) at q = (x+, y+, x-, y-) and, given ``steps``, at q moved by
-        each step in turn: every PSF position in one interpolation call (a finite-difference Jacobian needs
-        six, not ten)."""
-        xp, yp, xn, yn = q
-        points = [(xp, yp), (xn, yn)]
-        if steps is not None:
-            points += [(xp + steps[0], yp), (xp, yp + steps[1]), (xn + steps[2], yn), (xn, yn + steps[3])]
-        coords = np.empty((2, len(points), n))
-        for i, (px, py) in enumerate(points):
-            coords[0, i], coords[1, i] = yy - py + size, xx - px + size
-        p = ndimage.map_coordinates(psf_spline, coords.reshape(2, -1), order=3, mode="constant",
-                                    prefilter=False).reshape(len(points), n)
-        m = (p[0] - p[1]) * w
-        if steps is None:
-            return m
-        return m, [(p[2] - p[1]) * w, (p[3] - p[1]) * w, (p[0] - p[4]) * w, (p[0] - p[5]) * w]
-
-    def best_flux(m):
-        """The shared flux that fits the weighted model shape m best (linear least squares)."""
-        return float(m @ dw) / max(float(m @ m), 1e-300)
-
-    def profile(q):
-        """Residuals with the shared flux solved linearly for the positions q (variable projection)."""
-        m = shapes(q)
-        return dw - best_flux(m) * m
-
-    def profile_jac(q):
-        steps = _fd_steps(q)
-        m, moved = shapes(q, steps)
-        r = dw - best_flux(m) * m
-        return np.column_stack([(dw - best_flux(mi) * mi - r) / h for mi, h in zip(moved, steps)])
+    if flux_prior is not None and not flux_prior[0] > 0:
+        flux_prior = None
+    model = _DipoleModel(psf_spline, size, xx, yy, data, w, flux_prior)
 
     u = np.array([pos[0] - neg[0], pos[1] - neg[1]])
     u = u / max(np.hypot(*u), 1e-9)
     best = None
     for half_sep in (0.25, 1.0, 2.5):  # separation and flux trade off: start from several separations
         q0 = [xc + half_sep * u[0], yc + half_sep * u[1], xc - half_sep * u[0], yc - half_sep * u[1]]
-        r = least_squares(profile, q0, jac=profile_jac, x_scale=0.3)
+        r = least_squares(model.profile, q0, jac=model.profile_jac, x_scale=0.3)
         if best is None or r.cost < best.cost:
             best = r
-    if flux_prior is not None and not flux_prior[0] > 0:
-        flux_prior = None
-    f0 = flux_prior[0] if flux_prior is not None else best_flux(shapes(best.x))
-
-    def full(p):
-        r = dw - p[0] * shapes(p[1:])
-        return r if flux_prior is None else np.append(r, (p[0] - flux_prior[0]) / flux_prior[1])
-
-    def full_jac(p):
-        steps = _fd_steps(p)
-        m, moved = shapes(p[1:], steps[1:])
-        jac = np.column_stack([-m] + [-p[0] * (mi - m) / h for mi, h in zip(moved, steps[1:])])
-        if flux_prior is None:
-            return jac
-        return np.vstack([jac, np.r_[1.0 / flux_prior[1], np.zeros(4)]])
-
-    res = least_squares(full, [f0, *best.x], jac=full_jac, x_scale=[abs(f0) + 1e-9, 0.3, 0.3, 0.3, 0.3],
+    f0 = flux_prior[0] if flux_prior is not None else model.best_flux(model.shapes(best.x))
+    res = least_squares(model.full, [f0, *best.x], jac=model.full_jac, x_scale=[abs(f0) + 1e-9, 0.3, 0.3, 0.3, 0.3],
                         max_nfev=100)
     f, xp, yp, xn, yn = res.x
     if f < 0:  # the same pair with the signs swapped

@@ -14,16 +14,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .methods import BASES, BasisName  # noqa: F401  (the bases named here)
+
 MIN_KERNEL_SIZE = 21
 MAX_KERNEL_SIZE = 35
 
-BasisName = Literal["alard-lupton", "delta", "psf-models"]
-BASES: tuple[str, ...] = ("alard-lupton", "delta", "psf-models")
 
 
 @dataclass(frozen=True)

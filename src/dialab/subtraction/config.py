@@ -6,26 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .basis import BASES, BasisName
+from .methods import BASES, FLAVORS, BasisName, Flavor, parse_method
 
-Flavor = Literal["convolveTemplate", "convolveScience", "auto", "preconvolution", "zogy"]
-FLAVORS: tuple[str, ...] = ("convolveTemplate", "convolveScience", "auto", "preconvolution", "zogy")
 __all__ = ["BASES", "FLAVORS", "Flavor", "SubtractConfig", "parse_method"]
-
-
-def parse_method(name: str) -> tuple[str, str | None]:
-    """A run's method name, ``flavor`` or ``flavor.basis`` (e.g. ``preconvolution.delta``), as (flavor, basis or
-    None for the configured one): a run compares kernel bases as it compares flavors."""
-    flavor, _, basis = str(name).partition(".")
-    if flavor not in FLAVORS:
-        raise ValueError(f"unknown flavor {flavor!r} in {name!r} (flavors: {', '.join(FLAVORS)})")
-    if not basis:
-        return flavor, None
-    if basis not in BASES:
-        raise ValueError(f"unknown kernel basis {basis!r} in {name!r} (bases: {', '.join(BASES)})")
-    if flavor == "zogy":
-        raise ValueError(f"{name!r}: zogy has no matching kernel, so no kernel basis")
-    return flavor, basis
 
 
 class SubtractConfig(BaseModel):
