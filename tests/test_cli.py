@@ -10,6 +10,7 @@ import pytest
 import yaml
 from astropy.io import fits
 
+from dialab import __version__
 from dialab.cli import main
 from dialab.exposure import read_exposure, write_exposure
 from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
@@ -210,3 +211,22 @@ def test_subtract_with_the_delta_basis_records_it_and_its_penalty(pair):
     header = fits.getheader(out, 0)
     assert header["KERNBAS"] == "delta" and header["KERNREG"] > 0
     assert header["KERNSUM"] == pytest.approx(0.8, rel=0.02)
+
+
+def test_version_loads_no_numpy_and_subtract_loads_no_pandas():
+    """Start-up: `dialab --version` (and --help) imports neither numpy nor pydantic, and what `dialab subtract`
+    imports (its configs included) leaves pandas unloaded; lazily loaded modules count only once used."""
+    code = """
+import sys
+from dialab.cli import main
+try:
+    main(["--version"])
+except SystemExit:
+    pass
+print("numpy._core.multiarray" in sys.modules, "pydantic.main" in sys.modules)
+import dialab.pipeline.config, dialab.pipeline.prepare, dialab.pipeline.repository, dialab.subtraction.flavors
+print("pandas.core.frame" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["dialab", __version__, "False", "False", "False"], out
+

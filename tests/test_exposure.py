@@ -44,6 +44,10 @@ def test_write_then_read_is_exact(tmp_path, psf):
     np.testing.assert_array_equal(back.image, exp.image)
     np.testing.assert_array_equal(back.variance, exp.variance)
     np.testing.assert_array_equal(back.mask, exp.mask)
+    # the planes are byte-swapped in their read buffers: native, writeable, and the file itself untouched
+    for plane in (back.image, back.variance, back.mask):
+        assert plane.dtype.isnative and plane.flags.writeable
+    np.testing.assert_array_equal(read_exposure(path).image, exp.image)
     assert back.mask_planes.bits == exp.mask_planes.bits
     for name in ("visit", "detector", "band", "mjd", "exptime", "magzero", "gain", "saturate"):
         assert getattr(back, name) == getattr(exp, name), name

@@ -22,19 +22,22 @@ def lazy_names(package: str, names: dict[str, str], namespace: dict):
     return __getattr__, __dir__
 
 
+class _Deferred:
+    """Stands for a module and imports it at the first attribute asked for. It is not placed in ``sys.modules``:
+    code that walks the loaded modules (astropy's configuration does, at import) would load it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(import_module(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<module {self._name!r}, imported on first use>"
+
+
 def lazy_module(name: str):
     """The module ``name``, imported on first attribute access: a module that needs pandas only inside its
     functions does not make every command that imports it (``dialab subtract`` reads configs) pay pandas'
     half-second import."""
-    import importlib.util
-    import sys
-
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+    return _Deferred(name)

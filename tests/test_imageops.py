@@ -1,0 +1,36 @@
+"""Image primitives against their direct definitions: block sums, valid correlations, masked interpolation."""
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from dialab.imageops import block_sum, correlate_valid, interpolate_masked
+
+
+def test_block_sum_is_the_sum_over_each_block():
+    a = np.random.default_rng(1).normal(size=(12, 20)).astype(np.float32)
+    expected = a.reshape(3, 4, 5, 4).sum(axis=(1, 3))
+    assert np.allclose(block_sum(a, 4), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_correlate_valid_is_the_direct_sum_for_every_lag():
+    rng = np.random.default_rng(2)
+    a, w = rng.random((37, 41)), rng.random((15, 19))
+    direct = np.einsum("abij,ij->ab", sliding_window_view(a, w.shape), w)
+    assert correlate_valid(a, w).shape == direct.shape == (23, 23)
+    assert np.allclose(correlate_valid(a, w), direct, rtol=1e-12, atol=1e-10)
+
+
+def test_filling_only_some_masked_pixels_gives_them_the_same_values_and_leaves_the_rest():
+    rng = np.random.default_rng(3)
+    image = rng.normal(100.0, 5.0, (120, 160)).astype(np.float32)
+    masked = np.zeros(image.shape, bool)
+    masked[:, 60] = True  # a bad column...
+    masked[40, 62] = masked[41, 62] = True  # ...with a cosmic ray beside it
+    masked[90, 130] = True  # and one far from anything
+    rays = np.zeros(image.shape, bool)
+    rays[40, 62] = rays[41, 62] = rays[90, 130] = True
+    everything = interpolate_masked(image, masked, 1.5)
+    some = interpolate_masked(image, masked, 1.5, only=rays)
+    assert np.array_equal(some[rays], everything[rays])  # the column still gives no weight to its neighbour
+    assert np.array_equal(some[~rays], image[~rays])  # the column itself is left as it was
+    assert not np.array_equal(everything[:, 60], image[:, 60])
