@@ -345,7 +345,7 @@ def _native(data: np.ndarray, dtype) -> np.ndarray:
 def _read_plain(hdul: fits.HDUList, path: Path) -> Exposure:
     raw, header = _first_image(hdul, path)
     primary = hdul[0].header
-    image = _native(raw, np.float32)
+    image = _native(raw, np.float32)  # may swap raw's own bytes: only its dtype is read below
     finite = np.isfinite(image)
     if not finite.any():
         raise BadInputError("all pixels are non-finite", path)

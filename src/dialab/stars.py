@@ -44,6 +44,13 @@ class StarCandidates(ArrayColumns):
     clean: np.ndarray
 
 
+def psf_filter_sigma(psf) -> float:
+    """The matched filter's width for finding the stars of an image with this PSF: its sigma, at least 1 px.
+    Registration, the kernel candidates and the stars' flux ratio all use it, so ``find_stars`` filters the
+    image once for all of them."""
+    return max(psf.sigma, 1.0)
+
+
 #: Relative difference of matched-filter widths (in log) below which the peaks of one serve for the other.
 FILTER_TOLERANCE = 0.2
 

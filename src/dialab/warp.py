@@ -17,7 +17,7 @@ from .errors import BadInputError, NoOverlapError
 from .exposure import Exposure, MaskPlanes
 from .imageops import box_reduce, grid_spline
 from .psf import GridPsf, ImagePsf, Psf
-from .stars import find_stars
+from .stars import find_stars, psf_filter_sigma
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def measure_offset(src: Exposure, dst: Exposure, max_shift_fraction: float = 0.3
     ``dst``'s PSF when it has one: the subtraction's kernel candidates are found with the same filter, so
     the science image is filtered once.
     """
-    sigma = max(dst.psf.sigma, 1.0) if dst.psf is not None else 2.0
+    sigma = psf_filter_sigma(dst.psf) if dst.psf is not None else 2.0
     a = find_stars(src, sigma, 15.0, max_candidates=n_stars)
     b = find_stars(dst, sigma, 15.0, max_candidates=n_stars)
     if len(a) < 3 or len(b) < 3:

@@ -18,11 +18,8 @@ from functools import cached_property
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .methods import BASES, BasisName  # noqa: F401  (the bases named here)
-
 MIN_KERNEL_SIZE = 21
 MAX_KERNEL_SIZE = 35
-
 
 
 @dataclass(frozen=True)

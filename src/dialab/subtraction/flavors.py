@@ -26,6 +26,7 @@ from ..exposure import Exposure, MaskPlanes
 from ..imageops import convolve_full, fft_convolve, interpolate_masked
 from ..moments import adaptive_moments
 from ..psf import Psf, map_stamps, measure_psf
+from ..stars import psf_filter_sigma
 from ..timing import timed
 from .basis import KernelBasis, alard_lupton_basis, delta_basis, delta_kernel_size, laplacian_penalty
 from .config import FLAVORS, Flavor, SubtractConfig  # noqa: F401 (the flavor names live with the configuration)
@@ -258,7 +259,7 @@ def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractCo
     basis = problem.basis
     candidates = select_kernel_candidates(pair.science, pair.template, problem.half_stamp + basis.half,
                                           (cfg.candidate_snr_min, cfg.candidate_snr_max), max_kernel_stamps(basis, cfg),
-                                          sigma_pix=max(pair.science_psf.sigma, 1.0),
+                                          sigma_pix=psf_filter_sigma(pair.science_psf),
                                           compact_only=cfg.kernel_sources == "compact")
     # v has unit sum, so the preconvolved target has the science image's fluxes: they are measured on the
     # science image itself (a narrower PSF, fewer neighbours in reach, uncorrelated noise)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..background import sky_background
 from ..imageops import aperture_sum, stamp_index
-from ..stars import find_stars
+from ..stars import find_stars, psf_filter_sigma
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ def exposure_flux_ratio(target, conv) -> PhotometricScale:
     """Flux ratio target / conv of the stars of two exposures on one pixel grid, both with PSFs: counts of one
     image per count of the other, for when their zeropoints are not both known."""
     bgs = [sky_background(e) for e in (target, conv)]
-    stars = find_stars(target, max(target.psf.sigma, 1.0), 20.0)
+    stars = find_stars(target, psf_filter_sigma(target.psf), 20.0)
     stars = stars.select(stars.clean)
     positions = np.column_stack([np.round(stars.x), np.round(stars.y)]).astype(int)
     return sources_flux_ratio(target.image - bgs[0].level, target.variance, target.psf,
