@@ -169,7 +169,7 @@ def test_lossless_compression_round_trip_is_exact(tmp_path):
 def test_quantized_difference_keeps_fluxes_within_a_percent_of_their_errors(tmp_path):
     """Quantized (by default to 1/128 of the noise): forced PSF fluxes move by 0.29/128 of their errors (rms),
     each by < 1%; the noise grows by < 0.01%, zeros (no data) and the mask stay exact, the file is 3x smaller."""
-    from dialab.measurement import forced_psf_flux
+    from dialab.photometry import forced_psf_flux
 
     rng = np.random.default_rng(5)
     shape, sigma = (512, 512), 10.0

@@ -23,7 +23,7 @@ _API = {
     "subtract": "subtraction", "SubtractConfig": "subtraction", "SubtractionResult": "subtraction",
     "SubtractionDiagnostics": "subtraction", "FLAVORS": "subtraction",
     # detection and measurement
-    "detect_and_measure": "measurement", "MeasureConfig": "measurement", "forced_psf_flux": "measurement",
+    "detect_and_measure": "measurement", "MeasureConfig": "measurement", "forced_psf_flux": "photometry",
     "detect_sources": "detection", "DetectConfig": "detection",
     # fakes and matching
     "make_fake_catalog": "injection", "inject_catalog": "injection", "InjectConfig": "injection",

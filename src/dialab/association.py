@@ -19,7 +19,7 @@ from .exposure import Exposure
 from .ids import pack_ids
 from .lazy import lazy_module
 from .matching import match_sky
-from .measurement import forced_psf_flux
+from .photometry import forced_psf_flux
 from .sky import running_mean
 
 pd = lazy_module("pandas")

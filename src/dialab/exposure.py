@@ -22,7 +22,7 @@ from astropy.wcs import WCS
 
 from .background import estimate_background
 from .errors import BadInputError
-from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
+from .psf import ApertureCorrection, GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +445,10 @@ def read_psf(path: str | Path) -> Psf:
 
 
 def _read_psf_hdus(hdul: fits.HDUList, path: Path) -> Psf:
+    return _read_psf_model(hdul, path).with_aperture_correction(ApertureCorrection.from_header(hdul["PSF"].header))
+
+
+def _read_psf_model(hdul: fits.HDUList, path: Path) -> Psf:
     hdu = hdul["PSF"]
     h = hdu.header
     model = h.get("PSFMODEL", "IMAGE")
@@ -467,6 +471,8 @@ def _read_psf_hdus(hdul: fits.HDUList, path: Path) -> Psf:
 
 def _psf_hdus(psf: Psf) -> list[fits.hdu.base.ExtensionHDU]:
     h = fits.Header()
+    if psf.aperture_correction is not None:
+        h.update(psf.aperture_correction.header_cards())
     if isinstance(psf, GridPsf):
         h["PSFMODEL"] = "GRID"
         cols = [fits.Column("x", "D", array=psf.xs), fits.Column("y", "D", array=psf.ys)]

@@ -129,7 +129,8 @@ def inject_fakes(exp: Exposure, x: np.ndarray, y: np.ndarray, flux: np.ndarray, 
                  plane: str = "INJECTED") -> Exposure:
     """A copy of ``exp`` with point sources added (its PSF at each position, Poisson noise with the
     exposure's GAIN; without a GAIN no noise is added and a warning logged). ``plane`` marks each fake's
-    footprint (where it adds more than half the pixel noise); the variance grows by each stamp's Poisson term."""
+    footprint (where it adds more than half the pixel noise); the variance grows by each stamp's Poisson term.
+    Each fake is the model scaled to ``flux`` / the PSF's aperture correction: its corrected PSF flux is ``flux``."""
     out = exp.copy()
     rng = np.random.default_rng(seed)
     gain = exp.gain if (math.isfinite(exp.gain) and exp.gain > 0) else None
@@ -141,7 +142,7 @@ def inject_fakes(exp: Exposure, x: np.ndarray, y: np.ndarray, flux: np.ndarray, 
     bit = out.mask_planes.bit(plane)
     for xi, yi, fi in zip(np.asarray(x, float), np.asarray(y, float), np.asarray(flux, float)):
         ix, iy = int(round(xi)), int(round(yi))
-        stamp = fi * exp.psf.draw(xi - ix, yi - iy, size, x=xi, y=yi)
+        stamp = (fi / exp.psf.flux_correction(xi, yi)) * exp.psf.draw(xi - ix, yi - iy, size, x=xi, y=yi)
         y0, y1, x0, x1 = max(iy - h, 0), min(iy + h + 1, ny), max(ix - h, 0), min(ix + h + 1, nx)
         if y0 >= y1 or x0 >= x1:
             continue

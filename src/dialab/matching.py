@@ -8,7 +8,8 @@ from scipy.spatial import cKDTree
 
 from .exposure import Exposure
 from .lazy import lazy_module
-from .measurement import forced_psf_flux, pixel_scale_arcsec
+from .measurement import pixel_scale_arcsec
+from .photometry import forced_psf_flux
 from .sky import ARCSEC_PER_RADIAN, chord, unit_vectors
 
 pd = lazy_module("pandas")

@@ -1,4 +1,4 @@
-"""Measuring sources on images: forced PSF photometry and the diaSource measurements (APDB names)."""
+"""Measuring diaSources on a difference: detection, centroids, PSF and dipole fits, shapes, pixel flags (APDB names)."""
 
 from __future__ import annotations
 
@@ -8,72 +8,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
-from .background import sky_background
 from .detection import detect_sources
 from .exposure import Exposure
 from .ids import pack_ids
-from .imageops import aperture_sum, find_peaks, gaussian_filtered_snr, stamp_index
 from .lazy import lazy_module
 from .moments import adaptive_moments
-from .stars import select_psf_stars
+from .photometry import aperture_flux, forced_psf_flux
 from .subtraction.result import SubtractionResult
 
 pd = lazy_module("pandas")
-
-#: Objects measured per batch: bounds the (batch, size, size) model and pixel stamps held at once.
-FORCED_BATCH = 1024
-
-
-def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | None = None) -> pd.DataFrame:
-    """Linear PSF fit at fixed positions: flux = sum(P D / V) / sum(P^2 / V), error 1 / sqrt(sum(P^2 / V)).
-
-    Unusable pixels (BAD, SAT, NO_DATA, EDGE) carry no weight; a source with no usable pixel gets NaN.
-    On a score image (header SCORE = True: already the PSF-filtered difference, with correlated
-    noise) the matched filter has been applied, so the flux is the score at the position divided by
-    the score PSF's value there, and the error is sqrt(variance) scaled the same way.
-    Objects are measured in batches of array operations (``Psf.draw_many``): every diaObject of an image is.
-    """
-    psf = exp.psf
-    if psf is None:
-        raise ValueError("forced photometry needs the exposure's PSF")
-    size = size or min(psf.default_size, 31)
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    flux = np.full(len(x), np.nan)
-    err = np.full(len(x), np.nan)
-    measure = _score_flux if exp.header.get("SCORE", False) else _fitted_flux
-    for start in range(0, len(x), FORCED_BATCH):
-        batch = slice(start, start + FORCED_BATCH)
-        flux[batch], err[batch] = measure(exp, x[batch], y[batch], size)
-    return pd.DataFrame({"psfFlux": flux, "psfFluxErr": err})
-
-
-def _fitted_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    psf, full, h = exp.psf, exp.psf.default_size, size // 2
-    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-    # The fit window is cropped from the full, unit-sum model: fluxes are totals, not window sums.
-    model = psf.draw_many(x - ix, y - iy, x, y)
-    o = (full - size) // 2
-    model = model[:, o : o + size, o : o + size] if full > size else np.pad(model, ((0, 0), (-o, -o), (-o, -o)))
-    at, inside = stamp_index(ix, iy, h, exp.shape)
-    w = np.where(inside & ~exp.unusable[at], 1.0 / np.maximum(exp.variance[at], np.float32(1e-30)), np.float32(0))
-    denom = np.einsum("kij,kij,kij->k", model, model, w)
-    good = denom > 0
-    flux = np.where(good, np.einsum("kij,kij,kij->k", model, exp.image[at], w) / np.where(good, denom, 1.0), np.nan)
-    return flux, np.where(good, 1.0 / np.sqrt(np.where(good, denom, 1.0)), np.nan)
-
-
-def _score_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    ny, nx = exp.shape
-    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-    ok = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
-    ok[ok] = ~exp.unusable[iy[ok], ix[ok]]
-    flux, err = np.full(len(x), np.nan), np.full(len(x), np.nan)
-    c = exp.psf.default_size // 2
-    peak = exp.psf.draw_many(x[ok] - ix[ok], y[ok] - iy[ok], x[ok], y[ok])[:, c, c]
-    flux[ok] = exp.image[iy[ok], ix[ok]] / peak
-    err[ok] = np.sqrt(exp.variance[iy[ok], ix[ok]]) / peak
-    return flux, err
-
 
 # --------------------------------------------------------------------------- diaSource measurement
 
@@ -109,8 +52,6 @@ class MeasureConfig(BaseModel):
 
     aperture_radius_pix: float = Field(APERTURE_RADIUS_PIX, gt=0, description="aperture flux radius, pixels")
     fit_dipoles: bool = Field(True, description="fit a +/- PSF pair to footprints with peaks of both signs")
-    aperture_correction: bool = Field(False, description="scale PSF fluxes to a 4-FWHM aperture's (bright isolated "
-                                      "stars of the science image); see measurement.aperture_correction")
 
 
 def _refine_peak(snr: np.ndarray, x: int, y: int, sign: float = 1.0) -> tuple[float, float, bool]:
@@ -132,11 +73,6 @@ def _refine_peak(snr: np.ndarray, x: int, y: int, sign: float = 1.0) -> tuple[fl
     if abs(ox) > 1 or abs(oy) > 1:
         return float(x), float(y), True
     return x + ox, y + oy, False
-
-
-def aperture_flux(exp: Exposure, x: float, y: float, radius: float) -> tuple[float, float]:
-    """Sum of pixels whose centres lie within ``radius`` of (x, y), and its error from the variance."""
-    return aperture_sum(exp.image, exp.variance, x, y, radius)
 
 
 def _fd_steps(x: np.ndarray) -> np.ndarray:
@@ -285,6 +221,24 @@ def pixel_scale_arcsec(exp: Exposure) -> float:
     return float(np.sqrt(np.prod(proj_plane_pixel_scales(exp.wcs.celestial))) * 3600)
 
 
+def _measured_dipole(exp: Exposure, fp, peaks: np.ndarray, science: Exposure | None) -> dict:
+    """``fit_dipole`` with the science flux as prior, its fluxes aperture-corrected like every PSF flux (the fit
+    itself is in the units of the unit-sum model)."""
+    prior = None
+    if science is not None and science.psf is not None:
+        cx, cy = peaks[:, 0].mean(), peaks[:, 1].mean()
+        sf = forced_psf_flux(science, np.array([cx]), np.array([cy]))
+        flux, ferr = float(sf.psfFlux.iloc[0]), float(sf.psfFluxErr.iloc[0])
+        corr = float(exp.psf.flux_correction(cx, cy))
+        if np.isfinite(flux) and flux > 0:
+            prior = (flux / corr, np.hypot(ferr, 0.05 * flux) / corr)
+    dip = fit_dipole(exp, fp, peaks, prior)
+    corr = float(exp.psf.flux_correction(dip["dipoleX"], dip["dipoleY"]))
+    dip["dipoleMeanFlux"] *= corr
+    dip["dipoleMeanFluxErr"] *= corr
+    return dip
+
+
 def measure_sources(exp: Exposure, det, science: Exposure | None = None, template: Exposure | None = None,
                     config: MeasureConfig | None = None) -> pd.DataFrame:
     """One row per footprint with the Rubin APDB DiaSource column names (fluxes in image counts).
@@ -306,14 +260,7 @@ def measure_sources(exp: Exposure, det, science: Exposure | None = None, templat
                "bboxSize": int(max(fp.bbox[0].stop - fp.bbox[0].start, fp.bbox[1].stop - fp.bbox[1].start)),
                "peakSnr": float(best[2]), "isDipole": False}
         if len(peaks) == 2 and cfg.fit_dipoles:
-            prior = None
-            if science is not None and science.psf is not None:
-                cx, cy = peaks[:, 0].mean(), peaks[:, 1].mean()
-                sf = forced_psf_flux(science, np.array([cx]), np.array([cy]))
-                flux, ferr = float(sf.psfFlux.iloc[0]), float(sf.psfFluxErr.iloc[0])
-                if np.isfinite(flux) and flux > 0:
-                    prior = (flux, np.hypot(ferr, 0.05 * flux))
-            dip = fit_dipole(exp, fp, peaks, prior)
+            dip = _measured_dipole(exp, fp, peaks, science)
             row.update({k: v for k, v in dip.items() if k not in ("dipoleLengthPix", "dipoleX", "dipoleY")})
             row["dipoleLength"] = dip["dipoleLengthPix"] * scale
             row["isDipole"] = True
@@ -406,43 +353,6 @@ def _add_pixel_flags(cat: pd.DataFrame, exp: Exposure, footprints: list) -> None
     cat["pixelFlags_edge"] = cat["pixelFlags_edge"] | off
 
 
-def aperture_correction(exp: Exposure, radius_fwhm: float = 4.0, min_snr: float = 50.0) -> tuple[float, int]:
-    """Total flux / PSF flux of bright isolated stars (median), and how many: LSST's aperture correction.
-
-    A PSF model is a stamp normalised to unit sum, so a PSF fit measures the flux inside the stamp: 1-3% short
-    of the total for Kolmogorov wings. "Total" is an aperture of ``radius_fwhm`` FWHM (at least the model stamp's
-    half-size) on the background-free image, around stars with no other source within it (in a crowded field
-    neighbours would double it). With fewer than 5 such stars the correction is 1 (and 0 stars are reported).
-    Off by default (``MeasureConfig.aperture_correction``): on a galaxy-rich field the background model takes
-    up the sources' faint wings, so the aperture comes out 1-4% low against the truth.
-    """
-    if exp.psf is None:
-        return 1.0, 0
-    bg = sky_background(exp)
-    stars = select_psf_stars(exp, min_snr=min_snr, min_stars=5)
-    if len(stars) < 5:
-        return 1.0, 0
-    # at least the model's own reach: the correction is the light beyond the model (a smaller aperture would
-    # take a model that holds more light than it for one that misses some)
-    radius = max(radius_fwhm * exp.psf.fwhm, exp.psf.default_size / 2)
-    # only stars with no other source (any 5-sigma peak) within the aperture and a FWHM beyond it
-    snr = gaussian_filtered_snr(exp.image - bg.level, np.sqrt(np.maximum(exp.variance, 1e-30)),
-                                max(exp.psf.sigma, 1.0), exp.plane("NO_DATA", "BAD"))
-    py, px = find_peaks(snr, 5.0, max(2, int(round(exp.psf.sigma))))
-    if len(px):
-        d = np.hypot(stars.x[:, None] - px[None], stars.y[:, None] - py[None])
-        alone = np.sort(d, axis=1)[:, 1] > radius + exp.psf.fwhm if len(px) > 1 else np.ones(len(stars), bool)
-        stars = stars.select(alone)
-    if len(stars) < 5:
-        return 1.0, 0
-    sub = dataclasses.replace(exp, image=(exp.image - bg.level).astype(np.float32))
-    psf_flux = forced_psf_flux(sub, stars.x, stars.y).psfFlux.to_numpy()
-    total = np.array([aperture_sum(sub.image, sub.variance, x, y, radius)[0] for x, y in zip(stars.x, stars.y)])
-    ratio = total / psf_flux
-    ratio = ratio[np.isfinite(ratio) & (psf_flux > 0)]
-    return (float(np.median(ratio)), len(ratio)) if len(ratio) >= 5 else (1.0, 0)
-
-
 def _detect_on_score(score: Exposure, difference: Exposure, detect_config):
     """Detections thresholded on a separate score image (its S/N is the score), with the planes copied to the
     difference; the difference is measured as it is (no residual background of the score's units)."""
@@ -464,9 +374,9 @@ def detect_and_measure(result, science: Exposure | None = None, matched_template
         For forced PSF fluxes at each diaSource (``scienceFlux``, ``templateFlux``).
     detect_config : DetectConfig, optional
     measure_config : MeasureConfig, optional
-        With ``aperture_correction`` PSF fluxes (difference, forced science and template) are
-        aperture-corrected with the correction of the science (template) image, recorded as
-        ``catalog.attrs["apCorr"]``.
+        PSF fluxes (difference, forced science and template) are totals when the images' PSFs carry aperture
+        corrections (``photometry.with_aperture_correction``; the difference's is the science's, recorded as
+        ``catalog.attrs["apCorr"]``).
 
     Returns
     -------
@@ -487,14 +397,7 @@ def detect_and_measure(result, science: Exposure | None = None, matched_template
     else:
         det = detect_sources(diff, detect_config)
     cat = measure_sources(diff, det, science, matched_template, measure_config)
-    mcfg = measure_config or MeasureConfig()
-    corr, n_stars = aperture_correction(science) if science is not None and mcfg.aperture_correction else (1.0, 0)
-    tcorr = aperture_correction(matched_template)[0] if matched_template is not None and n_stars else corr
-    for col, c in (("psfFlux", corr), ("psfFluxErr", corr), ("scienceFlux", corr), ("scienceFluxErr", corr),
-                   ("templateFlux", tcorr), ("templateFluxErr", tcorr)):
-        if col in cat:
-            cat[col] = cat[col] * c
-    cat.attrs["apCorr"], cat.attrs["apCorrStars"] = corr, n_stars
+    cat.attrs["apCorr"] = None if diff.psf.aperture_correction is None else diff.psf.aperture_correction.value
     sky = pd.DataFrame({"psfFlux": [], "psfFluxErr": []})
     if len(det.sky_positions):
         sky = forced_psf_flux(dataclasses.replace(diff, image=(diff.image - det.background).astype(np.float32)),

@@ -8,6 +8,7 @@ Every model returns odd-sized stamps with sum 1 centred on the central pixel.
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -53,12 +54,65 @@ def stamp_sigma(stamp: np.ndarray) -> float:
     return adaptive_moments(stamp, c, c, guess).sigma
 
 
+@dataclass(frozen=True)
+class ApertureCorrection:
+    """Aperture / PSF-model flux of point sources as a plane over the image, held at its value at the edge of the
+    stars' extent beyond it: ``value + gx (x - x0) + gy (y - y0)``. A model that misses the PSF's variation
+    across the CCD (or gets it a few per cent wrong, as one measured from few stars does) calibrates fluxes by
+    different amounts across it; LSST fits its aperture corrections as fields for the same reason."""
+
+    value: float
+    x0: float = 0.0
+    y0: float = 0.0
+    gx: float = 0.0
+    gy: float = 0.0
+    half_x: float = 0.0  # the stars' half-extent: beyond it the plane is held
+    half_y: float = 0.0
+    error: float = float("nan")
+    n_stars: int = 0
+
+    def __call__(self, x, y) -> np.ndarray:
+        dx = np.clip(np.asarray(x, float) - self.x0, -self.half_x, self.half_x)
+        dy = np.clip(np.asarray(y, float) - self.y0, -self.half_y, self.half_y)
+        return self.value + self.gx * dx + self.gy * dy
+
+    def header_cards(self) -> dict:
+        """FITS cards (8-character keys) that ``from_header`` reads back."""
+        return {"APCORR": self.value, "APCORRX0": self.x0, "APCORRY0": self.y0, "APCORRGX": self.gx,
+                "APCORRGY": self.gy, "APCORRHX": self.half_x, "APCORRHY": self.half_y, "APCORRN": self.n_stars}
+
+    @classmethod
+    def from_header(cls, header) -> ApertureCorrection | None:
+        if "APCORR" not in header:
+            return None
+        get = lambda k: float(header.get(k, 0.0))  # noqa: E731
+        return cls(get("APCORR"), get("APCORRX0"), get("APCORRY0"), get("APCORRGX"), get("APCORRGY"),
+                   get("APCORRHX"), get("APCORRHY"), n_stars=int(header.get("APCORRN", 0)))
+
+
 class Psf(ABC):
     """A point-spread function; position arguments are image pixels (0-based)."""
 
     #: Measured from the image's stars (``measure_psf``), not given: its stamp misses the light beyond it and
     #: what the stars' local sky took, so fluxes calibrated with it are a few per cent short.
     from_stars: bool = False
+    #: Aperture / PSF-model flux of the image's bright stars (``photometry.aperture_correction``); None until
+    #: measured. PSF fluxes are multiplied by it and fakes drawn with the model divided by it.
+    aperture_correction: ApertureCorrection | None = None
+
+    def flux_correction(self, x, y) -> np.ndarray:
+        """The aperture correction at image positions (1 where none was measured)."""
+        if self.aperture_correction is None:
+            return np.ones(np.broadcast(np.asarray(x), np.asarray(y)).shape)
+        return self.aperture_correction(x, y)
+
+    def with_aperture_correction(self, value: ApertureCorrection | float | None) -> Psf:
+        """This model with another aperture correction (a copy: a model may be shared by several images)."""
+        if value is not None and not isinstance(value, ApertureCorrection):
+            value = ApertureCorrection(float(value))
+        out = copy.copy(self)
+        object.__setattr__(out, "aperture_correction", value)  # frozen models too
+        return out
 
     @abstractmethod
     def stamp(self, size: int | None = None, x: float | None = None, y: float | None = None) -> np.ndarray:
@@ -386,10 +440,13 @@ def _bilinear(axis: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def map_stamps(psf: Psf, fn) -> Psf:
     """A PSF of the same kind with ``fn(stamp, x, y)`` applied to each of its stamps (x, y = None for a
-    PSF that does not vary): convolving or filtering a PSF keeps its spatial variation."""
+    PSF that does not vary): convolving or filtering a PSF keeps its spatial variation and aperture correction."""
     if isinstance(psf, GridPsf):
-        return GridPsf(np.array([fn(st, x, y) for st, x, y in zip(psf.stamps, psf.xs, psf.ys)]), psf.xs, psf.ys)
-    return ImagePsf(fn(psf.stamp(), None, None))
+        out = GridPsf(np.array([fn(st, x, y) for st, x, y in zip(psf.stamps, psf.xs, psf.ys)]), psf.xs, psf.ys)
+    else:
+        out = ImagePsf(fn(psf.stamp(), None, None))
+    # the model of the same sources through a filter or kernel: what it misses of their light is the same share
+    return out.with_aperture_correction(psf.aperture_correction)
 
 
 # --------------------------------------------------------------------------- measurement

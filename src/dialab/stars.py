@@ -67,16 +67,27 @@ def find_stars(exposure, sigma_guess_pix: float = 2.0, min_snr: float = 20.0, ra
     PSF, its check and the kernel candidates all look for stars in the same images.
     """
     radius = int(radius_pix or max(5, math.ceil(4 * sigma_guess_pix)))
+    peaks = _peaks(exposure, sigma_guess_pix)
+    # the strong peaks are a prefix of the S/N-ordered list
+    rows = peaks.measured(radius, bad_planes, min(int(np.sum(peaks.value > min_snr)), max_candidates))
+    return StarCandidates(*rows[:, :6].T, rows[:, 6].astype(bool), rows[:, 7].astype(bool))
+
+
+def peak_positions(exposure, sigma_guess_pix: float) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of every 5-sigma peak of the image filtered at ``sigma_guess_pix`` (shared with ``find_stars``):
+    the neighbours that make a star unfit for an aperture."""
+    peaks = _peaks(exposure, sigma_guess_pix)
+    return peaks.x, peaks.y
+
+
+def _peaks(exposure, sigma_guess_pix: float) -> _Peaks:
     found = exposure.derived("peaks", dict)  # filter sigma -> _Peaks, for this state of the pixels
     # a filter within FILTER_TOLERANCE of one already run finds the same stars (its S/N is ~1% lower)
     near = [s for s in found if abs(math.log(s / sigma_guess_pix)) < FILTER_TOLERANCE]
     if near:
-        peaks = found[min(near, key=lambda s: abs(math.log(s / sigma_guess_pix)))]
-    else:
-        peaks = found[sigma_guess_pix] = _Peaks(exposure, sigma_guess_pix)
-    # the strong peaks are a prefix of the S/N-ordered list
-    rows = peaks.measured(radius, bad_planes, min(int(np.sum(peaks.value > min_snr)), max_candidates))
-    return StarCandidates(*rows[:, :6].T, rows[:, 6].astype(bool), rows[:, 7].astype(bool))
+        return found[min(near, key=lambda s: abs(math.log(s / sigma_guess_pix)))]
+    peaks = found[sigma_guess_pix] = _Peaks(exposure, sigma_guess_pix)
+    return peaks
 
 
 class _Peaks:

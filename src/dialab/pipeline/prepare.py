@@ -9,21 +9,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..exposure import Exposure, read_exposure
+from ..photometry import with_aperture_correction
 from ..psf import check_given_psf, measure_psf
 from ..repair import repair_cosmic_rays
 from ..timing import timed
 from ..warp import align_to
 
 
-def ensure_psf(exp: Exposure) -> Exposure:
+def ensure_psf(exp: Exposure, aperture_correction: bool = True) -> Exposure:
     """The exposure with a PSF: one measured from its stars (plain FITS), or the given one checked against the
-    stars and given their spatial variation (see ``psf.check_given_psf``)."""
+    stars and given their spatial variation (see ``psf.check_given_psf``); with ``aperture_correction`` it
+    carries the correction measured on the stars (before fakes are drawn with it)."""
     with timed("psf"):
         exp.psf = measure_psf(exp) if exp.psf is None else check_given_psf(exp, exp.psf)
+        if aperture_correction:
+            exp.psf = with_aperture_correction(exp)
     return exp
 
 
-def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None) -> Exposure:
+def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None, aperture_correction=True) -> Exposure:
     """The science exposure as the subtraction uses it: read, with the manifest ``entry``'s visit, detector,
     band and epoch (plain FITS often lack them), cosmic rays repaired when ``repair`` (a RepairConfig) asks,
     and a PSF."""
@@ -31,30 +35,31 @@ def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None) -> E
         science = read_exposure(path, psf=psf, noise=noise)
     if entry is not None:
         science.visit, science.detector, science.band, science.mjd = entry.visit, entry.detector, entry.band, entry.mjd
-    ensure_psf(science)
+    ensure_psf(science, aperture_correction)
     if repair is not None and repair.cosmic_rays:
         with timed("repair"):
             repair_cosmic_rays(science, repair.nsigma, repair.margin)
     return science
 
 
-def prepare_template(science: Exposure, path, psf=None, noise=None) -> Exposure:
+def prepare_template(science: Exposure, path, psf=None, noise=None, aperture_correction=True) -> Exposure:
     """The template on the science pixel grid, with a PSF."""
     with timed("read"):
         template = read_exposure(path, psf=psf, noise=noise)
     with timed("align"):
         template = align_to(template, science)
-    return ensure_psf(template)
+    return ensure_psf(template, aperture_correction)
 
 
-def prepare_entry(entry, root: str | Path, repair=None) -> tuple[Exposure, Exposure]:
+def prepare_entry(entry, root: str | Path, repair=None, aperture_correction=True) -> tuple[Exposure, Exposure]:
     """Science and aligned template of one manifest entry (paths relative to ``root``)."""
 
     def path(rel):
         return None if rel is None else str(Path(root) / rel)
 
     science = prepare_science(path(entry.science), path(entry.science_psf), path(entry.science_noise), entry=entry,
-                              repair=repair)
-    template = prepare_template(science, path(entry.template), path(entry.template_psf), path(entry.template_noise))
+                              repair=repair, aperture_correction=aperture_correction)
+    template = prepare_template(science, path(entry.template), path(entry.template_psf), path(entry.template_noise),
+                                aperture_correction)
     return science, template
 

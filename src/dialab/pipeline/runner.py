@@ -270,7 +270,8 @@ class Association:
 def _science_as_subtracted(manifest: Manifest, entry: Entry, config: PipelineConfig) -> Exposure:
     """The science image as it was subtracted (repaired, with its PSF; without the unit's fakes)."""
     return prepare_science(manifest.resolve(entry.science), manifest.resolve(entry.science_psf),
-                           manifest.resolve(entry.science_noise), entry=entry, repair=config.repair)
+                           manifest.resolve(entry.science_noise), entry=entry, repair=config.repair,
+                           aperture_correction=config.subtract.aperture_correction)
 
 
 def _store_unit(out: Path, science: Exposure, unit: Unit, config: PipelineConfig, handle) -> int:

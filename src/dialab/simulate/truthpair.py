@@ -67,6 +67,21 @@ def true_psf(spec: TruthPairSpec, fwhm: float, nodes: int = 5, size: int = 41) -
     return GridPsf(np.array(stamps), np.array(cx), np.array(cy))
 
 
+def light_within(spec: TruthPairSpec, x, y, radius: float, fwhm: float | None = None) -> np.ndarray:
+    """Share of a point source's light at each (x, y) in the pixels whose centres lie within ``radius`` of it
+    (as an aperture sum counts them): the truth that aperture-corrected PSF fluxes are calibrated to.
+    ``fwhm``: the PSF's at the centre (default the science's)."""
+    c = int(np.ceil(radius)) + 2
+    yy, xx = np.mgrid[-c : c + 1, -c : c + 1]
+    out = []
+    for xi, yi in zip(np.atleast_1d(x), np.atleast_1d(y)):
+        dx, dy = xi - round(xi), yi - round(yi)
+        stamp = psf_profile(spec, fwhm or spec.science_fwhm, xi).drawImage(nx=2 * c + 1, ny=2 * c + 1, scale=1.0,
+                                                                           offset=(dx, dy)).array
+        out.append(stamp[(xx - dx) ** 2 + (yy - dy) ** 2 <= radius**2].sum())
+    return np.array(out)
+
+
 def _draw(canvas: galsim.ImageF, profile: galsim.GSObject, x: float, y: float) -> None:
     stamp = profile.drawImage(scale=1.0, center=galsim.PositionD(x + 1, y + 1))
     bounds = stamp.bounds & canvas.bounds

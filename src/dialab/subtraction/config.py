@@ -59,6 +59,8 @@ class SubtractConfig(BaseModel):
     residual_rms_max: float = Field(1.5, description="reject a stamp whose normalised residual rms exceeds this and "
                                     "whose residual in excess of the noise exceeds 30% of its own signal's rms")
     min_overlap_fraction: float = Field(0.25, description="least fraction of science pixels the template covers")
+    aperture_correction: bool = Field(True, description="PSF fluxes to total: the inputs' PSFs carry the aperture "
+                                      "correction of their bright stars (photometry.aperture_correction)")
     scale_from_stars: bool = Field(True, description="hold the kernel sum at the stars' total-flux ratio (errors "
                                    "in both images); off: the sum is a free parameter of the least-squares fit")
     max_scale_deviation: float | None = Field(0.3, gt=0, description="largest fractional difference of the kernel "

@@ -25,6 +25,7 @@ from ..errors import BadInputError, BadSubtractionError, NoOverlapError
 from ..exposure import Exposure, MaskPlanes
 from ..imageops import convolve_full, fft_convolve, interpolate_masked
 from ..moments import adaptive_moments
+from ..photometry import with_aperture_correction
 from ..psf import Psf, map_stamps, measure_psf
 from ..stars import psf_filter_sigma
 from ..timing import timed
@@ -196,6 +197,8 @@ def prepare_pair(science: Exposure, template: Exposure, cfg: SubtractConfig) -> 
     sci_bg, tpl_bg = sky_background(science), sky_background(template)
     sci_psf = science.psf if science.psf is not None else measure_psf(science)
     tpl_psf = template.psf if template.psf is not None else measure_psf(template)
+    if cfg.aperture_correction:  # before any model is convolved or filtered: they inherit it
+        sci_psf, tpl_psf = with_aperture_correction(science, sci_psf), with_aperture_correction(template, tpl_psf)
     s_scale = image_variance_scale(science) if cfg.rescale_variance else 1.0
     t_scale = image_variance_scale(template) if cfg.rescale_variance else 1.0
     nodata = science.plane("NO_DATA") | template.plane("NO_DATA")

@@ -185,7 +185,8 @@ def zogy_planes(z: ZogyInputs, workers: int | None = None) -> tuple[_Planes, Psf
             xs.append(x)
             ys.append(y)
     psf = GridPsf(np.array(stamps), np.array(xs), np.array(ys)) if len(stamps) > 1 else ImagePsf(stamps[0])
-    return out, psf
+    # D is on the science's flux scale, its sources' PSF the science's through ZOGY's filters
+    return out, psf.with_aperture_correction(z.science_psf.aperture_correction)
 
 
 #: A filled defect is flagged as far out as D's filter for its image exceeds this fraction of its peak.

@@ -1,0 +1,198 @@
+"""Photometry with a PSF model: forced PSF fluxes, aperture fluxes, and the aperture correction that ties the
+first to the total flux (a PSF model is a unit-sum stamp: a fit with it measures the light inside the stamp).
+
+The correction belongs to the PSF model (``Psf.aperture_correction``), as LSST's belongs to its exposure: every
+PSF flux measured with the model (diaSources, forced photometry of science, template and difference) is
+multiplied by it, and fakes drawn with the model are divided by it, so that an injected flux is measured back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from .background import sky_background
+from .exposure import Exposure
+from .imageops import aperture_sum, stamp_index
+from .lazy import lazy_module
+from .psf import ApertureCorrection, Psf
+from .stars import peak_positions, psf_filter_sigma, select_psf_stars
+
+pd = lazy_module("pandas")
+log = logging.getLogger(__name__)
+
+#: Objects measured per batch: bounds the (batch, size, size) model and pixel stamps held at once.
+FORCED_BATCH = 1024
+
+
+def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | None = None) -> pd.DataFrame:
+    """Linear PSF fit at fixed positions: flux = sum(P D / V) / sum(P^2 / V), error 1 / sqrt(sum(P^2 / V)).
+
+    Unusable pixels (BAD, SAT, NO_DATA, EDGE) carry no weight; a source with no usable pixel gets NaN.
+    On a score image (header SCORE = True: already the PSF-filtered difference, with correlated
+    noise) the matched filter has been applied, so the flux is the score at the position divided by
+    the score PSF's value there, and the error is sqrt(variance) scaled the same way.
+    Objects are measured in batches of array operations (``Psf.draw_many``): every diaObject of an image is.
+    Fluxes are totals: multiplied by the PSF's aperture correction (``Psf.flux_correction``) when it has one.
+    """
+    psf = exp.psf
+    if psf is None:
+        raise ValueError("forced photometry needs the exposure's PSF")
+    size = size or min(psf.default_size, 31)
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    flux = np.full(len(x), np.nan)
+    err = np.full(len(x), np.nan)
+    measure = _score_flux if exp.header.get("SCORE", False) else _fitted_flux
+    for start in range(0, len(x), FORCED_BATCH):
+        batch = slice(start, start + FORCED_BATCH)
+        flux[batch], err[batch] = measure(exp, x[batch], y[batch], size)
+    corr = psf.flux_correction(x, y)
+    return pd.DataFrame({"psfFlux": flux * corr, "psfFluxErr": err * corr})
+
+
+def _fitted_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    psf, full, h = exp.psf, exp.psf.default_size, size // 2
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    # The fit window is cropped from the full, unit-sum model: fluxes are totals, not window sums.
+    model = psf.draw_many(x - ix, y - iy, x, y)
+    o = (full - size) // 2
+    model = model[:, o : o + size, o : o + size] if full > size else np.pad(model, ((0, 0), (-o, -o), (-o, -o)))
+    at, inside = stamp_index(ix, iy, h, exp.shape)
+    w = np.where(inside & ~exp.unusable[at], 1.0 / np.maximum(exp.variance[at], np.float32(1e-30)), np.float32(0))
+    denom = np.einsum("kij,kij,kij->k", model, model, w)
+    good = denom > 0
+    flux = np.where(good, np.einsum("kij,kij,kij->k", model, exp.image[at], w) / np.where(good, denom, 1.0), np.nan)
+    return flux, np.where(good, 1.0 / np.sqrt(np.where(good, denom, 1.0)), np.nan)
+
+
+def _score_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    ny, nx = exp.shape
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    ok = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    ok[ok] = ~exp.unusable[iy[ok], ix[ok]]
+    flux, err = np.full(len(x), np.nan), np.full(len(x), np.nan)
+    c = exp.psf.default_size // 2
+    peak = exp.psf.draw_many(x[ok] - ix[ok], y[ok] - iy[ok], x[ok], y[ok])[:, c, c]
+    flux[ok] = exp.image[iy[ok], ix[ok]] / peak
+    err[ok] = np.sqrt(exp.variance[iy[ok], ix[ok]]) / peak
+    return flux, err
+
+
+def aperture_flux(exp: Exposure, x: float, y: float, radius: float) -> tuple[float, float]:
+    """Sum of pixels whose centres lie within ``radius`` of (x, y), and its error from the variance."""
+    return aperture_sum(exp.image, exp.variance, x, y, radius)
+
+
+#: Radius of the aperture that PSF fluxes are calibrated to, in FWHM (LSST calibrates to a 12-px aperture, about
+#: 3 FWHM on HSC). On 1-Mpix galaxy-rich truth images the correction to 2 and 3 FWHM came out within 0.6% and
+#: 1% of the truth, and to 4 FWHM up to 2.4% low: the sky's error grows with the aperture's area.
+APCORR_RADIUS_FWHM = 3.0
+
+
+def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, min_snr: float = 50.0
+                        ) -> ApertureCorrection:
+    """Aperture flux / PSF flux of the bright isolated stars of ``exp``, as a plane over the image.
+
+    A PSF model is a stamp of unit sum, so a PSF fit measures the light the model holds: a given model
+    truncated by its stamp, or one measured from stars whose local sky took some of their wings, measures a
+    share of the light that depends on how the model was made. Calibrated to one aperture of ``radius_fwhm``
+    FWHM, PSF fluxes mean the same on every image, whatever its model. (The light beyond the aperture, 2-3% for
+    Kolmogorov and Airy wings at 3 FWHM, is the zeropoint's business, as in LSST.)
+
+    The aperture is taken on the image less its sky around stars with no other 5-sigma peak within a FWHM of
+    it, and the stars' ratios are combined by ``_star_ratio`` (weighted by their errors: the brightest stars
+    measure it best; the median of the ratios, ruled by stars near the S/N cut, scattered 0.98-1.19 on 1-Mpix
+    truth images). With fewer than 5 such stars the correction is 1 with 0 stars.
+    """
+    none = ApertureCorrection(1.0)
+    psf = exp.psf
+    if psf is None:
+        return none
+    stars = select_psf_stars(exp, min_snr=min_snr, min_stars=5)
+    if len(stars) < 5:
+        return none
+    radius = radius_fwhm * psf.fwhm
+    px, py = peak_positions(exp, psf_filter_sigma(psf))
+    if len(px) > 1:
+        d = np.hypot(stars.x[:, None] - px[None], stars.y[:, None] - py[None])
+        stars = stars.select(np.sort(d, axis=1)[:, 1] > radius + psf.fwhm)
+    if len(stars) < 5:
+        return none
+    sub = dataclasses.replace(exp, image=(exp.image - sky_background(exp).level).astype(np.float32),
+                              psf=psf.with_aperture_correction(None))
+    fitted = forced_psf_flux(sub, stars.x, stars.y).psfFlux.to_numpy()
+    apertures = np.array([aperture_sum(sub.image, sub.variance, x, y, radius) for x, y in zip(stars.x, stars.y)])
+    good = np.isfinite(fitted) & np.isfinite(apertures).all(axis=1) & (fitted > 0)
+    if good.sum() < 5:
+        return none
+    return _star_ratio(apertures[good, 0] / fitted[good], apertures[good, 1] / fitted[good], stars.x[good],
+                       stars.y[good])
+
+
+#: Stars per term of the plane (its gradients are fitted only with this many per term, and kept when significant).
+STARS_PER_TERM = 8
+
+
+def _star_ratio(ratio: np.ndarray, error: np.ndarray, x: np.ndarray, y: np.ndarray) -> ApertureCorrection:
+    """The stars' aperture / PSF flux ratio as a plane in (x, y), or a constant.
+
+    A compact galaxy that passed the stellar locus has a *larger* ratio (its light extends beyond the PSF), and
+    on a deep field such galaxies can be half the candidates; nothing is more concentrated than a star. So the
+    fit is iterated with a one-sided clip: ratios more than 3 sigma above it are dropped (5 sigma below: a
+    cosmic ray, a neighbour's dip). The weights are inverse variances with a 0.5% floor for the model's error.
+    The gradients are kept when they lower the chi^2 significantly (F test, p < 0.01): a model measured from
+    the stars can get the PSF's variation across the CCD a few per cent wrong, and its fluxes with it.
+    """
+    from scipy import stats
+
+    error = np.hypot(error, 0.005 * np.abs(ratio))
+    x0, y0 = float(np.mean(x)), float(np.mean(y))
+    design = np.column_stack([np.ones_like(x), x - x0, y - y0])
+    fit = _clipped_plane(ratio, error, design[:, :1])
+    if fit is None:
+        return ApertureCorrection(1.0)
+    coef, keep, chi2 = fit
+    if len(ratio) >= STARS_PER_TERM * 3:
+        plane = _clipped_plane(ratio, error, design)
+        if plane is not None:
+            dof = plane[1].sum() - 3
+            f = (chi2 - plane[2]) / 2 / max(plane[2] / max(dof, 1), 1e-30)
+            if dof > 0 and stats.f.sf(f, 2, dof) < 0.01:
+                coef, keep, chi2 = plane
+    coef = np.r_[coef, 0.0, 0.0][:3]
+    w = 1.0 / error[keep] ** 2
+    scale = max(chi2 / max(keep.sum() - 1, 1), 1.0)
+    return ApertureCorrection(float(coef[0]), x0, y0, float(coef[1]), float(coef[2]),
+                              float(np.max(np.abs(x - x0))), float(np.max(np.abs(y - y0))),
+                              float(np.sqrt(scale / np.sum(w))), int(keep.sum()))
+
+
+def _clipped_plane(ratio, error, design) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """Weighted least squares of ``ratio`` on ``design`` with the one-sided clip: (coef, kept, chi^2) or None."""
+    med = np.median(ratio)
+    keep = np.abs(ratio - med) < 0.5 * med  # a start without the absurd
+    for _ in range(20):
+        if keep.sum() < max(3, design.shape[1] + 2):
+            return None
+        w = 1.0 / error[keep]
+        coef, *_ = np.linalg.lstsq(design[keep] * w[:, None], ratio[keep] * w, rcond=None)
+        pull = (ratio - design @ coef) / error
+        new = (pull < 3.0) & (pull > -5.0)
+        if (new == keep).all():
+            break
+        keep = new
+    return coef, keep, float(np.sum(((ratio - design @ coef) / error)[keep] ** 2))
+
+
+def with_aperture_correction(exp: Exposure, psf: Psf | None = None) -> Psf | None:
+    """``psf`` (default the exposure's) carrying the aperture correction measured on ``exp``, unless it carries one."""
+    psf = exp.psf if psf is None else psf
+    if psf is None or psf.aperture_correction is not None:
+        return psf
+    measured = dataclasses.replace(exp, psf=psf) if exp.psf is not psf else exp
+    corr = aperture_correction(measured)
+    log.info("%s: aperture correction %.4f +- %.4f from %d stars (gradients %.2g, %.2g per 1000 px)",
+             exp.path or "image", corr.value, corr.error, corr.n_stars, 1e3 * corr.gx, 1e3 * corr.gy)
+    return psf.with_aperture_correction(corr)

@@ -1,0 +1,89 @@
+"""Aperture corrections: PSF fluxes calibrated to one aperture, whatever the PSF model, against GalSim's truth."""
+
+import dataclasses
+
+import galsim
+import numpy as np
+import pytest
+
+from dialab.background import sky_background
+from dialab.exposure import Exposure
+from dialab.photometry import APCORR_RADIUS_FWHM, aperture_correction, forced_psf_flux, with_aperture_correction
+from dialab.psf import ImagePsf, measure_psf
+from dialab.simulate.render import add_noise, draw_point_sources, random_star_field
+from dialab.simulate.truthpair import TruthPairSpec, light_within, simulate_truth_pair
+
+
+def _encircled(profile: galsim.GSObject, radius: float) -> float:
+    """Share of the centred profile's light in pixels whose centres lie within ``radius``."""
+    c = 100
+    img = profile.drawImage(nx=2 * c + 1, ny=2 * c + 1, scale=1.0).array
+    yy, xx = np.mgrid[-c : c + 1, -c : c + 1]
+    return float(img[xx**2 + yy**2 <= radius**2].sum() / profile.flux)
+
+
+def test_correction_is_the_apertures_share_over_a_truncated_models():
+    """Moffat (beta 3, FWHM 4 px) stars with a PSF model cut to 15 x 15 px: a PSF fit measures the box's share
+    of the light, the correction brings it to the 3-FWHM aperture's share (GalSim's exact profile)."""
+    rng = np.random.default_rng(12)
+    moffat = galsim.Moffat(beta=3.0, fwhm=4.0)
+    x, y, flux = random_star_field((600, 600), 150, rng, flux_range=(2e4, 3e5), min_separation_pix=40)
+    field = add_noise(draw_point_sources((600, 600), x, y, flux, lambda a, b: moffat), 100.0, 2.0, 5.0, rng)
+    big = moffat.drawImage(nx=201, ny=201, scale=1.0).array
+    box = big[100 - 7 : 100 + 8, 100 - 7 : 100 + 8]
+    exp = Exposure(image=(field.image - 100.0).astype(np.float32), mask=np.zeros((600, 600), np.int32),
+                   variance=field.variance, psf=ImagePsf(box))
+    corr = aperture_correction(exp)
+    radius = APCORR_RADIUS_FWHM * exp.psf.fwhm
+    assert corr.n_stars >= 20
+    assert corr.value == pytest.approx(_encircled(moffat, radius) / box.sum(), rel=0.01)
+    assert corr.error < 0.005
+    assert corr.value > 1.02  # the box misses that much: a test that tells a correction from none
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_measured_and_given_models_give_the_same_calibrated_fluxes(seed):
+    """A galaxy-rich truth image (Kolmogorov x Airy PSF varying across the CCD): with the true model and with a
+    model measured from the stars, corrected PSF fluxes of the point sources are their light within the
+    aperture (GalSim), within 1.5% (median over isolated S/N > 50; they came out 0.990-1.005). Uncorrected, the
+    true model's are 1-2% over it (its 41-px stamp holds more than the aperture), and the measured model's
+    scatter by +-5% across the CCD (it widens across it 3% more than the truth does): the correction is a plane."""
+    spec = TruthPairSpec(shape=(768, 768), n_stars=70, n_galaxies=230, n_transients=35)
+    science, _, transients, static = simulate_truth_pair(spec, seed=seed)
+    points = np.r_[static[static.star][["x", "y", "flux"]].to_numpy(), transients[["x", "y", "flux"]].to_numpy()]
+    sources = np.r_[static[["x", "y"]].to_numpy(), transients[["x", "y"]].to_numpy()]
+    nearest = np.sort(np.hypot(*(points[:, None, :2] - sources[None]).transpose(2, 0, 1)), axis=1)[:, 1]
+    keep = (points[:, :2].min(axis=1) > 30) & (points[:, :2].max(axis=1) < 738) & (nearest > 20)
+    points = points[keep]  # isolated: a neighbour's light in the fit is not the model's error
+    science.image -= sky_background(science).level  # as forced photometry sees it
+    measured = dataclasses.replace(science, psf=measure_psf(dataclasses.replace(science, psf=None)))
+    ratios = {}
+    for name, exp in (("given", science), ("measured", measured)):
+        radius = APCORR_RADIUS_FWHM * exp.psf.fwhm
+        truth = points[:, 2] * light_within(spec, points[:, 0], points[:, 1], radius)
+        for corrected in (False, True):
+            psf = with_aperture_correction(exp) if corrected else exp.psf
+            phot = forced_psf_flux(dataclasses.replace(exp, psf=psf), points[:, 0], points[:, 1])
+            bright = (phot.psfFlux / phot.psfFluxErr).to_numpy() > 50
+            ratios[name, corrected] = float(np.median(phot.psfFlux.to_numpy()[bright] / truth[bright]))
+    print(ratios)
+    assert ratios["measured", True] == pytest.approx(1.0, abs=0.015)
+    assert ratios["given", True] == pytest.approx(1.0, abs=0.015)
+
+
+def test_the_correction_travels_with_the_psf_through_a_fits_file_and_a_filter(tmp_path):
+    """``dialab detect`` reads a difference back: its PSF's correction plane must come with it; a model
+    convolved or filtered (the difference's, the preconvolved science's) keeps its image's correction."""
+    from dialab.exposure import read_exposure, write_exposure
+    from dialab.psf import ApertureCorrection, GaussianPsf, map_stamps
+
+    plane = ApertureCorrection(1.03, 10.0, 20.0, 1e-4, -2e-4, 100.0, 100.0, 0.01, 12)
+    psf = GaussianPsf(sigma_pix=2.0).with_aperture_correction(plane)
+    exp = Exposure(np.zeros((50, 50)), np.zeros((50, 50), np.int32), np.ones((50, 50)), psf=psf)
+    write_exposure(exp, tmp_path / "d.fits")
+    back = read_exposure(tmp_path / "d.fits").psf
+    x, y = np.array([0.0, 500.0, 10.0]), np.array([0.0, 0.0, 20.0])
+    np.testing.assert_allclose(back.flux_correction(x, y), [1.033, 1.044, 1.03])  # held beyond the stars
+    filtered = map_stamps(psf, lambda st, *_: st[::-1])
+    np.testing.assert_allclose(filtered.flux_correction(x, y), psf.flux_correction(x, y))
+    assert GaussianPsf(sigma_pix=2.0).aperture_correction is None  # the copy did not touch the original's class
