@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from .exposure import Exposure
 from .imageops import aperture_sum, stamp_index
 from .lazy import lazy_module
 from .psf import ApertureCorrection, Psf
-from .stars import peak_positions, psf_filter_sigma, select_psf_stars
+from .stars import locus_stars, peak_positions, psf_filter_sigma
 
 pd = lazy_module("pandas")
 log = logging.getLogger(__name__)
@@ -110,11 +111,13 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, 
     psf = exp.psf
     if psf is None:
         return none
-    stars = select_psf_stars(exp, min_snr=min_snr, min_stars=5)
+    # found with the PSF's own filter, as registration and the kernel candidates find theirs: one search
+    sigma = psf_filter_sigma(psf)
+    stars = locus_stars(exp, sigma, min_snr, radius_pix=max(5, int(math.ceil(3 * sigma))))
     if len(stars) < 5:
         return none
     radius = radius_fwhm * psf.fwhm
-    px, py = peak_positions(exp, psf_filter_sigma(psf))
+    px, py = peak_positions(exp, sigma)
     if len(px) > 1:
         d = np.hypot(stars.x[:, None] - px[None], stars.y[:, None] - py[None])
         stars = stars.select(np.sort(d, axis=1)[:, 1] > radius + psf.fwhm)
@@ -132,7 +135,7 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, 
 
 
 #: Stars per term of the plane (its gradients are fitted only with this many per term, and kept when significant).
-STARS_PER_TERM = 8
+STARS_PER_TERM = 5
 
 
 def _star_ratio(ratio: np.ndarray, error: np.ndarray, x: np.ndarray, y: np.ndarray) -> ApertureCorrection:

@@ -199,6 +199,21 @@ def stellar_locus(sigmas: np.ndarray, x: np.ndarray, y: np.ndarray, width: float
     return keep
 
 
+def locus_stars(exposure, sigma: float, min_snr: float, max_candidates: int = 600, min_stars: int = 5,
+                radius_pix: int | None = None) -> StarCandidates:
+    """Clean, round, (where enough) isolated sources on the stellar locus, found with a filter of ``sigma``."""
+    stars = find_stars(exposure, sigma, min_snr, radius_pix, max_candidates=max_candidates)
+    stars = stars.select(stars.clean)
+    stars = stars.select(stars.ellipticity < np.median(stars.ellipticity) + MAX_EXTRA_ELLIPTICITY)
+    if stars.isolated.sum() >= 2 * min_stars:
+        stars = stars.select(stars.isolated)
+    # an undersampled star's measured size depends on where it falls on its pixel: trimming the locus from
+    # above would keep only stars centred on a pixel, and bias the PSF built from them
+    sampled = sigma * FWHM_PER_SIGMA >= 3.0
+    return stars.select(stellar_locus(stars.sigma, stars.x, stars.y, width=0.08 if sampled else 0.15,
+                                      upper_sigmas=UPPER_SIGMAS if sampled else 5.0))
+
+
 def select_psf_stars(exposure, min_snr: float = 30.0, max_stars: int = 300,
                      min_stars: int = 5) -> StarCandidates:
     """Clean, round, (where enough) isolated sources on the stellar locus, brightest first.
@@ -210,18 +225,8 @@ def select_psf_stars(exposure, min_snr: float = 30.0, max_stars: int = 300,
     chosen = StarCandidates(*np.zeros((6, 0)), np.zeros(0, bool), np.zeros(0, bool))
     for snr_cut in (min_snr, min_snr / 2):
         for _ in range(2):
-            radius = max(5, int(math.ceil(4 * sigma_guess)))
-            stars = find_stars(exposure, sigma_guess, snr_cut, radius,
-                               max_candidates=max(600, 2 * max_stars))
-            stars = stars.select(stars.clean)
-            stars = stars.select(stars.ellipticity < np.median(stars.ellipticity) + MAX_EXTRA_ELLIPTICITY)
-            if stars.isolated.sum() >= 2 * min_stars:
-                stars = stars.select(stars.isolated)
-            # an undersampled star's measured size depends on where it falls on its pixel: trimming the locus
-            # from above would keep only stars centred on a pixel, and bias the PSF built from them
-            sampled = sigma_guess * FWHM_PER_SIGMA >= 3.0
-            stars = stars.select(stellar_locus(stars.sigma, stars.x, stars.y, width=0.08 if sampled else 0.15,
-                                               upper_sigmas=UPPER_SIGMAS if sampled else 5.0))
+            stars = locus_stars(exposure, sigma_guess, snr_cut, max(600, 2 * max_stars), min_stars,
+                                max(5, int(math.ceil(4 * sigma_guess))))
             if len(stars) < min_stars:
                 break
             chosen = stars.select(np.arange(min(len(stars), max_stars)))

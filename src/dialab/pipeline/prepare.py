@@ -16,7 +16,7 @@ from ..timing import timed
 from ..warp import align_to
 
 
-def ensure_psf(exp: Exposure, aperture_correction: bool = True) -> Exposure:
+def ensure_psf(exp: Exposure, aperture_correction: bool = False) -> Exposure:
     """The exposure with a PSF: one measured from its stars (plain FITS), or the given one checked against the
     stars and given their spatial variation (see ``psf.check_given_psf``); with ``aperture_correction`` it
     carries the correction measured on the stars (before fakes are drawn with it)."""
@@ -35,10 +35,13 @@ def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None, aper
         science = read_exposure(path, psf=psf, noise=noise)
     if entry is not None:
         science.visit, science.detector, science.band, science.mjd = entry.visit, entry.detector, entry.band, entry.mjd
-    ensure_psf(science, aperture_correction)
+    ensure_psf(science)
     if repair is not None and repair.cosmic_rays:
         with timed("repair"):
             repair_cosmic_rays(science, repair.nsigma, repair.margin)
+    if aperture_correction:  # on the repaired pixels, whose stars registration then finds again for free
+        with timed("psf"):
+            science.psf = with_aperture_correction(science)
     return science
 
 
