@@ -105,7 +105,9 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, 
     The aperture is taken on the image less its sky around stars with no other 5-sigma peak within a FWHM of
     it, and the stars' ratios are combined by ``_star_ratio`` (weighted by their errors: the brightest stars
     measure it best; the median of the ratios, ruled by stars near the S/N cut, scattered 0.98-1.19 on 1-Mpix
-    truth images). With fewer than 5 such stars the correction is 1 with 0 stars.
+    truth images). Stars of S/N >= ``min_snr`` are used, or down to 2.5 times fainter when too few are bright and
+    isolated (small and crowded images). With fewer than ``MIN_STARS``, or an error above ``MAX_ERROR``, the
+    correction is 1 with 0 stars.
     """
     none = ApertureCorrection(1.0)
     psf = exp.psf
@@ -113,27 +115,33 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, 
         return none
     # found with the PSF's own filter, as registration and the kernel candidates find theirs: one search
     sigma = psf_filter_sigma(psf)
-    stars = locus_stars(exp, sigma, min_snr, radius_pix=max(5, int(math.ceil(3 * sigma))))
-    if len(stars) < 5:
-        return none
     radius = radius_fwhm * psf.fwhm
     px, py = peak_positions(exp, sigma)
-    if len(px) > 1:
-        d = np.hypot(stars.x[:, None] - px[None], stars.y[:, None] - py[None])
-        stars = stars.select(np.sort(d, axis=1)[:, 1] > radius + psf.fwhm)
-    if len(stars) < 5:
-        return none
-    sub = dataclasses.replace(exp, image=(exp.image - sky_background(exp).level).astype(np.float32),
-                              psf=psf.with_aperture_correction(None))
-    fitted = forced_psf_flux(sub, stars.x, stars.y).psfFlux.to_numpy()
-    apertures = np.array([aperture_sum(sub.image, sub.variance, x, y, radius) for x, y in zip(stars.x, stars.y)])
-    good = np.isfinite(fitted) & np.isfinite(apertures).all(axis=1) & (fitted > 0)
-    if good.sum() < 5:
-        return none
-    return _star_ratio(apertures[good, 0] / fitted[good], apertures[good, 1] / fitted[good], stars.x[good],
-                       stars.y[good])
+    sub = None
+    for snr in (min_snr, min_snr / 2.5):  # a small or crowded image may have too few bright isolated stars
+        stars = locus_stars(exp, sigma, snr, radius_pix=max(5, int(math.ceil(3 * sigma))))
+        if len(px) > 1 and len(stars):
+            d = np.hypot(stars.x[:, None] - px[None], stars.y[:, None] - py[None])
+            stars = stars.select(np.sort(d, axis=1)[:, 1] > radius + psf.fwhm)
+        if len(stars) < MIN_STARS:
+            continue
+        if sub is None:
+            sub = dataclasses.replace(exp, image=(exp.image - sky_background(exp).level).astype(np.float32),
+                                      psf=psf.with_aperture_correction(None))
+        fitted = forced_psf_flux(sub, stars.x, stars.y).psfFlux.to_numpy()
+        apertures = np.array([aperture_sum(sub.image, sub.variance, x, y, radius) for x, y in zip(stars.x, stars.y)])
+        good = np.isfinite(fitted) & np.isfinite(apertures).all(axis=1) & (fitted > 0)
+        if good.sum() >= MIN_STARS:
+            corr = _star_ratio(apertures[good, 0] / fitted[good], apertures[good, 1] / fitted[good], stars.x[good],
+                               stars.y[good])
+            if corr.n_stars:
+                return corr
+    return none
 
 
+#: Fewest stars of a correction (with fewer, or a correction less precise than MAX_ERROR, it is 1).
+MIN_STARS = 5
+MAX_ERROR = 0.02
 #: Stars per term of the plane (its gradients are fitted only with this many per term, and kept when significant).
 STARS_PER_TERM = 5
 
@@ -167,6 +175,8 @@ def _star_ratio(ratio: np.ndarray, error: np.ndarray, x: np.ndarray, y: np.ndarr
     coef = np.r_[coef, 0.0, 0.0][:3]
     w = 1.0 / error[keep] ** 2
     scale = max(chi2 / max(keep.sum() - 1, 1), 1.0)
+    if keep.sum() < MIN_STARS or np.sqrt(scale / np.sum(w)) > MAX_ERROR:
+        return ApertureCorrection(1.0)
     return ApertureCorrection(float(coef[0]), x0, y0, float(coef[1]), float(coef[2]),
                               float(np.max(np.abs(x - x0))), float(np.max(np.abs(y - y0))),
                               float(np.sqrt(scale / np.sum(w))), int(keep.sum()))
