@@ -13,6 +13,7 @@ from astropy.io import fits
 from dialab import __version__
 from dialab.cli import main
 from dialab.exposure import read_exposure, write_exposure
+from dialab.pipeline.prepare import prepare_science
 from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
 
 
@@ -63,6 +64,13 @@ def test_detect_another_tools_difference_with_science_and_template(pair, capsys)
                  "--science", str(folder / "science.fits"), "--template", str(folder / "template.fits")]) == 0
     cat = pd.read_csv(table)  # -o *.csv writes CSV
     assert len(cat) >= 6 and cat.diaSourceId.is_unique
+    # the other tool's difference gets the science's aperture correction: its new sources have that PSF
+    plain = folder / "plain.csv"
+    assert main(["detect", str(folder / "other.fits"), "-o", str(plain), "--psf", str(folder / "diff_psf.fits")]) == 0
+    uncorrected = pd.read_csv(plain)
+    correction = prepare_science(folder / "science.fits").psf.aperture_correction
+    assert abs(correction.value - 1) > 0.005  # the given 41-px stamps hold more than the 3-FWHM aperture
+    np.testing.assert_allclose(cat.psfFlux / uncorrected.psfFlux, correction(cat.x, cat.y), rtol=1e-5)
     positive = cat[~cat.isNegative & (cat.snr > 10)]
     assert len(positive) and np.isfinite(positive.scienceFlux).all() and np.isfinite(positive.templateFlux).all()
     # a transient sits in the science image only: its forced science flux is its difference flux (unless it

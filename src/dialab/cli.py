@@ -78,8 +78,10 @@ def _cmd_subtract(args: argparse.Namespace) -> int:
 
     check_output_path(args.output, (".fits", ".fit", ".fits.gz", ".fits.fz"))
     config, repair = _subtract_settings(args)
-    science = prepare_science(args.science, args.science_psf, args.science_noise, repair=repair)
-    template = prepare_template(science, args.template, args.template_psf, args.template_noise)
+    science = prepare_science(args.science, args.science_psf, args.science_noise, repair=repair,
+                              aperture_correction=config.aperture_correction)
+    template = prepare_template(science, args.template, args.template_psf, args.template_noise,
+                                config.aperture_correction)
     result = subtract(science, template, config)
     with timed("write"):
         write_difference(result, args.output, args.compress)
@@ -100,6 +102,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     if diff.psf is None:
         raise BadInputError("the difference has no PSF HDU: give --psf (a PSF stamp FITS)", args.difference)
     science = prepare_science(args.science, args.science_psf) if args.science else None
+    if science is not None and diff.psf.aperture_correction is None:  # another tool's difference: new sources
+        diff.psf = diff.psf.with_aperture_correction(science.psf.aperture_correction)  # have the science's PSF
     template = None
     if args.template:
         grid = science or diff
