@@ -44,6 +44,17 @@ def test_injected_flux_comes_back_with_unit_pulls(aperture_correction):
     assert np.median(full.psfFlux / flux) == pytest.approx(1.0, abs=0.01)
 
 
+@pytest.mark.parametrize("aperture_correction", [None, 1.07])
+def test_expected_snr_is_the_psf_fits(aperture_correction):
+    """A catalog's expected S/N is what a PSF fit of the fake will have, also with a corrected model (the fake is
+    drawn fainter by the correction, and its corrected error is larger by it)."""
+    exp = _blank(gain=float("nan"))
+    exp.psf = exp.psf.with_aperture_correction(aperture_correction)
+    fakes = make_fake_catalog(exp, InjectConfig(density_per_deg2=2e4, min_per_detector=50))
+    errors = forced_psf_flux(exp, fakes.x.to_numpy(), fakes.y.to_numpy()).psfFluxErr.to_numpy()
+    np.testing.assert_allclose(fakes.expected_snr, fakes.flux / errors, rtol=0.01)
+
+
 def test_injected_mask_is_the_fakes_footprint_and_variance_grows_by_poisson_term():
     """INJECTED marks where the fake adds more than half the pixel noise (its whole stamp marked half of a
     small image with 20 fakes, and kept every star near one out of the kernel fit)."""

@@ -44,10 +44,12 @@ class InjectConfig(BaseModel):
 
 
 def limiting_magnitude(exp: Exposure, nsigma: float = 5.0) -> float:
-    """AB magnitude of a point source detected at ``nsigma`` (PSF-fit noise = sqrt(NEA x variance))."""
+    """AB magnitude of a point source detected at ``nsigma`` (PSF-fit noise = sqrt(NEA x variance), in the
+    aperture-corrected flux units of the image's PSF at its centre)."""
     usable = ~exp.unusable
     var = float(np.median(exp.variance[usable])) if usable.any() else float(np.median(exp.variance))
-    flux = nsigma * math.sqrt(exp.psf.nea * var)
+    ny, nx = exp.shape
+    flux = nsigma * math.sqrt(exp.psf.nea * var) * float(exp.psf.flux_correction((nx - 1) / 2, (ny - 1) / 2))
     return exp.magzero - 2.5 * math.log10(flux)
 
 
@@ -121,7 +123,8 @@ def make_fake_catalog(science: Exposure, config: InjectConfig | None = None,
     var = science.variance[iy, ix].astype(float)
     if paired:
         var = var + template.variance[iy, ix] / tpl_scale**2
-    cat["expected_snr"] = flux / np.sqrt(science.psf.nea * var)
+    # a fake is drawn as flux / correction times the model, so its PSF-fit S/N is that over the fit's noise
+    cat["expected_snr"] = flux / (science.psf.flux_correction(x, y) * np.sqrt(science.psf.nea * var))
     return cat
 
 
