@@ -397,7 +397,7 @@ def detect_and_measure(result, science: Exposure | None = None, matched_template
     else:
         det = detect_sources(diff, detect_config)
     cat = measure_sources(diff, det, science, matched_template, measure_config)
-    cat.attrs["apCorr"] = None if diff.psf.aperture_correction is None else diff.psf.aperture_correction.value
+    cat.attrs["apCorr"] = diff.psf.aperture_correction_value
     sky = pd.DataFrame({"psfFlux": [], "psfFluxErr": []})
     if len(det.sky_positions):
         sky = forced_psf_flux(dataclasses.replace(diff, image=(diff.image - det.background).astype(np.float32)),

@@ -92,9 +92,10 @@ def aperture_flux(exp: Exposure, x: float, y: float, radius: float) -> tuple[flo
 APCORR_RADIUS_FWHM = 3.0
 
 
-def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, min_snr: float = 50.0
-                        ) -> ApertureCorrection:
-    """Aperture flux / PSF flux of the bright isolated stars of ``exp``, as a plane over the image.
+def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, min_snr: float = 50.0,
+                        psf: Psf | None = None) -> ApertureCorrection:
+    """Aperture flux / PSF flux of the bright isolated stars of ``exp`` (with ``psf``, default its own), as a
+    plane over the image.
 
     A PSF model is a stamp of unit sum, so a PSF fit measures the light the model holds: a given model
     truncated by its stamp, or one measured from stars whose local sky took some of their wings, measures a
@@ -110,7 +111,7 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, 
     correction is 1 with 0 stars.
     """
     none = ApertureCorrection(1.0)
-    psf = exp.psf
+    psf = exp.psf if psf is None else psf
     if psf is None:
         return none
     # found with the PSF's own filter, as registration and the kernel candidates find theirs: one search
@@ -175,11 +176,12 @@ def _star_ratio(ratio: np.ndarray, error: np.ndarray, x: np.ndarray, y: np.ndarr
     coef = np.r_[coef, 0.0, 0.0][:3]
     w = 1.0 / error[keep] ** 2
     scale = max(chi2 / max(keep.sum() - 1, 1), 1.0)
-    if keep.sum() < MIN_STARS or np.sqrt(scale / np.sum(w)) > MAX_ERROR:
+    error_of_value = float(np.sqrt(scale / np.sum(w)))
+    if keep.sum() < MIN_STARS or error_of_value > MAX_ERROR:
         return ApertureCorrection(1.0)
     return ApertureCorrection(float(coef[0]), x0, y0, float(coef[1]), float(coef[2]),
-                              float(np.max(np.abs(x - x0))), float(np.max(np.abs(y - y0))),
-                              float(np.sqrt(scale / np.sum(w))), int(keep.sum()))
+                              float(np.max(np.abs(x - x0))), float(np.max(np.abs(y - y0))), error_of_value,
+                              int(keep.sum()))
 
 
 def _clipped_plane(ratio, error, design) -> tuple[np.ndarray, np.ndarray, float] | None:
@@ -204,8 +206,7 @@ def with_aperture_correction(exp: Exposure, psf: Psf | None = None) -> Psf | Non
     psf = exp.psf if psf is None else psf
     if psf is None or psf.aperture_correction is not None:
         return psf
-    measured = dataclasses.replace(exp, psf=psf) if exp.psf is not psf else exp
-    corr = aperture_correction(measured)
+    corr = aperture_correction(exp, psf=psf)  # the exposure itself: its sky and stars are already known
     log.info("%s: aperture correction %.4f +- %.4f from %d stars (gradients %.2g, %.2g per 1000 px)",
              exp.path or "image", corr.value, corr.error, corr.n_stars, 1e3 * corr.gx, 1e3 * corr.gy)
     return psf.with_aperture_correction(corr)

@@ -106,6 +106,11 @@ class Psf(ABC):
             return np.ones(np.broadcast(np.asarray(x), np.asarray(y)).shape)
         return self.aperture_correction(x, y)
 
+    @property
+    def aperture_correction_value(self) -> float | None:
+        """The correction's value at the stars' centre (None when none was measured), for catalogs and unit.json."""
+        return None if self.aperture_correction is None else self.aperture_correction.value
+
     def with_aperture_correction(self, value: ApertureCorrection | float | None) -> Psf:
         """This model with another aperture correction (a copy: a model may be shared by several images)."""
         if value is not None and not isinstance(value, ApertureCorrection):

@@ -16,14 +16,18 @@ from ..timing import timed
 from ..warp import align_to
 
 
-def ensure_psf(exp: Exposure, aperture_correction: bool = False) -> Exposure:
+def ensure_psf(exp: Exposure) -> Exposure:
     """The exposure with a PSF: one measured from its stars (plain FITS), or the given one checked against the
-    stars and given their spatial variation (see ``psf.check_given_psf``); with ``aperture_correction`` it
-    carries the correction measured on the stars (before fakes are drawn with it)."""
+    stars and given their spatial variation (see ``psf.check_given_psf``)."""
     with timed("psf"):
         exp.psf = measure_psf(exp) if exp.psf is None else check_given_psf(exp, exp.psf)
-        if aperture_correction:
-            exp.psf = with_aperture_correction(exp)
+    return exp
+
+
+def _aperture_corrected(exp: Exposure) -> Exposure:
+    """The exposure's PSF carrying the aperture correction of its stars, measured before fakes are drawn with it."""
+    with timed("psf"):
+        exp.psf = with_aperture_correction(exp)
     return exp
 
 
@@ -39,10 +43,8 @@ def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None, aper
     if repair is not None and repair.cosmic_rays:
         with timed("repair"):
             repair_cosmic_rays(science, repair.nsigma, repair.margin)
-    if aperture_correction:  # on the repaired pixels, whose stars registration then finds again for free
-        with timed("psf"):
-            science.psf = with_aperture_correction(science)
-    return science
+    # on the repaired pixels, whose stars registration then finds again for free
+    return _aperture_corrected(science) if aperture_correction else science
 
 
 def prepare_template(science: Exposure, path, psf=None, noise=None, aperture_correction=True) -> Exposure:
@@ -51,7 +53,8 @@ def prepare_template(science: Exposure, path, psf=None, noise=None, aperture_cor
         template = read_exposure(path, psf=psf, noise=noise)
     with timed("align"):
         template = align_to(template, science)
-    return ensure_psf(template, aperture_correction)
+    ensure_psf(template)
+    return _aperture_corrected(template) if aperture_correction else template
 
 
 def prepare_entry(entry, root: str | Path, repair=None, aperture_correction=True) -> tuple[Exposure, Exposure]:

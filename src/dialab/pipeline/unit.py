@@ -86,8 +86,8 @@ def _process(unit: Unit, prepared: _Prepared, share: float, config: PipelineConf
                "n_kernel_used": d.n_used, "noise_ratio": d.noise_ratio,
                "science_fwhm": float(result.science_psf.fwhm),
                "template_fwhm": float(result.template_psf.fwhm),
-               "science_aperture_correction": _correction(result.science_psf),
-               "template_aperture_correction": _correction(result.template_psf),
+               "science_aperture_correction": result.science_psf.aperture_correction_value,
+               "template_aperture_correction": result.template_psf.aperture_correction_value,
                "njy_per_count": float(science.njy_per_count)}
     if fakes is not None:
         matched = match_fakes(fakes, cat, result.difference, config.match.radius_arcsec, config.match.edge_pix)
@@ -134,8 +134,3 @@ def _failure(unit: Unit, out: str, exc: Exception) -> dict:
     except OSError:
         pass
     return {"status": "failed", "reason": reason}
-
-
-def _correction(psf) -> float | None:
-    """The aperture correction at the image's centre (its plane's value), for unit.json."""
-    return None if psf.aperture_correction is None else psf.aperture_correction.value
