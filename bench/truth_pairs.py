@@ -1,0 +1,126 @@
+"""Issue 13's yardstick: measurement errors on GalSim truth pairs (``simulate.truthpair``), where every number is known.
+
+For each seed, PSF regime (wide: science FWHM 4.0, template 3.4; sharp: 3.0 against 4.0) and PSF source (the true
+models given, or measured from the stars), the suitable flavors are run and compared with the truth:
+
+- ``ksum``: kernel sum / true flux ratio - 1 (percent);
+- ``fwhm``, ``nea``: the science model's against GalSim's effective PSF at three columns (worst, percent);
+- ``ratio3``: median psfFlux / true light within the 3-FWHM aperture, transients of S/N > 10;
+- ``pull3``: median and robust std of (psfFlux - that truth) / psfFluxErr;
+- ``sky``: median and robust std of the sky sources' flux / error;
+- ``false``: unmatched diaSources per 4 Mpix after the flag cut plus the cosmic-ray flag.
+
+Run: python bench/truth_pairs.py [--size 1024] [--seeds 1 2 3] [--psfs given measured]   (default: one 768^2 seed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import galsim  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dialab.detection import DetectConfig  # noqa: E402
+from dialab.measurement import BAD_FLAGS, detect_and_measure  # noqa: E402
+from dialab.photometry import APCORR_RADIUS_FWHM  # noqa: E402
+from dialab.simulate.truthpair import TruthPairSpec, light_within, psf_profile, simulate_truth_pair  # noqa: E402
+from dialab.subtraction import SubtractConfig, subtract  # noqa: E402
+
+REGIMES = {"wide": (4.0, 3.4, ("convolveTemplate", "preconvolution")),
+           "sharp": (3.0, 4.0, ("convolveTemplate", "auto", "preconvolution"))}
+CUT = [*BAD_FLAGS, "pixelFlags_cr"]
+
+
+def robust(z: np.ndarray) -> tuple[float, float]:
+    z = z[np.isfinite(z)]
+    if not len(z):
+        return float("nan"), float("nan")
+    med = float(np.median(z))
+    return med, float(1.4826 * np.median(np.abs(z - med)))
+
+
+def true_sizes(spec: TruthPairSpec, fwhm: float, x: float) -> tuple[float, float]:
+    """FWHM and NEA of the pixel-integrated PSF at column ``x``, normalised to its total flux."""
+    img = psf_profile(spec, fwhm, x).drawImage(nx=201, ny=201, scale=1.0).array
+    from dialab.psf import stamp_fwhm
+
+    return stamp_fwhm(img[100 - 30 : 131, 100 - 30 : 131]), float(1.0 / np.sum((img / img.sum()) ** 2))
+
+
+def psf_errors(spec: TruthPairSpec, psf) -> tuple[float, float]:
+    """Worst FWHM and NEA errors (percent) of a science model at three columns across the CCD."""
+    from dialab.psf import ImagePsf
+
+    ny, nx = spec.shape
+    worst = [0.0, 0.0]
+    for x in (0.2 * nx, 0.5 * nx, 0.8 * nx):
+        stamp = psf.stamp(x=x, y=ny / 2)
+        model = ImagePsf(stamp / stamp.sum())
+        tf, tn = true_sizes(spec, spec.science_fwhm, x)
+        for i, err in enumerate((model.fwhm / tf - 1, model.nea / tn - 1)):
+            worst[i] = err if abs(err) > abs(worst[i]) else worst[i]
+    return 100 * worst[0], 100 * worst[1]
+
+
+def one_case(spec: TruthPairSpec, seed: int, psfs: str, flavor: str, pair) -> dict:
+    science, template, transients, _ = pair
+    if psfs == "measured":
+        science, template = (dataclasses.replace(e, psf=None) for e in (science, template))
+    res = subtract(science, template, SubtractConfig(flavor=flavor))
+    d = res.diagnostics
+    truth_sum = spec.flux_ratio if d.convolved == "template" else 1 / spec.flux_ratio
+    cat, _, sky = detect_and_measure(res, science, res.matched_image, DetectConfig(n_sky_sources=300))
+    good = cat[~cat[CUT].any(axis=1)]
+    dist = np.hypot(good.x.to_numpy()[:, None] - transients.x.to_numpy()[None],
+                    good.y.to_numpy()[:, None] - transients.y.to_numpy()[None])
+    matched = dist.min(axis=1) < 2.0 if len(good) else np.zeros(0, bool)
+    found = good[matched]
+    t = transients.iloc[dist[matched].argmin(axis=1)] if len(found) else transients.iloc[:0]
+    radius = APCORR_RADIUS_FWHM * res.science_psf.fwhm
+    true3 = t.flux.to_numpy() * light_within(spec, t.x.to_numpy(), t.y.to_numpy(), radius)
+    flux, err = found.psfFlux.to_numpy(), found.psfFluxErr.to_numpy()
+    bright = flux / err > 10
+    fwhm_err, nea_err = psf_errors(spec, res.science_psf)
+    return {"ksum": 100 * (d.kernel_sum / truth_sum - 1), "fwhm": fwhm_err, "nea": nea_err,
+            "ratio3": float(np.median(flux[bright] / true3[bright])) if bright.any() else float("nan"),
+            "pull3": robust((flux - true3) / err), "sky": robust((sky.psfFlux / sky.psfFluxErr).to_numpy()),
+            "false": 4e6 * int((~matched).sum()) / (spec.shape[0] * spec.shape[1]),
+            "noise": d.noise_ratio}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=768)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--psfs", nargs="+", default=["given", "measured"], choices=["given", "measured"])
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    args = parser.parse_args()
+    scale = args.size / 1024
+    print(f"truth pairs {args.size}^2, seeds {args.seeds}, one core")
+    print(f"{'regime':6} {'seed':>4} {'psfs':9} {'flavor':17} {'ksum%':>6} {'fwhm%':>6} {'nea%':>6} {'ratio3':>6} "
+          f"{'pull3 med/std':>13} {'sky med/std':>12} {'false':>5} {'noise':>6} {'s':>5}")
+    for regime in args.regimes:
+        sci_fwhm, tpl_fwhm, flavors = REGIMES[regime]
+        spec = TruthPairSpec(shape=(args.size, args.size), science_fwhm=sci_fwhm, template_fwhm=tpl_fwhm,
+                             n_stars=round(120 * scale**2), n_galaxies=round(400 * scale**2),
+                             n_transients=round(60 * scale**2))
+        for seed in args.seeds:
+            pair = simulate_truth_pair(spec, seed=seed)
+            for psfs in args.psfs:
+                for flavor in flavors:
+                    t0 = time.perf_counter()
+                    r = one_case(spec, seed, psfs, flavor, pair)
+                    print(f"{regime:6} {seed:4d} {psfs:9} {flavor:17} {r['ksum']:+6.2f} {r['fwhm']:+6.1f} "
+                          f"{r['nea']:+6.1f} {r['ratio3']:6.3f} {r['pull3'][0]:+6.2f}/{r['pull3'][1]:5.2f} "
+                          f"{r['sky'][0]:+5.2f}/{r['sky'][1]:5.2f} {r['false']:5.1f} {r['noise']:6.3f} "
+                          f"{time.perf_counter() - t0:5.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    galsim.GSParams()  # galsim imported first: its import-time cost is not any case's
+    main()
