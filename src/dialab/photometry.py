@@ -38,6 +38,12 @@ def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | Non
     Objects are measured in batches of array operations (``Psf.draw_many``): every diaObject of an image is.
     Fluxes are totals: multiplied by the PSF's aperture correction (``Psf.flux_correction``) when it has one.
     """
+    flux, err = psf_fluxes(exp, x, y, size)
+    return pd.DataFrame({"psfFlux": flux, "psfFluxErr": err})
+
+
+def psf_fluxes(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``forced_psf_flux``'s fluxes and errors as arrays (the subtraction's own callers need no table library)."""
     psf = exp.psf
     if psf is None:
         raise ValueError("forced photometry needs the exposure's PSF")
@@ -50,7 +56,7 @@ def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | Non
         batch = slice(start, start + FORCED_BATCH)
         flux[batch], err[batch] = measure(exp, x[batch], y[batch], size)
     corr = psf.flux_correction(x, y)
-    return pd.DataFrame({"psfFlux": flux * corr, "psfFluxErr": err * corr})
+    return flux * corr, err * corr
 
 
 def _fitted_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +135,7 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, 
         if sub is None:
             sub = dataclasses.replace(exp, image=(exp.image - sky_background(exp).level).astype(np.float32),
                                       psf=psf.with_aperture_correction(None))
-        fitted = forced_psf_flux(sub, stars.x, stars.y).psfFlux.to_numpy()
+        fitted = psf_fluxes(sub, stars.x, stars.y)[0]
         apertures = np.array([aperture_sum(sub.image, sub.variance, x, y, radius) for x, y in zip(stars.x, stars.y)])
         good = np.isfinite(fitted) & np.isfinite(apertures).all(axis=1) & (fitted > 0)
         if good.sum() >= MIN_STARS:
@@ -157,7 +163,7 @@ def _star_ratio(ratio: np.ndarray, error: np.ndarray, x: np.ndarray, y: np.ndarr
     The gradients are kept when they lower the chi^2 significantly (F test, p < 0.01): a model measured from
     the stars can get the PSF's variation across the CCD a few per cent wrong, and its fluxes with it.
     """
-    from scipy import stats
+    from scipy.special import fdtrc  # the F distribution's survival function (scipy.stats costs 0.5 s to import)
 
     error = np.hypot(error, 0.005 * np.abs(ratio))
     x0, y0 = float(np.mean(x)), float(np.mean(y))
@@ -171,7 +177,7 @@ def _star_ratio(ratio: np.ndarray, error: np.ndarray, x: np.ndarray, y: np.ndarr
         if plane is not None:
             dof = plane[1].sum() - 3
             f = (chi2 - plane[2]) / 2 / max(plane[2] / max(dof, 1), 1e-30)
-            if dof > 0 and stats.f.sf(f, 2, dof) < 0.01:
+            if dof > 0 and fdtrc(2, dof, f) < 0.01:
                 coef, keep, chi2 = plane
     coef = np.r_[coef, 0.0, 0.0][:3]
     w = 1.0 / error[keep] ** 2
