@@ -16,7 +16,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from .background import sky_background
-from .imageops import find_peaks, gaussian_filtered_snr, window_any
+from .imageops import find_peaks, gaussian_filtered_snr
 from .moments import adaptive_moments
 
 
@@ -119,8 +119,9 @@ class _Peaks:
 
     def _measure(self, radius: int, bad_planes: tuple[str, ...], start: int, stop: int) -> np.ndarray:
         exposure = self.exposure
-        sub = exposure.image - sky_background(exposure).level
-        ny, nx = sub.shape
+        image, level, mask = exposure.image, sky_background(exposure).level, exposure.mask
+        bits = exposure.mask_planes.bitmask(*bad_planes)
+        ny, nx = image.shape
         if self._tree is None:  # every peak, for the neighbour search (a crowded image has tens of thousands)
             self._tree = cKDTree(np.column_stack([self.x, self.y]).astype(float))
         near = self._tree.query_ball_point(np.column_stack([self.x[start:stop], self.y[start:stop]]).astype(float),
@@ -130,18 +131,16 @@ class _Peaks:
             x0, y0 = int(self.x[k]), int(self.y[k])
             if x0 < radius or y0 < radius or x0 >= nx - radius or y0 >= ny - radius:
                 continue
-            cut = sub[y0 - radius : y0 + radius + 1, x0 - radius : x0 + radius + 1]
+            window = np.s_[y0 - radius : y0 + radius + 1, x0 - radius : x0 + radius + 1]  # no full-size copies
+            cut = image[window] - level[window]
             m = adaptive_moments(cut, radius, radius, self.sigma)
             if not (m.converged and np.isfinite(m.sigma)) or abs(m.x - radius) > 2 or abs(m.y - radius) > 2:
                 continue
             others = np.array([j for j in near[k - start] if j != k], int)
             isolated = not (self.value[others] > 0.1 * self.value[k]).any()
             rows.append((x0 - radius + m.x, y0 - radius + m.y, float(cut.sum()), float(self.value[k]), m.sigma,
-                         m.ellipticity, isolated, True, k))
-        table = np.array(rows, dtype=float).reshape(-1, 9)
-        peak = table[:, 8].astype(int)
-        table[:, 7] = ~window_any(exposure.plane(*bad_planes), self.x[peak], self.y[peak], radius)
-        return table
+                         m.ellipticity, isolated, not (mask[window] & bits).any(), k))
+        return np.array(rows, dtype=float).reshape(-1, 9)
 
 
 #: Adaptive sigma (pixels) below which a source is a hot pixel or a cosmic ray: a pixel-integrated PSF is never
