@@ -207,3 +207,31 @@ def test_missing_manifest_files_are_listed_in_one_error(dataset, tmp_path, capsy
     assert main(["run", str(path), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nowhere/a.fits" in err and "nowhere/b.fits" in err and len(err.splitlines()) == 1
+
+
+def test_association_takes_the_science_correction_its_units_measured(monkeypatch):
+    """The driver re-reads each science image for forced photometry: its aperture correction is the one the unit
+    measured on that image (carried by the difference's PSF in every flavor), not a second star search; only a
+    difference without one (an older version's) has it measured again."""
+    import dialab.pipeline.runner as runner
+    from dialab.exposure import Exposure
+    from dialab.psf import ApertureCorrection, GaussianPsf
+
+    config = load_pipeline()
+    plane = ApertureCorrection(1.03, 10.0, 20.0, 1e-4, 0.0, 50.0, 50.0, 0.004, 12)
+
+    def exposure(psf):
+        return Exposure(np.zeros((40, 40), np.float32), np.zeros((40, 40), np.int32), np.ones((40, 40), np.float32),
+                        psf=psf)
+
+    def no_search(exp, psf=None):
+        raise AssertionError("the driver searched the science image's stars again")
+
+    monkeypatch.setattr(runner, "with_aperture_correction", no_search)
+    science = runner._with_units_correction(exposure(GaussianPsf(sigma_pix=2.0)),
+                                            exposure(GaussianPsf(sigma_pix=2.5).with_aperture_correction(plane)), config)
+    assert science.psf.aperture_correction == plane and science.psf.sigma == pytest.approx(2.0, rel=0.01)
+    monkeypatch.setattr(runner, "with_aperture_correction", lambda exp, psf=None: exp.psf.with_aperture_correction(1.1))
+    older = runner._with_units_correction(exposure(GaussianPsf(sigma_pix=2.0)), exposure(GaussianPsf(sigma_pix=2.5)),
+                                          config)
+    assert older.psf.aperture_correction_value == pytest.approx(1.1)

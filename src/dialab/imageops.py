@@ -12,28 +12,30 @@ import numpy as np
 from scipy import fft, ndimage
 
 
-def gaussian_filtered_snr(image: np.ndarray, noise_rms: np.ndarray | float, sigma_pix: float,
+def gaussian_filtered_snr(image: np.ndarray, variance: np.ndarray | float, sigma_pix: float,
                           bad: np.ndarray | None = None) -> np.ndarray:
-    """S/N of a Gaussian matched filter: (image * g) / sqrt(var * g^2), with var = rms^2.
+    """S/N of a Gaussian matched filter: (image * g) / sqrt(variance * g^2).
 
     The filter is normalised so that for a point source of the filter's shape this is the
-    optimal (PSF-fit) S/N.
+    optimal (PSF-fit) S/N. ``bad`` pixels count as zero.
     """
-    data = np.where(bad, 0.0, image) if bad is not None else image
-    smoothed = ndimage.gaussian_filter(data.astype(np.float32), sigma_pix, mode="constant", truncate=4.0)
+    data = image.astype(np.float32, copy=False)
+    if bad is not None and bad.any():
+        data = np.where(bad, np.float32(0), data)
+    smoothed = ndimage.gaussian_filter(data, sigma_pix, mode="constant", truncate=4.0)
     g2_scale = 1.0 / (4.0 * np.pi * sigma_pix**2)
-    rms = np.asarray(noise_rms, dtype=np.float32)
-    if rms.ndim == 0:
-        return smoothed / (rms * np.float32(np.sqrt(g2_scale)))
+    var = np.asarray(variance, dtype=np.float32)
+    if var.ndim == 0:
+        return smoothed / np.sqrt(var * np.float32(g2_scale))
     # Convolving the variance with g^2 (a Gaussian of sigma/sqrt(2), scaled) gives the filtered variance.
     # It is smooth on the filter's scale, so it is computed on 4x4 blocks (edge-padded to whole blocks).
     ny, nx = image.shape
     b = 4
     if min(ny, nx) < 64:
-        filt_var = ndimage.gaussian_filter(rms**2, sigma_pix / np.sqrt(2.0), mode="nearest", truncate=3.0)
+        filt_var = ndimage.gaussian_filter(var, sigma_pix / np.sqrt(2.0), mode="nearest", truncate=3.0)
         return smoothed / np.sqrt(np.maximum(filt_var * g2_scale, 1e-30))
     py, px = -ny % b, -nx % b
-    var = np.pad(rms, ((0, py), (0, px)), mode="edge") ** 2 if py or px else rms**2
+    var = np.pad(var, ((0, py), (0, px)), mode="edge") if py or px else var
     coarse = block_sum(var, b) / np.float32(b * b)
     coarse = ndimage.gaussian_filter(coarse, sigma_pix / np.sqrt(2.0) / b, mode="nearest", truncate=3.0)
     inverse = (1.0 / np.sqrt(np.maximum(coarse * g2_scale, 1e-30))).astype(np.float32)

@@ -101,8 +101,8 @@ class _Peaks:
         sky = sky_background(exposure)
         sub = exposure.image - sky.level
         var = exposure.variance
-        noise = np.sqrt(var) if (var > 0).all() else np.sqrt(np.where(var > 0, var, sky.rms**2))
-        snr = gaussian_filtered_snr(sub, noise, sigma_guess_pix, nodata)
+        var = var if (var > 0).all() else np.where(var > 0, var, sky.rms**2)
+        snr = gaussian_filtered_snr(sub, var, sigma_guess_pix, nodata)
         self.y, self.x = find_peaks(snr, 5.0, max(2, int(round(sigma_guess_pix))), exclude=nodata)
         self.value = snr[self.y, self.x]  # filtered S/N: relative brightness of neighbours where the noise is even
         self._tables: dict = {}
