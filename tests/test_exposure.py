@@ -211,3 +211,22 @@ def test_quantized_image_with_non_finite_pixels_keeps_them(tmp_path):
         back = hdul["IMAGE"].data
     assert np.isnan(back[10, 20]) and np.isfinite(np.delete(back.ravel(), 10 * 96 + 20)).all()
     assert np.nanstd(back - image) < 5.0 / 128
+
+
+def test_plane_is_the_bitwise_test_for_every_set_of_planes_and_mask_layout():
+    """``plane`` reads only the bytes that hold the asked planes: it must equal (mask & bits) != 0 for planes in
+    the low byte, the second byte, beyond, and for masks that are not contiguous little-endian int32."""
+    rng = np.random.default_rng(4)
+    m = rng.integers(-(2**31), 2**31, (37, 23), dtype=np.int64).astype(np.int32)
+    exp = Exposure(np.zeros(m.shape, np.float32), m, np.ones(m.shape, np.float32))
+    exp.mask_planes.bits.update({"HIGH": 20, "TOP": 30})
+    names = list(exp.mask_planes.bits)
+    for mask in (m, m.astype(">i4"), np.asfortranarray(m), m[:, ::2]):
+        exp.mask = mask
+        exp.image = np.zeros(mask.shape, np.float32)
+        for _ in range(200):
+            chosen = list(rng.choice(names, size=rng.integers(1, 4), replace=False))
+            got = exp.plane(*chosen)
+            bits = np.int64(exp.mask_planes.bitmask(*chosen))
+            want = (mask.astype(np.int64) & bits) != 0
+            assert got.dtype == bool and got.shape == mask.shape and np.array_equal(got, want), chosen

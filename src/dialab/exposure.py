@@ -101,7 +101,14 @@ class Exposure:
 
     def plane(self, *names: str) -> np.ndarray:
         """Boolean array: any of the named planes set."""
-        return (self.mask & self.mask_planes.bitmask(*names)) != 0
+        bits = self.mask_planes.bitmask(*names)
+        mask = self.mask
+        if 0 <= bits < 2**16 and mask.dtype == np.dtype("<i4") and mask.flags.c_contiguous and mask.size:
+            # the standard planes are in the low 16 bits: testing only those bytes halves or quarters the memory
+            # traffic of a full-image test and needs no int32 temporary
+            small = (np.uint8, 4) if bits < 2**8 else (np.uint16, 2)
+            return (mask.view(small[0])[..., :: small[1]] & small[0](bits)) != 0
+        return (mask & bits) != 0
 
     def set_plane(self, name: str, where: np.ndarray) -> None:
         self.mask[where] |= self.mask_planes.bit(name)
