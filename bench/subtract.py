@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -79,14 +78,14 @@ def child(science: str, template: str, method: str, out: str) -> None:
     import dialab.subtraction.flavors  # noqa: F401
     from dialab.cli import main
     from dialab.subtraction.config import parse_method
-    from dialab.timing import recorded
+    from dialab.timing import peak_rss_mb, recorded
 
     flavor, basis = parse_method(method)
     t0 = time.perf_counter()
     main(["-q", "subtract", science, template, "-o", out, "--flavor", flavor, "--workers", "1"]
          + (["--kernel-basis", basis] if basis else []))
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()  # its own peak: ru_maxrss would report at least the parent's (which made the pair)
     print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "steps": recorded()}))
 
 

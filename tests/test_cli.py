@@ -15,6 +15,7 @@ from dialab.cli import main
 from dialab.exposure import read_exposure, write_exposure
 from dialab.pipeline.prepare import prepare_science
 from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
+from dialab.timing import peak_rss_mb
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +235,16 @@ print(sorted(m for m in ("pandas", "pyarrow", "scipy.stats") if m in sys.modules
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]", out
+
+
+def test_a_child_process_reports_its_own_peak_memory_not_its_parents():
+    """bench/ times each subtraction in a fresh process started by one that simulated the pair: Linux's ru_maxrss
+    carries the parent's peak across exec, which hid every peak below it (all methods read 738 MB)."""
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MB touched here, before the child starts
+    code = "from dialab.timing import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert ballast.sum() > 0 and peak_rss_mb() > 400
+    assert child < 200
 
 
 def test_version_loads_no_numpy_and_subtract_loads_no_pandas():

@@ -6,7 +6,7 @@ import pytest
 from scipy import fft
 
 from dialab.background import SKY_BAD_PLANES, estimate_background, sky_background
-from dialab.imageops import _padded_rfft2, fft_convolve
+from dialab.imageops import ROW_BLOCK, fft_convolve, padded_rfft2
 from dialab.psf import GaussianPsf
 from dialab.stars import find_stars
 from dialab.subtraction.kernel_fit import spread_over_cells
@@ -49,9 +49,11 @@ def test_star_search_is_shared_and_matches_a_fresh_search():
     assert abs(np.median(stars.sigma) - 1.8) < 0.15
 
 
-def test_kernel_transform_of_the_rows_only_is_the_full_transform():
+def test_transform_made_by_row_blocks_is_the_full_transform():
     kernel = np.random.default_rng(2).normal(size=(35, 35)).astype(np.float32)
-    np.testing.assert_array_equal(_padded_rfft2(kernel, (300, 260), 1), fft.rfft2(kernel, s=(300, 260), workers=1))
+    np.testing.assert_array_equal(padded_rfft2(kernel, (300, 260), 1), fft.rfft2(kernel, s=(300, 260), workers=1))
+    large = np.random.default_rng(5).normal(size=(2 * ROW_BLOCK + 11, 100)).astype(np.float32)  # several blocks
+    np.testing.assert_array_equal(padded_rfft2(large, (600, 130), 1), fft.rfft2(large, s=(600, 130), workers=1))
     image = np.random.default_rng(3).normal(size=(120, 90)).astype(np.float32)
     small = np.outer(np.hanning(7), np.hanning(7)).astype(np.float32)
     direct = np.zeros_like(image)  # 'same' convolution with zero padding, by brute force

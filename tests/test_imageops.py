@@ -1,9 +1,11 @@
-"""Image primitives against their direct definitions: block sums, valid correlations, masked interpolation."""
+"""Image primitives against their direct definitions: block sums, valid correlations, masked interpolation,
+blockwise convolutions and lazily weighted planes."""
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy.signal import fftconvolve
 
-from dialab.imageops import block_sum, correlate_valid, interpolate_masked
+from dialab.imageops import ROW_BLOCK, PlaneSum, block_sum, correlate_valid, fft_convolve_sum, interpolate_masked
 
 
 def test_block_sum_is_the_sum_over_each_block():
@@ -34,3 +36,31 @@ def test_filling_only_some_masked_pixels_gives_them_the_same_values_and_leaves_t
     assert np.array_equal(some[rays], everything[rays])  # the column still gives no weight to its neighbour
     assert np.array_equal(some[~rays], image[~rays])  # the column itself is left as it was
     assert not np.array_equal(everything[:, 60], image[:, 60])
+
+
+def test_convolution_sum_made_by_row_blocks_is_the_weighted_sum_of_direct_convolutions():
+    """Rows across several inverse blocks, a non-square image, spatial weights per kernel: the same as scipy's
+    convolutions weighted by the outer products, to float32 precision."""
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(2 * ROW_BLOCK + 37, 301)).astype(np.float32)
+    kernels = rng.normal(size=(3, 9, 9))
+    factors = [(rng.random(image.shape[0]).astype(np.float32), rng.random(image.shape[1]).astype(np.float32))
+               for _ in kernels]
+    direct = sum(r[:, None] * c[None, :] * fftconvolve(image.astype(float), k, mode="same")
+                 for k, (r, c) in zip(kernels, factors))
+    blockwise = fft_convolve_sum(image, kernels, factors, workers=1)
+    assert blockwise.dtype == np.float32 and blockwise.shape == image.shape
+    assert np.abs(blockwise - direct).max() < 2e-5 * np.abs(direct).max()
+
+
+def test_plane_sum_reads_every_window_and_the_whole_plane_as_the_explicit_sum():
+    rng = np.random.default_rng(5)
+    a, b = rng.random((ROW_BLOCK + 50, 70)).astype(np.float32), rng.random((ROW_BLOCK + 50, 70)).astype(np.float32)
+    scaled = PlaneSum((a, 1.3))
+    total = PlaneSum((scaled, 0.25), (b, 1.0))  # a term may itself be a sum
+    explicit = (a * np.float32(1.3)) * np.float32(0.25) + b
+    assert np.array_equal(total.full(), explicit) and np.array_equal(np.asarray(total), explicit)
+    assert np.array_equal(total[10:20, 5:9], explicit[10:20, 5:9])
+    chosen = a > 0.5
+    assert np.array_equal(total[chosen], explicit[chosen])
+    assert total.shape == a.shape

@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
+from scipy.fft import next_fast_len
 from scipy.signal import fftconvolve
 
 from dialab.errors import InsufficientKernelSourcesError, NoOverlapError
 from dialab.psf import GaussianPsf
 from dialab.subtraction import SubtractConfig, subtract
-from dialab.subtraction.decorrelation import apply_filter
+from dialab.subtraction.decorrelation import apply_filter, centered_ft, decorrelation_filter
 from dialab.subtraction.kernel_fit import Chebyshev2D
 
 from .simulated_pairs import CUT_FLAGS, gaussian_exposure, match_truth, source_free, star_positions
@@ -100,6 +101,29 @@ def test_decorrelation_removes_pixel_correlations():
     for lag in (1, 2, 3):
         assert abs(_lag_correlation(dd, lag)) < 0.1
     assert np.var(dd) == pytest.approx(101.0, rel=0.05)
+
+
+def test_decorrelation_made_a_block_of_rows_at_a_time_is_the_full_grid_filter():
+    """The filter's rows come from small matrix products, the image's transform is inverted a block at a time:
+    the result is the plain full-grid FFT filtering (float64, numpy's FFT) to float32 precision, for the
+    A&L filter and the preconvolution score's."""
+    rng = np.random.default_rng(8)
+    image = rng.normal(0, 10.0, (600, 333)).astype(np.float32)
+    kernel = GaussianPsf(sigma_pix=1.5).stamp(21) * 0.9
+    v = GaussianPsf(sigma_pix=2.0).stamp(15)
+    for score in (None, v):
+        pad = kernel.shape[0] + (0 if score is None else score.shape[0])
+        shape = (next_fast_len(600 + pad, real=True), next_fast_len(333 + pad, real=True))  # apply_filter's grid
+        embedded = np.zeros(shape)
+        embedded[:21, :21] = kernel
+        embedded = np.roll(embedded, (-10, -10), axis=(0, 1))  # the kernel's centre at the origin
+        assert np.allclose(centered_ft(kernel, shape), np.fft.rfft2(embedded), atol=1e-12)
+        phi = decorrelation_filter(kernel, 1.0, 4.0, shape, score)
+        padded = np.zeros(shape)
+        padded[:600, :333] = image
+        reference = np.fft.irfft2(np.fft.rfft2(padded) * phi, s=shape)[:600, :333]
+        filtered = apply_filter(image, kernel, 1.0, 4.0, score, workers=1)
+        assert np.abs(filtered - reference).max() < 1e-5 * np.abs(reference).max()
 
 
 def test_auto_is_symmetric_under_swapping_the_images():

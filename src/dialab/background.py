@@ -16,19 +16,30 @@ from .imageops import grid_spline, grow_mask, separable_product
 
 
 class Background:
-    """Sky level and per-pixel noise (same units as the image), full resolution.
+    """Sky level and per-pixel noise (same units as the image), full resolution, from a coarse mesh.
 
-    ``level`` is computed at once; ``rms`` from its mesh only when first asked for (many callers
-    never need it, and a full-resolution spline evaluation is not free).
+    ``level`` and ``rms`` are spline-evaluated from their mesh when first asked for (many callers never need
+    ``rms``) and kept until :meth:`release`: a subtraction drops them once its last step that reads the sky is
+    done (4 bytes per pixel of each image at its peak), and a later reader pays one evaluation again.
     """
 
-    def __init__(self, level: np.ndarray, rms_grid: np.ndarray):
-        self.level = level
+    def __init__(self, level_grid: np.ndarray, rms_grid: np.ndarray, shape: tuple[int, int]):
+        self.level_grid = level_grid
         self.rms_grid = rms_grid
+        self.shape = shape
+
+    @cached_property
+    def level(self) -> np.ndarray:
+        return _upsample(self.level_grid, *self.shape)
 
     @cached_property
     def rms(self) -> np.ndarray:
-        return _upsample(self.rms_grid, *self.level.shape)
+        return _upsample(self.rms_grid, *self.shape)
+
+    def release(self) -> None:
+        """Drop the full-resolution planes (the mesh stays; they are evaluated again when next asked for)."""
+        self.__dict__.pop("level", None)
+        self.__dict__.pop("rms", None)
 
 
 class _Truncation(dict):
@@ -132,7 +143,7 @@ def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_p
         sources = grow_mask(sources, 2)
         if (~(bad | sources)).sum() > 0.2 * image.size:
             level, rms, rows, cols = _mesh(image, bad | sources, mesh_pix)
-    return Background(_upsample(level, ny, nx), rms)
+    return Background(level, rms, (ny, nx))
 
 
 def _mesh(image: np.ndarray, bad: np.ndarray, mesh_pix: int):
@@ -177,10 +188,11 @@ def _runs(index: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.r_[0, edges].tolist(), np.r_[edges, len(index)].tolist()))
 
 
-def smooth_grid(grid: np.ndarray, ny: int, nx: int) -> np.ndarray:
-    """A coarse grid of box values (NaN where unmeasured) at full (ny, nx) resolution: gaps filled from the
-    nearest measured box, then spline-interpolated."""
-    return _upsample(_fill(grid), ny, nx)
+def smooth_grid_factors(grid: np.ndarray, ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) whose product is a coarse grid of box values (NaN where unmeasured) at full (ny, nx)
+    resolution: gaps filled from the nearest measured box, then spline-interpolated. ``rows[y0:y1] @ cols`` is a
+    block of the surface, so none needs a full-size buffer."""
+    return _upsample_factors(_fill(grid), ny, nx)
 
 
 def _fill(grid: np.ndarray) -> np.ndarray:
@@ -194,16 +206,20 @@ def _fill(grid: np.ndarray) -> np.ndarray:
 
 def _upsample(grid: np.ndarray, ny: int, nx: int) -> np.ndarray:
     """Spline interpolation of mesh-cell values (at cell centres) to every pixel, separably."""
+    return separable_product(*_upsample_factors(grid, ny, nx))
+
+
+def _upsample_factors(grid: np.ndarray, ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) whose product is the spline through the mesh-cell values (at cell centres) at every pixel."""
     by, bx = grid.shape
     cy = (np.arange(by) + 0.5) * ny / by - 0.5
     cx = (np.arange(bx) + 0.5) * nx / bx - 0.5
     if by == 1 and bx == 1:
-        return np.full((ny, nx), grid[0, 0], dtype=np.float32)
-    if by == 1 or bx == 1:
-        axis_c, n = (cx, nx) if by == 1 else (cy, ny)
-        line = np.interp(np.arange(n), axis_c, grid.ravel())
-        out = np.broadcast_to(line[None, :] if by == 1 else line[:, None], (ny, nx))
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return np.full((ny, 1), float(grid[0, 0])), np.ones((1, nx))
+    if by == 1:
+        return np.ones((ny, 1)), np.interp(np.arange(nx), cx, grid.ravel())[None, :]
+    if bx == 1:
+        return np.interp(np.arange(ny), cy, grid.ravel())[:, None], np.ones((1, nx))
     spline = grid_spline(cy, cx, grid)
     ky, kx = spline.degrees
     ty, tx = spline.get_knots()
@@ -211,4 +227,4 @@ def _upsample(grid: np.ndarray, ny: int, nx: int) -> np.ndarray:
     # a tensor-product spline on a pixel grid is two matrix products with the axes' B-spline design matrices
     rows = BSpline.design_matrix(np.clip(np.arange(ny), cy[0], cy[-1]), ty, ky).toarray() @ coeffs
     cols = BSpline.design_matrix(np.clip(np.arange(nx), cx[0], cx[-1]), tx, kx).toarray().T
-    return separable_product(rows, cols)
+    return rows, cols

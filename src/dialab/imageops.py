@@ -136,39 +136,96 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
-def fft_convolve_each(image: np.ndarray, kernels, workers: int | None = None):
-    """'same'-size convolutions of ``image`` with each (odd, square, equal-sized) kernel in turn; float32, zero
-    padding. The image is transformed once; one result at a time is held, so a caller summing them keeps one
-    full-size buffer, not one per kernel. Each result is a view into its padded transform (writable)."""
+#: Rows of a real image produced per inverse transform: a block's buffers are small next to a full-size image.
+ROW_BLOCK = 256
+
+
+def inverse_rows(spectrum: np.ndarray, n: int, rows: slice, cols: slice, workers: int):
+    """(start, stop, block) for the real image rows ``rows`` (and columns ``cols``) of the inverse rfft of
+    ``spectrum``, whose column (axis 0) transform is already inverted, a block of rows at a time: the full-size
+    real result is never held, so a caller writing or summing the blocks keeps its own buffer and nothing more."""
+    for start in range(rows.start, rows.stop, ROW_BLOCK):
+        stop = min(start + ROW_BLOCK, rows.stop)
+        yield start - rows.start, stop - rows.start, fft.irfft(spectrum[start:stop], n=n, axis=1, workers=workers)[:, cols]
+
+
+def fft_convolve_sum(image: np.ndarray, kernels, factors=None, workers: int | None = None) -> np.ndarray:
+    """sum_k rows_k[:, None] cols_k[None, :] (image * K_k): 'same'-size convolutions of ``image`` with each (odd,
+    square, equal-sized) kernel, each weighted by the outer product of its ``factors`` (row, column) vectors
+    (no weights when None); float32, zero padding.
+
+    The image is transformed once and one kernel's product with it is held at a time, inverted a block of rows
+    at a time into the result: the image's transform and one kernel's are the only full-size temporaries."""
     ny, nx = image.shape
     kernels = np.asarray(kernels)
     size = kernels.shape[-1]
     h = size // 2
     shape = (fft.next_fast_len(ny + size - 1, real=True), fft.next_fast_len(nx + size - 1, real=True))
     workers = workers or default_workers()
-    fi = fft.rfft2(image.astype(np.float32, copy=False), s=shape, workers=workers)
-    for ker in kernels:
-        fk = _padded_rfft2(ker.astype(np.float32), shape, workers)
+    fi = padded_rfft2(image, shape, workers)
+    out = np.zeros(image.shape, np.float32)
+    for k, ker in enumerate(kernels):
+        fk = padded_rfft2(ker, shape, workers)
         fk *= fi
         # the inverse one axis at a time: irfft2 would copy the complex grid first (a full-size buffer more)
         fk = fft.ifft(fk, axis=0, workers=workers, overwrite_x=True)
-        full = fft.irfft(fk[h : h + ny], n=shape[1], axis=1, workers=workers)
-        del fk
-        yield full[:, h : h + nx]  # a view: no full-size copy (fft_convolve makes it contiguous)
+        for start, stop, block in inverse_rows(fk, shape[1], slice(h, h + ny), slice(h, h + nx), workers):
+            if factors is not None:
+                row, col = factors[k]
+                block *= row[start:stop, None]
+                block *= col[None, :]
+            out[start:stop] += block
+        del fk  # before the next kernel's buffer is made
+    return out
 
 
-def _padded_rfft2(kernel: np.ndarray, shape: tuple[int, int], workers: int) -> np.ndarray:
-    """``rfft2(kernel, s=shape)`` for a kernel much smaller than ``shape``: the row transforms of the all-zero
-    padding rows are zero, so only the kernel's rows are transformed before the column pass (the same numbers,
-    about half the time of a full-size transform)."""
-    rows = np.zeros((shape[0], shape[1] // 2 + 1), np.complex64)
-    rows[: kernel.shape[0]] = fft.rfft(kernel, n=shape[1], axis=1, workers=workers)
-    return fft.fft(rows, axis=0, workers=workers, overwrite_x=True)
+class PlaneSum:
+    """sum_k w_k P_k of full-size planes, evaluated only on the windows read from it (``planes[rows, cols]``, any
+    numpy index): a variance scaled to the measured noise, or the sum of two, costs no full-size buffer of its
+    own while the subtraction reads stamps and row blocks of it. ``np.asarray`` (or ``full``) gives the whole
+    plane, a block of rows at a time. A term's plane may itself be a PlaneSum."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, *terms: tuple[np.ndarray, float]):
+        self.terms = terms
+        self.shape = terms[0][0].shape
+
+    def __getitem__(self, key) -> np.ndarray:
+        out = None
+        for plane, weight in self.terms:
+            part = plane[key] * np.float32(weight)
+            if out is None:
+                out = np.asarray(part, np.float32)
+            else:
+                out += part
+        return out
+
+    def full(self) -> np.ndarray:
+        out = np.empty(self.shape, np.float32)
+        for start in range(0, self.shape[0], ROW_BLOCK):
+            out[start : start + ROW_BLOCK] = self[start : start + ROW_BLOCK]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.full() if dtype is None else self.full().astype(dtype)
+
+
+def padded_rfft2(image: np.ndarray, shape: tuple[int, int], workers: int) -> np.ndarray:
+    """``rfft2(image, s=shape)`` (complex64) with no zero-padded real copy: the rows are transformed a block at a
+    time into the complex result, the all-zero padding rows not at all (a small kernel's transform costs about
+    half a full-size one), then the columns in place."""
+    out = np.zeros((shape[0], shape[1] // 2 + 1), np.complex64)
+    for start in range(0, image.shape[0], ROW_BLOCK):
+        rows = image[start : start + ROW_BLOCK].astype(np.float32, copy=False)
+        out[start : start + len(rows)] = fft.rfft(rows, n=shape[1], axis=1, workers=workers)
+    return fft.fft(out, axis=0, workers=workers, overwrite_x=True)
 
 
 def fft_convolve(image: np.ndarray, kernel: np.ndarray, workers: int | None = None) -> np.ndarray:
     """'same'-size convolution of ``image`` with one (odd, square) kernel; float32, zero padding."""
-    return np.ascontiguousarray(next(fft_convolve_each(image, kernel[None], workers)))
+    return fft_convolve_sum(image, kernel[None], workers=workers)
 
 
 def convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import sys
 import time
 from contextlib import contextmanager
 
@@ -26,8 +27,23 @@ def timed(name: str):
     finally:
         dt = time.perf_counter() - t0
         _SECONDS[name] = _SECONDS.get(name, 0.0) + dt
-        _PEAK_MB[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        _PEAK_MB[name] = peak_rss_mb()
         log.debug("%s: %.3f s, peak memory so far %.0f MB", name, dt, _PEAK_MB[name])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB. Linux's ``ru_maxrss`` survives ``exec``: a child started by a
+    larger parent reports at least the parent's peak, so the process's own high-water mark (VmHWM) is read
+    where there is one."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
 
 
 def recorded(reset: bool = False) -> dict[str, float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..imageops import default_workers, fft_convolve, fft_convolve_each, grow_mask  # noqa: F401
+from ..imageops import default_workers, fft_convolve, fft_convolve_sum, grow_mask  # noqa: F401
 from .kernel import SpatialKernel
 
 #: Planes not spread by convolution: injected-source markers and detections describe positions, not defects.
@@ -17,14 +17,7 @@ NOT_SPREAD = ("INJECTED", "INJECTED_TEMPLATE", "DETECTED", "DETECTED_NEGATIVE")
 
 def convolve_image(image: np.ndarray, kernel: SpatialKernel, workers: int | None = None) -> np.ndarray:
     """K(x, y) * image for the spatially varying kernel."""
-    out = np.zeros(image.shape, dtype=np.float32)
-    for part, (row, col) in zip(fft_convolve_each(image, kernel.term_images(), workers),
-                                kernel.spatial.factors(image.shape)):
-        part *= row[:, None]
-        part *= col[None, :]
-        out += part
-        del part  # before the next term's buffers are made
-    return out
+    return fft_convolve_sum(image, kernel.term_images(), kernel.spatial.factors(image.shape), workers)
 
 
 def convolve_variance(variance: np.ndarray, kernel: SpatialKernel, workers: int | None = None) -> np.ndarray:

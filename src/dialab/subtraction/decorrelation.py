@@ -13,29 +13,34 @@ from __future__ import annotations
 import numpy as np
 from scipy import fft
 
+from ..imageops import ROW_BLOCK, inverse_rows, padded_rfft2
 from .convolve import default_workers
 
 
-def _centered_ft(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """rFFT of an odd stamp placed with its centre at the origin of a ``shape`` grid."""
+def centered_ft(stamp: np.ndarray, shape: tuple[int, int], rows: slice = slice(None)) -> np.ndarray:
+    """The rows ``rows`` of the rfft, on a ``shape`` grid, of an odd stamp placed with its centre at the origin.
+
+    A small stamp's transform is two small matrix products with the Fourier factors of its offsets, E_y S E_x,
+    so any block of rows comes without a full-size grid (and in double precision)."""
     h = stamp.shape[0] // 2
-    grid = np.zeros(shape, dtype=np.float32 if shape[0] * shape[1] > 1_000_000 else np.float64)
-    # wrap the stamp round the origin (its centre at [0, 0]) without rolling the whole grid
-    idx = np.arange(-h, h + 1) % np.array(shape)[:, None]
-    grid[np.ix_(idx[0], idx[1])] = stamp
-    return fft.rfft2(grid)
+    offsets = np.arange(-h, h + 1)
+    u = np.arange(shape[0])[rows]
+    v = np.arange(shape[1] // 2 + 1)
+    ey = np.exp(-2j * np.pi * np.outer(u, offsets) / shape[0])
+    ex = np.exp(-2j * np.pi * np.outer(offsets, v) / shape[1])
+    return (ey @ stamp.astype(np.float64)) @ ex
 
 
 def decorrelation_filter(kernel: np.ndarray, s1sq: float, s2sq: float, shape: tuple[int, int],
-                         score_psf: np.ndarray | None = None) -> np.ndarray:
-    """phi (or phi_S when ``score_psf`` v is given) on the rfft grid of ``shape``."""
-    kf = _centered_ft(kernel, shape)
+                         score_psf: np.ndarray | None = None, rows: slice = slice(None)) -> np.ndarray:
+    """phi (or phi_S when ``score_psf`` v is given) on the rows ``rows`` of the rfft grid of ``shape``."""
+    kf = centered_ft(kernel, shape, rows)
     ks = float(kernel.sum())
     k2 = kf.real**2 + kf.imag**2
     total = s1sq + s2sq * ks**2
     if score_psf is None:
         return np.sqrt(total / (s1sq + s2sq * k2))
-    vf = _centered_ft(score_psf, shape)
+    vf = centered_ft(score_psf, shape, rows)
     v2 = vf.real**2 + vf.imag**2
     denom = s1sq * v2 + s2sq * k2
     tiny = 1e-12 * total
@@ -46,19 +51,21 @@ def apply_filter(image: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float
                  score_psf: np.ndarray | None = None, workers: int | None = None,
                  out: np.ndarray | None = None) -> np.ndarray:
     """Filter ``image`` with phi (or phi_S), zero-padded by the kernel size to avoid wrap-around; into ``out``
-    (float32, the image's shape; it may be the image itself) when given."""
+    (float32, the image's shape; it may be the image itself) when given. The filter is made and applied a block
+    of rows at a time, and the result inverted a block at a time: the image's transform is the one full-size
+    temporary."""
     ny, nx = image.shape
     pad = kernel.shape[0] + (0 if score_psf is None else score_psf.shape[0])
     shape = (fft.next_fast_len(ny + pad, real=True), fft.next_fast_len(nx + pad, real=True))
-    phi = decorrelation_filter(kernel, s1sq, s2sq, shape, score_psf)
     workers = workers or default_workers()
-    fi = fft.rfft2(image.astype(np.float32, copy=False), s=shape, workers=workers)
-    fi *= phi.astype(np.float32, copy=False)  # in place: a full-size complex buffer fewer at the run's peak
-    del phi
-    filtered = fft.irfft2(fi, s=shape, workers=workers, overwrite_x=True)[:ny, :nx]
-    if out is None:
-        return np.ascontiguousarray(filtered, dtype=np.float32)
-    out[...] = filtered
+    fi = padded_rfft2(image, shape, workers)
+    for start in range(0, shape[0], ROW_BLOCK):
+        rows = slice(start, min(start + ROW_BLOCK, shape[0]))
+        fi[rows] *= decorrelation_filter(kernel, s1sq, s2sq, shape, score_psf, rows).astype(np.float32)
+    fi = fft.ifft(fi, axis=0, workers=workers, overwrite_x=True)
+    out = np.empty((ny, nx), np.float32) if out is None else out
+    for start, stop, block in inverse_rows(fi, shape[1], slice(0, ny), slice(0, nx), workers):
+        out[start:stop] = block
     return out
 
 
@@ -71,5 +78,5 @@ def filter_stamp(stamp: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float
     pad = (m - n) // 2
     big = np.pad(stamp, pad)
     phi = decorrelation_filter(kernel, s1sq, s2sq, (m, m), score_psf)
-    out = np.roll(fft.irfft2(_centered_ft(big, (m, m)) * phi, s=(m, m)), (m // 2, m // 2), axis=(0, 1))
+    out = np.roll(fft.irfft2(centered_ft(big, (m, m)) * phi, s=(m, m)), (m // 2, m // 2), axis=(0, 1))
     return out[pad : pad + n, pad : pad + n]

@@ -23,7 +23,7 @@ import numpy as np
 from ..background import Background, clipped_stats, sky_background
 from ..errors import BadInputError, BadSubtractionError, NoOverlapError
 from ..exposure import Exposure, MaskPlanes
-from ..imageops import convolve_full, fft_convolve, interpolate_masked
+from ..imageops import PlaneSum, convolve_full, fft_convolve, interpolate_masked
 from ..moments import adaptive_moments
 from ..photometry import with_aperture_correction
 from ..psf import Psf, map_stamps, measure_psf
@@ -104,8 +104,8 @@ class PreparedPair:
     template_psf: Psf
     science_image: np.ndarray
     template_image: np.ndarray
-    science_variance: np.ndarray
-    template_variance: np.ndarray
+    science_variance: PlaneSum  # the exposure's variance times its scale, scaled as it is read
+    template_variance: PlaneSum
     variance_scale_science: float
     variance_scale_template: float
     nodata: np.ndarray
@@ -118,10 +118,10 @@ class MatchingProblem:
     image filtered by its own reflected PSF, ``prefilter``."""
 
     target_image: np.ndarray
-    target_variance: np.ndarray
+    target_variance: np.ndarray | PlaneSum
     target_psf: Psf
     convolved_image: np.ndarray
-    convolved_variance: np.ndarray
+    convolved_variance: PlaneSum
     convolved_psf: Psf
     basis: KernelBasis
     prefilter: np.ndarray | None = None
@@ -208,7 +208,7 @@ def prepare_pair(science: Exposure, template: Exposure, cfg: SubtractConfig) -> 
         science, template, sci_bg, tpl_bg, sci_psf, tpl_psf,
         _filled(science, nodata, sci_bg, sci_psf, science_convolved),
         _filled(template, nodata, tpl_bg, tpl_psf, convolved == "template"),
-        science.variance * np.float32(s_scale), template.variance * np.float32(t_scale), s_scale, t_scale,
+        PlaneSum((science.variance, s_scale)), PlaneSum((template.variance, t_scale)), s_scale, t_scale,
         nodata, convolved)
 
 
@@ -345,15 +345,15 @@ def decorrelate(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, co
     else:
         source_psf = problem.target_psf
     if not cfg.decorrelate:
-        return Decorrelated(convolved.difference, problem.target_variance + convolved.matched_variance, source_psf)
+        variance = PlaneSum((problem.target_variance, 1), (convolved.matched_variance, 1)).full()
+        return Decorrelated(convolved.difference, variance, source_psf)
     kimg = kernel.center_image
     # in place: the raw difference becomes the decorrelated one (no later step reads it), a full-size buffer fewer
     image = apply_filter(convolved.difference, kimg, s1sq, s2sq, v, cfg.workers, out=convolved.difference)
     if v is None:
-        variance = problem.convolved_variance * np.float32(ks**2)
-        variance += problem.target_variance  # in place: one full-size buffer, not two
+        variance = PlaneSum((problem.convolved_variance, ks**2), (problem.target_variance, 1)).full()
     else:
-        variance = fft_convolve(pair.science_variance + np.float32(ks**2) * problem.convolved_variance, v**2,
+        variance = fft_convolve(PlaneSum((pair.science_variance, 1), (problem.convolved_variance, ks**2)), v**2,
                                 cfg.workers)
     return Decorrelated(image, variance, map_stamps(source_psf, lambda st, x, y: filter_stamp(st, kimg, s1sq, s2sq, v)))
 
@@ -364,12 +364,12 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
     science, ks = pair.science, fit.kernel.kernel_sum
     diff, var = decorrelated.image, decorrelated.variance
     matched, matched_var = convolved.matched, convolved.matched_variance
-    if pair.convolved == "science":
-        diff = diff / np.float32(-ks)  # D = (K*N + B - R) / k_s: science flux scale
-        var = var / np.float32(ks**2)
+    if pair.convolved == "science":  # in place: the buffers are the steps' own, no full-size copies at the peak
+        diff /= np.float32(-ks)  # D = (K*N + B - R) / k_s: science flux scale
+        var /= np.float32(ks**2)
         matched -= fit.background_image(science.shape)  # the convolved science alone, on its own flux scale
         matched /= np.float32(ks)
-        matched_var = matched_var / np.float32(ks**2)
+        matched_var /= np.float32(ks**2)
     mask = convolved.mask
     h = fit.kernel.size // 2
     edge = np.int32(science.mask_planes.bit("EDGE"))
@@ -377,15 +377,15 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
     mask[-h:] |= edge
     mask[:, :h] |= edge
     mask[:, -h:] |= edge
-    nodata_out = (mask & science.mask_planes.bit("NO_DATA")) != 0
-    diff = np.asarray(diff, np.float32)
-    diff[nodata_out] = 0  # the step's own buffers, changed in place: no full-size copies at the peak
-    var = np.asarray(var, np.float32)
-    var[nodata_out | ~np.isfinite(var)] = np.nanmedian(var)
     difference = Exposure(image=diff, mask=mask, variance=var, psf=decorrelated.psf, wcs=science.wcs,
                           mask_planes=science.mask_planes, visit=science.visit, detector=science.detector,
                           band=science.band, mjd=science.mjd, exptime=science.exptime, magzero=science.magzero,
                           gain=science.gain, saturate=science.saturate, header=science.header.copy())
+    nodata_out = difference.plane("NO_DATA")
+    diff[nodata_out] = 0  # the step's own buffers, changed in place: no full-size copies at the peak
+    unusable = nodata_out | ~np.isfinite(var)
+    if unusable.any():
+        var[unusable] = np.nanmedian(var)
     conv_exp = pair.template if pair.convolved == "template" else science
     matched_exp = Exposure(image=matched, mask=convolved.convolved_mask, variance=matched_var,
                            psf=problem.target_psf if pair.convolved == "template" else pair.template_psf,
@@ -453,13 +453,17 @@ def subtract_alard_lupton(science: Exposure, template: Exposure, config: Subtrac
         problem = matching_problem(pair, cfg)
     with timed("select_sources"):
         sources = select_sources(pair, problem, cfg)
+    # each full-size input of a step is dropped once no later step reads it: fewer buffers alive at the peak
+    for background in (pair.science_background, pair.template_background):
+        background.release()  # the skies (re-evaluated from their meshes if a later caller asks)
+    pair = replace(pair, science_image=None, template_image=None)  # the problem holds those it convolves
     with timed("fit_kernel"):
         fit = fit_kernel(problem, sources, cfg)
     with timed("convolve_pair"):
         convolved = convolve_pair(pair, problem, fit, cfg)
-    # each full-size input of a step is dropped once no later step reads it: fewer buffers alive at the peak
-    pair = replace(pair, science_image=None, template_image=None)
     problem = replace(problem, target_image=None, convolved_image=None)
+    if cfg.decorrelate and problem.prefilter is not None:  # the score's variance is the science's, filtered anew
+        problem = replace(problem, target_variance=None)
     with timed("decorrelate"):
         decorrelated = decorrelate(pair, problem, fit, convolved, cfg)
     pair = replace(pair, science_variance=None, template_variance=None)

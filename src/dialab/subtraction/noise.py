@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from ..background import clipped_stats, sky_background, smooth_grid
+from ..background import clipped_stats, sky_background, smooth_grid_factors
 from ..exposure import Exposure
 from ..imageops import block_sum, grow_mask
 
@@ -110,6 +110,25 @@ def image_variance_scale(exp: Exposure) -> float:
     return exp.derived("variance_scale", lambda: variance_scale(exp))
 
 
+class _Pulls:
+    """image / sqrt(variance) over ``usable``'s extent (the image's first rows and columns), NaN outside
+    ``usable``, less a smooth surface once ``surface`` (its rows and columns factors) is set: made a block of rows
+    at a time as it is read (``pulls[y0:y1]``), so no full-size buffer is held."""
+
+    def __init__(self, exp: Exposure, usable: np.ndarray):
+        self.exp, self.usable, self.shape = exp, usable, usable.shape
+        self.surface = None
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        rows, cols = slice(*rows.indices(self.shape[0])), slice(0, self.shape[1])
+        z = np.sqrt(np.maximum(self.exp.variance[rows, cols], np.float32(1e-30)))
+        np.divide(self.exp.image[rows, cols], z, out=z)
+        z[~self.usable[rows, cols]] = np.nan
+        if self.surface is not None:
+            z -= (self.surface[0][rows] @ self.surface[1]).astype(np.float32)
+        return z
+
+
 def noise_ratio(exp: Exposure, block: int = 64) -> float:
     """Robust std of image / sqrt(variance) in usable pixels, source pixels clipped: 1 when honest.
 
@@ -118,30 +137,29 @@ def noise_ratio(exp: Exposure, block: int = 64) -> float:
     must not be taken for noise (the variance plane is rescaled by this ratio).
     """
     usable = ~exp.plane("BAD", "SAT", "NO_DATA", "EDGE", "CR", "DETECTED", "DETECTED_NEGATIVE")
-    z = np.sqrt(np.maximum(exp.variance, np.float32(1e-30)))  # one full-size buffer, worked in place
-    np.divide(exp.image, z, out=z)
-    z[~usable] = np.nan
     ny, nx = (exp.shape[0] // block) * block, (exp.shape[1] // block) * block
-    if ny >= 2 * block and nx >= 2 * block:
-        z, usable = z[:ny, :nx], usable[:ny, :nx]
-        # every 4th pixel of each box row: a quarter-size copy of the boxes (rows of box pixels, row-major)
-        boxes = (z.reshape(ny // block, block, nx // block, block)[..., ::4].swapaxes(1, 2)
-                 .reshape(-1, block * block // 4))
+    boxed = ny >= 2 * block and nx >= 2 * block
+    pulls = _Pulls(exp, usable[:ny, :nx] if boxed else usable)
+    if boxed:
+        # every 4th pixel of each box row (a quarter of the boxes' pixels), one row of boxes at a time
+        boxes = np.concatenate([pulls[y : y + block].reshape(block, nx // block, block)[..., ::4].swapaxes(0, 1)
+                                .reshape(nx // block, -1) for y in range(0, ny, block)])
         enough = np.isfinite(boxes).sum(axis=1) >= 0.25 * boxes.shape[1]
         if enough.any():
             level = np.full(len(boxes), np.nan)
             level[enough] = clipped_stats(boxes[enough], axis=1)[0]
             del boxes
-            z -= smooth_grid(level.reshape(ny // block, nx // block), ny, nx)
-    values = every_nth(z, usable, max(1, int(np.count_nonzero(usable)) // 2_000_000))
+            pulls.surface = smooth_grid_factors(level.reshape(ny // block, nx // block), ny, nx)
+    values = every_nth(pulls, pulls.usable, max(1, int(np.count_nonzero(pulls.usable)) // 2_000_000))
     return float(clipped_stats(values)[1]) if values.size else float("nan")
 
 
-def every_nth(image: np.ndarray, selected: np.ndarray, n: int, rows: int = 256) -> np.ndarray:
-    """``image[selected][::n]`` without the full-size copy of ``image[selected]``: a block of rows at a time."""
+def every_nth(image, selected: np.ndarray, n: int, rows: int = 256) -> np.ndarray:
+    """``image[selected][::n]`` without the full-size copy of ``image[selected]``: a block of rows at a time
+    (``image`` is an array or anything that gives its rows as ``image[y0:y1]``)."""
     out, seen = [], 0
     for y in range(0, image.shape[0], rows):
         values = image[y : y + rows][selected[y : y + rows]]
         out.append(values[(-seen) % n :: n])
         seen += len(values)
-    return np.concatenate(out) if out else image[:0].ravel()
+    return np.concatenate(out) if out else np.zeros(0, np.float32)

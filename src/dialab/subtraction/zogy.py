@@ -22,14 +22,14 @@ filled before the FFTs (``prepare_pair``) and the masks grown after.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import fft
 
 from ..background import clipped_stats
 from ..exposure import Exposure
-from ..imageops import default_workers
+from ..imageops import PlaneSum, default_workers
 from ..moments import adaptive_moments
 from ..psf import GridPsf, ImagePsf, Psf
 from .config import SubtractConfig
@@ -254,6 +254,9 @@ def zogy_subtract(science: Exposure, template: Exposure, cfg: SubtractConfig) ->
                    sigma_n=float(np.sqrt(clipped_stats(pair.science_variance[usable][::97])[0])),
                    sigma_r=float(np.sqrt(clipped_stats(pair.template_variance[usable][::97])[0])),
                    registration=registration_noise(sci, tpl, sources.positions, pair.science_psf.sigma))
+    for background in (pair.science_background, pair.template_background):
+        background.release()  # read for the last time above: neither sky plane is held at the peak
+    pair = replace(pair, science_image=None, template_image=None)  # nor the filled images
     planes, psf_d = zogy_planes(z, cfg.workers)
     return _zogy_result(pair, z, planes, psf_d, sources, ratio, cfg)
 
@@ -284,7 +287,7 @@ def _zogy_result(pair, z: ZogyInputs, planes: _Planes, psf_d: Psf, sources, rati
     score_header["SCORE"] = (True, "ZOGY S_corr: image / sqrt(variance) is the score")
     score = exposure(planes.score, planes.score_variance, psf_d, score_header)
     matched = Exposure(image=(z.template * ratio).astype(np.float32), mask=template.mask,
-                       variance=(z.template_variance * ratio**2).astype(np.float32), psf=z.template_psf,
+                       variance=PlaneSum((z.template_variance, ratio**2)).full(), psf=z.template_psf,
                        wcs=science.wcs, mask_planes=template.mask_planes, visit=template.visit,
                        detector=template.detector, band=template.band, mjd=template.mjd, magzero=science.magzero)
     scale = sources.scale
