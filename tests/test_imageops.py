@@ -5,7 +5,16 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import fftconvolve
 
-from dialab.imageops import ROW_BLOCK, PlaneSum, block_sum, correlate_valid, fft_convolve_sum, interpolate_masked
+from dialab.imageops import (
+    ROW_BLOCK,
+    PlaneSum,
+    SplineGrid,
+    block_sum,
+    correlate_valid,
+    fft_convolve_sum,
+    grid_spline,
+    interpolate_masked,
+)
 
 
 def test_block_sum_is_the_sum_over_each_block():
@@ -64,3 +73,14 @@ def test_plane_sum_reads_every_window_and_the_whole_plane_as_the_explicit_sum():
     chosen = a > 0.5
     assert np.array_equal(total[chosen], explicit[chosen])
     assert total.shape == a.shape
+
+
+def test_spline_grid_rows_are_the_splines_own_grid_evaluation():
+    """Sparse design matrices, a block of rows at a time: FITPACK's values on the same grid, cubic and (for an axis
+    of three points) quadratic."""
+    rng = np.random.default_rng(6)
+    for gy in (np.linspace(0, 499, 9), np.linspace(0, 499, 3)):
+        gx = np.linspace(0, 299, 7)
+        spline = grid_spline(gy, gx, rng.normal(size=(len(gy), len(gx))))
+        xs, ys = np.arange(300.0), np.arange(120.0, 260.0)
+        assert np.allclose(SplineGrid(spline, xs).rows(ys), spline(ys, xs), rtol=0, atol=1e-12)

@@ -10,9 +10,8 @@ from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
-from scipy.interpolate import BSpline
 
-from .imageops import grid_spline, grow_mask, separable_product
+from .imageops import SplineGrid, grid_spline, grow_mask, separable_product
 
 
 class Background:
@@ -220,11 +219,7 @@ def _upsample_factors(grid: np.ndarray, ny: int, nx: int) -> tuple[np.ndarray, n
         return np.ones((ny, 1)), np.interp(np.arange(nx), cx, grid.ravel())[None, :]
     if bx == 1:
         return np.interp(np.arange(ny), cy, grid.ravel())[:, None], np.ones((1, nx))
-    spline = grid_spline(cy, cx, grid)
-    ky, kx = spline.degrees
-    ty, tx = spline.get_knots()
-    coeffs = spline.get_coeffs().reshape(len(ty) - ky - 1, len(tx) - kx - 1)
-    # a tensor-product spline on a pixel grid is two matrix products with the axes' B-spline design matrices
-    rows = BSpline.design_matrix(np.clip(np.arange(ny), cy[0], cy[-1]), ty, ky).toarray() @ coeffs
-    cols = BSpline.design_matrix(np.clip(np.arange(nx), cx[0], cx[-1]), tx, kx).toarray().T
-    return rows, cols
+    # a tensor-product spline on a pixel grid is two matrix products with the axes' B-spline design matrices (the
+    # columns' dense: for a mesh of tens of cells a dense product is faster than a sparse one)
+    spline = SplineGrid(grid_spline(cy, cx, grid), np.arange(nx))
+    return spline.left(np.arange(ny)), spline.right.toarray()

@@ -89,20 +89,23 @@ def detect_sources(exp, config: DetectConfig | None = None, is_score: bool | Non
         raise BadInputError("detection needs the difference's PSF", exp.path)
     is_score = bool(exp.header.get("SCORE", False)) if is_score is None else is_score
     unusable = exp.plane(*PEAK_EXCLUDED)
-    image = np.where(unusable, 0.0, exp.image).astype(np.float32)
+    zero = np.float32(0)  # float32 fills: no float64 full-size temporaries
+    image = np.where(unusable, zero, exp.image.astype(np.float32, copy=False))
     if cfg.subtract_background:
         # A difference is mostly empty: per-cell sigma clipping removes its few sources, no masking pass.
         bg = estimate_background(image, unusable, cfg.background_mesh_pix, mask_sources_nsigma=None).level
     else:
         bg = np.zeros(image.shape, np.float32)
-    image = np.where(unusable, 0.0, image - bg).astype(np.float32)
+    image -= bg
+    image[unusable] = zero
     psf = exp.psf.stamp()
     if cfg.find_cosmic_rays and not is_score:
         cr = find_cosmic_rays(image, exp.variance, psf, cfg.cosmic_ray_nsigma, cfg.cosmic_ray_margin, ~unusable)
         exp.set_plane("CR", cr)
-    var = np.where(unusable, np.median(exp.variance), exp.variance).astype(np.float32)
+    var = np.where(unusable, np.float32(np.median(exp.variance)), exp.variance.astype(np.float32, copy=False))
     snr = image / np.sqrt(np.maximum(var, 1e-30)) if is_score else matched_filter_snr(image, var, psf, workers)
-    snr = np.where(unusable, 0.0, snr).astype(np.float32)
+    snr = np.asarray(snr, np.float32)
+    snr[unusable] = zero
     noise_scale = (filtered_noise_scale(snr, unusable, cfg.threshold, int(np.ceil(3 * exp.psf.sigma)))
                    if cfg.calibrate_noise else 1.0)
     if noise_scale != 1.0:

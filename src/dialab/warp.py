@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from .errors import BadInputError, NoOverlapError
 from .exposure import Exposure, MaskPlanes
-from .imageops import box_reduce, grid_spline
+from .imageops import SplineGrid, box_reduce, grid_spline
 from .psf import GridPsf, ImagePsf, Psf
 from .stars import find_stars, psf_filter_sigma
 
@@ -51,15 +51,17 @@ class _Mapping:
             gy, gx = grid
             sx, sy = splines
             det = np.abs(sx(gy, gx, dy=1) * sy(gy, gx, dx=1) - sx(gy, gx, dx=1) * sy(gy, gx, dy=1))
-            self.det = grid_spline(gy, gx, det)
+            columns = np.arange(shape[1], dtype=float)
+            self.on_rows = [SplineGrid(s, columns) for s in (sx, sy, grid_spline(gy, gx, det))]
 
     def rows(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
         """xs, ys and |det J| of destination rows y0..y1-1."""
-        ax, ay = np.arange(self.shape[1], dtype=float), np.arange(y0, y1, dtype=float)
+        ay = np.arange(y0, y1, dtype=float)
         if self.sx is None:
-            xs, ys = np.meshgrid(ax + self.shift[0], ay + self.shift[1])
+            xs, ys = np.meshgrid(np.arange(self.shape[1], dtype=float) + self.shift[0], ay + self.shift[1])
             return xs, ys, 1.0
-        return self.sx(ay, ax), self.sy(ay, ax), self.det(ay, ax)
+        xs, ys, det = (s.rows(ay) for s in self.on_rows)
+        return xs, ys, det
 
     def at(self, x: float, y: float) -> tuple[float, float, np.ndarray]:
         """(xs, ys) of destination pixel (x, y) and d(source)/d(destination) there."""
