@@ -78,7 +78,7 @@ def child(science: str, template: str, method: str, out: str) -> None:
     import dialab.subtraction.flavors  # noqa: F401
     from dialab.cli import main
     from dialab.subtraction.config import parse_method
-    from dialab.timing import peak_rss_mb, recorded
+    from dialab.timing import peak_rss_mb, peak_step, recorded
 
     flavor, basis = parse_method(method)
     t0 = time.perf_counter()
@@ -86,7 +86,7 @@ def child(science: str, template: str, method: str, out: str) -> None:
          + (["--kernel-basis", basis] if basis else []))
     seconds = time.perf_counter() - t0
     peak_mb = peak_rss_mb()  # its own peak: ru_maxrss would report at least the parent's (which made the pair)
-    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "steps": recorded()}))
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "steps": recorded(), "peak_step": peak_step()}))
 
 
 def main() -> None:
@@ -110,7 +110,8 @@ def main() -> None:
         floor = floor_seconds(shape)
         print(f"pair {shape[0]} x {shape[1]} px ({npix / 1e6:.1f} Mpix), spatially varying PSF, simulated in "
               f"{time.perf_counter() - t0:.0f} s; one core; floor (one 35x35 FFT convolution) {floor:.3f} s")
-        print(f"{'method':<24}{'PSFs':>9}{'seconds':>9}{'x floor':>9}{'peak MB':>9}{'B/px':>6}  largest steps (share)")
+        print(f"{'method':<24}{'PSFs':>9}{'seconds':>9}{'x floor':>9}{'peak MB':>9}{'B/px':>6}  {'peak in':<15}"
+              "largest steps (share)")
         for label, (sci, tpl) in pairs.items():
             for method in args.methods:
                 cmd = [sys.executable, __file__, "--child", str(sci), str(tpl), method, str(folder / "d.fits")]
@@ -119,7 +120,7 @@ def main() -> None:
                 steps = sorted(r["steps"].items(), key=lambda kv: -kv[1])[:4]
                 shares = ", ".join(f"{k} {100 * v / r['seconds']:.0f}%" for k, v in steps)
                 print(f"{method:<24}{label:>9}{r['seconds']:>9.2f}{r['seconds'] / floor:>9.1f}{r['peak_mb']:>9.0f}"
-                      f"{r['peak_mb'] * 2**20 / npix:>6.0f}  {shares}", flush=True)
+                      f"{r['peak_mb'] * 2**20 / npix:>6.0f}  {r['peak_step'] or '?':<15}{shares}", flush=True)
 
 
 if __name__ == "__main__":

@@ -247,6 +247,22 @@ def test_a_child_process_reports_its_own_peak_memory_not_its_parents():
     assert child < 200
 
 
+def test_the_step_that_raised_the_peak_memory_is_named():
+    """bench/ prints where a subtraction's peak memory is reached: the step whose block last raised it."""
+    code = """
+import numpy as np
+from dialab.timing import peak_step, timed
+with timed("large"):
+    a = np.ones(300 * 2**20 // 8)
+del a
+with timed("small"):
+    b = np.ones(1000)
+print(peak_step())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "large"
+
+
 def test_version_loads_no_numpy_and_subtract_loads_no_pandas():
     """Start-up: `dialab --version` (and --help) imports neither numpy nor pydantic, and what `dialab subtract`
     imports (its configs included) leaves pandas unloaded; lazily loaded modules count only once used."""

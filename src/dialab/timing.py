@@ -2,7 +2,7 @@
 
 Each step is logged at debug level (``-vv``) and summed by name, so ``bench/`` can print every step's
 share of a run without a profiler (which slows numpy-heavy code unevenly); the process's peak resident
-memory at the end of each step shows which step raised it.
+memory at the end of each step, and the step that last raised it (``peak_step``), show where memory goes.
 """
 
 from __future__ import annotations
@@ -16,18 +16,21 @@ from contextlib import contextmanager
 log = logging.getLogger(__name__)
 _SECONDS: dict[str, float] = {}
 _PEAK_MB: dict[str, float] = {}
+_RAISED = {"step": None}  # the step during which the high-water mark last rose
 
 
 @contextmanager
 def timed(name: str):
     """Time the block under ``name`` (added to earlier blocks of the same name)."""
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), peak_rss_mb()
     try:
         yield
     finally:
         dt = time.perf_counter() - t0
         _SECONDS[name] = _SECONDS.get(name, 0.0) + dt
         _PEAK_MB[name] = peak_rss_mb()
+        if _PEAK_MB[name] > before:
+            _RAISED["step"] = name
         log.debug("%s: %.3f s, peak memory so far %.0f MB", name, dt, _PEAK_MB[name])
 
 
@@ -52,9 +55,15 @@ def recorded(reset: bool = False) -> dict[str, float]:
     if reset:
         _SECONDS.clear()
         _PEAK_MB.clear()
+        _RAISED["step"] = None
     return out
 
 
 def peak_memory() -> dict[str, float]:
     """The process's peak resident memory (MB) when each step last ended."""
     return dict(_PEAK_MB)
+
+
+def peak_step() -> str | None:
+    """The step during which the process's peak resident memory was last raised (of nested steps, the outer)."""
+    return _RAISED["step"]
