@@ -22,3 +22,18 @@ def test_sky_plane_of_thin_and_small_images(shape):
     assert np.median(err) < 0.25
     assert err.max() < 1.2
     assert np.median(bg.rms_grid) == pytest.approx(5.0, rel=0.05)
+
+
+def test_a_released_sky_is_evaluated_again_to_the_same_pixels():
+    """A subtraction drops each image's full-resolution sky once its last reader is done: the mesh stays, and the
+    next reader gets the same plane back, not another estimate."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[:300, :420]
+    image = (50 + 0.02 * xx - 0.03 * yy + rng.normal(0, 3, yy.shape)).astype(np.float32)
+    sky = estimate_background(image)
+    level, rms = sky.level.copy(), sky.rms.copy()
+    sky.release()
+    assert "level" not in vars(sky) and "rms" not in vars(sky)
+    assert np.array_equal(sky.level, level) and np.array_equal(sky.rms, rms)
+    inner = np.s_[40:-40, 40:-40]  # between the outermost mesh cells' centres (held constant beyond them)
+    assert np.abs(level - (50 + 0.02 * xx - 0.03 * yy))[inner].max() < 1.0  # and it is the sky
