@@ -60,8 +60,7 @@ class _Mapping:
         if self.sx is None:
             xs, ys = np.meshgrid(np.arange(self.shape[1], dtype=float) + self.shift[0], ay + self.shift[1])
             return xs, ys, 1.0
-        xs, ys, det = (s.rows(ay) for s in self.on_rows)
-        return xs, ys, det
+        return tuple(s.rows(ay) for s in self.on_rows)
 
     def at(self, x: float, y: float) -> tuple[float, float, np.ndarray]:
         """(xs, ys) of destination pixel (x, y) and d(source)/d(destination) there."""
