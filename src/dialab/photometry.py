@@ -104,8 +104,8 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, 
     plane over the image.
 
     A PSF model is a stamp of unit sum, so a PSF fit measures the light the model holds: a given model
-    truncated by its stamp, or one measured from stars whose local sky took some of their wings, measures a
-    share of the light that depends on how the model was made. Calibrated to one aperture of ``radius_fwhm``
+    truncated by its stamp, or one measured from stars whose outer wings hold some of their neighbours' light,
+    measures a share of the light that depends on how the model was made. Calibrated to one aperture of ``radius_fwhm``
     FWHM, PSF fluxes mean the same on every image, whatever its model. (The light beyond the aperture, 2-3% for
     Kolmogorov and Airy wings at 3 FWHM, is the zeropoint's business, as in LSST.)
 

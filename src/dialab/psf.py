@@ -93,8 +93,8 @@ class ApertureCorrection:
 class Psf(ABC):
     """A point-spread function; position arguments are image pixels (0-based)."""
 
-    #: Measured from the image's stars (``measure_psf``), not given: its stamp misses the light beyond it and
-    #: what the stars' local sky took, so fluxes calibrated with it are a few per cent short.
+    #: Measured from the image's stars (``measure_psf``), not given: its stamp misses the light beyond it, and its
+    #: outer wings hold what is left of the neighbours' light, so its fluxes need an aperture correction.
     from_stars: bool = False
     #: Aperture / PSF-model flux of the image's bright stars (``photometry.aperture_correction``); None until
     #: measured. PSF fluxes are multiplied by it and fakes drawn with the model divided by it.
@@ -470,29 +470,91 @@ class StarStamps(ArrayColumns):
 
 def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: int,
                     norm_radius: float | None = None) -> StarStamps:
-    """Each star cut, its local sky (stamp border median) removed, shifted by cubic spline so its centroid
-    falls on the central pixel, and normalised by its flux within ``norm_radius`` (default: the stamp's
-    inscribed circle's third; in a crowded field the whole stamp's sum is mostly neighbours and sky error)."""
+    """Each star cut from the sky-subtracted ``image``, the light of other sources around it
+    (``neighbour_light``) removed, shifted by cubic spline so its centroid falls on the central pixel, and
+    normalised by its flux within ``norm_radius`` (default: the stamp's inscribed circle's third; in a crowded
+    field the whole stamp's sum is mostly neighbours and sky error).
+
+    No sky is measured per star: any local estimate around a star holds the star's own wings and its
+    neighbours' (a stamp-border median takes half the light beyond 2 FWHM away from the model).
+    """
     h = size // 2
     pad = h + 3
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
-    core = xx**2 + yy**2 <= (norm_radius or max(h / 3, 2.0)) ** 2
-    out = []
-    for x, y, s in zip(xs, ys, snr):
+    r = np.hypot(xx, yy)
+    core_radius = norm_radius or max(h / 3, 2.0)
+    core = r <= core_radius
+    boxes, kept = [], []
+    for i, (x, y) in enumerate(zip(xs, ys)):
         ix, iy = int(round(x)), int(round(y))
         box = image[iy - pad : iy + pad + 1, ix - pad : ix + pad + 1].astype(float)
+        if box.shape == (2 * pad + 1, 2 * pad + 1) and np.isfinite(box).all():
+            boxes.append(box)
+            kept.append(i)
+    if not boxes:
+        return StarStamps(np.zeros((0, size, size)), np.zeros((0, size, size)), *np.zeros((3, 0)))
+    boxes = np.array(boxes)
+    boxes -= neighbour_light(image, [xs[i] for i in kept], [ys[i] for i in kept], size, core_radius)
+    out = []
+    for box, i in zip(boxes, kept):
+        x, y = xs[i], ys[i]
+        ix, iy = int(round(x)), int(round(y))
         var = variance[iy - pad : iy + pad + 1, ix - pad : ix + pad + 1].astype(float)
-        if box.shape != (2 * pad + 1, 2 * pad + 1) or not np.isfinite(box).all():
-            continue
-        edge = np.concatenate([box[3, 3:-3], box[-4, 3:-3], box[3:-3, 3], box[3:-3, -4]])
-        shifted = ndimage.shift(box - np.median(edge), (iy - y, ix - x), order=3, mode="nearest")[3:-3, 3:-3]
+        shifted = ndimage.shift(box, (iy - y, ix - x), order=3, mode="nearest")[3:-3, 3:-3]
         total = shifted[core].sum()
         if total > 0:
-            out.append((shifted / total, np.sqrt(np.maximum(var[3:-3, 3:-3], 0)) / total, x, y, s))
+            out.append((shifted / total, np.sqrt(np.maximum(var[3:-3, 3:-3], 0)) / total, x, y, snr[i]))
     if not out:
         return StarStamps(np.zeros((0, size, size)), np.zeros((0, size, size)), *np.zeros((3, 0)))
     cols = list(zip(*out))
     return StarStamps(np.array(cols[0]), np.array(cols[1]), *(np.array(c, float) for c in cols[2:]))
+
+
+#: Rings (in stamp half-sizes) whose levels ``neighbour_light`` fits: the stamp's outer part, the last ring its
+#: corners. Beyond the stamp the neighbours' light is higher (the PSF stars were chosen isolated); inside 0.4 the
+#: star's own light rules.
+NEIGHBOUR_RINGS = (0.4, 0.55, 0.7, 0.85, 1.0, 2.0)
+
+
+def neighbour_light(image: np.ndarray, xs, ys, size: int, core_radius: float) -> float:
+    """The mean light (counts per pixel) that other sources add around the stars, above the global sky.
+
+    A star's level in a ring of its stamp is its own wing (proportional to its flux) plus its neighbours'
+    light (not): a robust fit of the levels in a few rings against the core fluxes, one slope per ring and one
+    intercept for all, gives the latter. One number for all stars: per star it would be as noisy as the ring.
+    Beyond the stamp it is higher (the stars were chosen isolated), so only the stamp's own rings count.
+    """
+    h = size // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    r = np.hypot(xx, yy)
+    edges = h * np.array(NEIGHBOUR_RINGS)
+    rings = [(r >= a) & (r < b) for a, b in zip(edges[:-1], edges[1:])]
+    core = r <= core_radius
+    flux, levels = [], []
+    for x, y in zip(xs, ys):
+        ix, iy = int(round(x)), int(round(y))
+        box = image[iy - h : iy + h + 1, ix - h : ix + h + 1]
+        if box.shape == r.shape:
+            flux.append(float(np.sum(box[core], dtype=float)))
+            levels.append([float(np.nanmedian(box[ring])) for ring in rings])
+    flux, levels = np.array(flux), np.array(levels).reshape(len(flux), len(rings))
+    ok = np.isfinite(flux) & np.isfinite(levels).all(axis=1)
+    flux, levels = flux[ok], levels[ok]
+    if len(flux) < 5 or np.ptp(flux) <= 0:
+        return 0.0
+    # one row per star and ring: the ring's slope times the star's flux, plus the shared intercept
+    design = np.zeros((len(flux), len(rings), len(rings) + 1))
+    design[:, np.arange(len(rings)), np.arange(len(rings))] = flux[:, None]
+    design[..., -1] = 1.0
+    design, level = design.reshape(-1, len(rings) + 1), levels.ravel()
+    w = np.ones_like(level)
+    coef = np.zeros(design.shape[1])
+    for _ in range(10):  # Huber's iteratively reweighted least squares
+        coef, *_ = np.linalg.lstsq(design * np.sqrt(w)[:, None], level * np.sqrt(w), rcond=None)
+        resid = level - design @ coef
+        scale = 1.4826 * np.median(np.abs(resid)) + 1e-12
+        w = np.minimum(1.0, 1.345 * scale / np.maximum(np.abs(resid), 1e-12))
+    return float(coef[-1])
 
 
 def _fit_spatial_stamps(stars: StarStamps, terms: np.ndarray, clip: float = 4.0) -> np.ndarray:
@@ -561,7 +623,11 @@ def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int) -> Ps
     nonpositive = np.nonzero(profile[1:] <= 0)[0]
     if len(nonpositive):
         coef[:, ring > nonpositive[0] + 1] = 0.0
-    coef = _smooth_wings(coef, stamp_fwhm(coef[0]))
+    fwhm = stamp_fwhm(coef[0])
+    coef = _smooth_wings(coef, fwhm)
+    # the variation is measured where the stars have signal: beyond 2.5 FWHM each pixel's polynomial would be
+    # fitted to noise and neighbours (NEA errors of +-5% across the CCD); the wings there are the mean's
+    coef[1:] *= np.clip(3.5 - r / fwhm, 0.0, 1.0)
     if order == 0:
         return ImagePsf(coef[0])
     nodes = 2 * order + 1
