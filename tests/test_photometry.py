@@ -87,3 +87,35 @@ def test_the_correction_travels_with_the_psf_through_a_fits_file_and_a_filter(tm
     filtered = map_stamps(psf, lambda st, *_: st[::-1])
     np.testing.assert_allclose(filtered.flux_correction(x, y), psf.flux_correction(x, y))
     assert GaussianPsf(sigma_pix=2.0).aperture_correction is None  # the copy did not touch the original's class
+
+
+def test_preconvolution_score_fluxes_equal_the_fitted_fluxes_with_truncated_models():
+    """Moffat (beta 2.5) PSFs given as stamps cut at +-3 FWHM, as measured models are: preconvolution's score
+    flux (the score over its PSF's peak, that PSF the science model convolved with itself) and convolveTemplate's
+    PSF-fitted flux of the same bright transients agree within 0.5% (here 0.07%). With the self-convolution cut
+    to the stamp's size, its renormalised peak was too high and the score fluxes 1.1% low."""
+    from dialab.measurement import detect_and_measure
+    from dialab.subtraction import SubtractConfig, subtract
+
+    rng = np.random.default_rng(3)
+    shape = (900, 900)
+    sci_profile, tpl_profile = galsim.Moffat(beta=2.5, fwhm=4.0), galsim.Moffat(beta=2.5, fwhm=3.2)
+    x, y, flux = random_star_field(shape, 400, rng, flux_range=(5e3, 2e5), min_separation_pix=30)
+    new = np.arange(len(x)) % 3 == 0  # transients: in the science only
+    exposures = []
+    for profile, keep, fwhm in ((sci_profile, np.ones(len(x), bool), 4.0), (tpl_profile, ~new, 3.2)):
+        field = add_noise(draw_point_sources(shape, x[keep], y[keep], flux[keep], lambda a, b, p=profile: p),
+                          100.0, 2.0, 5.0, rng)
+        h = int(np.ceil(3 * fwhm))
+        stamp = profile.drawImage(nx=2 * h + 1, ny=2 * h + 1, scale=1.0).array
+        exposures.append(Exposure(image=(field.image - 100.0).astype(np.float32), mask=np.zeros(shape, np.int32),
+                                  variance=field.variance, psf=ImagePsf(stamp / stamp.sum())))
+    science, template = exposures
+    fluxes = []
+    for flavor in ("convolveTemplate", "preconvolution"):
+        cat = detect_and_measure(subtract(science, template, SubtractConfig(flavor=flavor)))[0]
+        d = np.hypot(cat.x.to_numpy()[:, None] - x[new][None], cat.y.to_numpy()[:, None] - y[new][None])
+        fluxes.append(np.where(d.min(axis=0) < 1.5, cat.psfFlux.to_numpy()[d.argmin(axis=0)], np.nan))
+    both = np.isfinite(fluxes[0]) & np.isfinite(fluxes[1]) & (flux[new] > 1e4)
+    assert both.sum() >= 20
+    assert np.median(fluxes[1][both] / fluxes[0][both]) == pytest.approx(1.0, abs=0.005)

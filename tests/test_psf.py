@@ -202,3 +202,15 @@ def test_undersampled_psf_from_stars(fwhm):
     field = add_noise(draw_point_sources((512, 512), x, y, flux, lambda a, b: profile), 100.0, 2.0, 5.0, rng)
     truth = ImagePsf(profile.drawImage(nx=31, ny=31, scale=1.0).array)
     assert measure_psf(make_exposure(field.image - 100.0, field.variance)).fwhm == pytest.approx(truth.fwhm, rel=0.04)
+
+
+def test_shifted_centres_are_the_centres_of_the_shifted_stamps():
+    """A score flux needs only the moved PSF's central pixel: the same number as the whole moved stamp's."""
+    from dialab.psf import shift_stamps, shifted_centres
+
+    rng = np.random.default_rng(1)
+    stamps = np.array([GaussianPsf(sigma_pix=s).stamp(43) for s in rng.uniform(1.5, 3.0, 40)])
+    dx, dy = rng.uniform(-0.5, 0.5, 40), rng.uniform(-0.5, 0.5, 40)
+    dx[:3] = dy[:3] = 0.0
+    dx[3] = 1.7  # beyond one pixel: ndimage's own operator
+    assert shifted_centres(stamps, dx, dy) == pytest.approx(shift_stamps(stamps, dx, dy)[:, 21, 21], rel=1e-12)

@@ -18,7 +18,7 @@ from .background import sky_background
 from .exposure import Exposure
 from .imageops import aperture_sum, stamp_index
 from .lazy import lazy_module
-from .psf import ApertureCorrection, Psf
+from .psf import ApertureCorrection, Psf, shifted_centres
 from .stars import locus_stars, peak_positions, psf_filter_sigma
 
 pd = lazy_module("pandas")
@@ -80,8 +80,7 @@ def _score_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple
     ok = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
     ok[ok] = ~exp.unusable[iy[ok], ix[ok]]
     flux, err = np.full(len(x), np.nan), np.full(len(x), np.nan)
-    c = exp.psf.default_size // 2
-    peak = exp.psf.draw_many(x[ok] - ix[ok], y[ok] - iy[ok], x[ok], y[ok])[:, c, c]
+    peak = shifted_centres(exp.psf.stamps_at(x[ok], y[ok]), x[ok] - ix[ok], y[ok] - iy[ok])
     flux[ok] = exp.image[iy[ok], ix[ok]] / peak
     err[ok] = np.sqrt(exp.variance[iy[ok], ix[ok]]) / peak
     return flux, err

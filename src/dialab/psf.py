@@ -185,6 +185,17 @@ def shift_stamps(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarr
     return out
 
 
+def shifted_centres(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """The central pixel of each stamp as ``shift_stamps`` would move and renormalise it, from the operators'
+    central rows and column sums alone: a score image's flux needs only the PSF's peak, not its whole stamp."""
+    n = stamps.shape[-1]
+    my, mx = _shift_operators(n, dy), _shift_operators(n, dx)
+    centre = np.einsum("ki,kij,kj->k", my[:, n // 2], stamps, mx[:, n // 2])
+    total = np.einsum("ki,kij,kj->k", my.sum(axis=1), stamps, mx.sum(axis=1))
+    moved = (dx != 0) | (dy != 0)
+    return np.where(moved & (total > 0), centre / np.where(total > 0, total, 1.0), stamps[:, n // 2, n // 2])
+
+
 #: Shifts at which the 1-d spline shift operator is sampled on each side of zero (one polynomial piece each).
 _SHIFT_NODES = np.array([0.2, 0.4, 0.6, 0.8])
 
