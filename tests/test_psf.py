@@ -214,3 +214,24 @@ def test_shifted_centres_are_the_centres_of_the_shifted_stamps():
     dx[:3] = dy[:3] = 0.0
     dx[3] = 1.7  # beyond one pixel: ndimage's own operator
     assert shifted_centres(stamps, dx, dy) == pytest.approx(shift_stamps(stamps, dx, dy)[:, 21, 21], rel=1e-12)
+
+
+def test_measured_psf_keeps_its_wings_in_galaxy_rich_fields():
+    """Kolmogorov x Airy stars among compact galaxies (3:1), sky exactly known, FWHM 3 and 4 px, three fields each:
+    the measured model's NEA against the true PSF's (normalised to all its light, drawn on 201 x 201 px) at the
+    centre and both edges: median error within 5%, none beyond 10% (here 2% and 9%). A per-star sky from the
+    stamp's border took the stars' own wings and their neighbours' light out of the stack: 11% and 20%."""
+    from dialab.simulate.truthpair import TruthPairSpec, psf_profile, simulate_truth_pair
+
+    errors = []
+    for fwhm in (3.0, 4.0):
+        spec = TruthPairSpec(shape=(768, 768), science_fwhm=fwhm)
+        for seed in (3, 4, 5):
+            science, _, _, _ = simulate_truth_pair(spec, seed=seed)
+            science.psf = None
+            measured = measure_psf(science)
+            for x in (150, 384, 618):
+                true = psf_profile(spec, fwhm, x).drawImage(nx=201, ny=201, scale=1.0).array
+                errors.append(measured.at(x, 384).nea * np.sum((true / true.sum()) ** 2) - 1)
+    assert np.median(np.abs(errors)) < 0.05, errors
+    assert np.max(np.abs(errors)) < 0.10, errors

@@ -551,8 +551,8 @@ def neighbour_light(image: np.ndarray, xs, ys, size: int, core_radius: float) ->
     flux, levels = np.array(flux), np.array(levels).reshape(len(flux), len(rings))
     ok = np.isfinite(flux) & np.isfinite(levels).all(axis=1)
     flux, levels = flux[ok], levels[ok]
-    if len(flux) < 5 or np.ptp(flux) <= 0:
-        return 0.0
+    if len(flux) < 8 or not flux.min() > 0 or flux.max() < 2 * flux.min():
+        return 0.0  # too few stars, or too narrow a range of fluxes, to tell the two apart: the global sky alone
     # one row per star and ring: the ring's slope times the star's flux, plus the shared intercept
     design = np.zeros((len(flux), len(rings), len(rings) + 1))
     design[:, np.arange(len(rings)), np.arange(len(rings))] = flux[:, None]
@@ -565,7 +565,8 @@ def neighbour_light(image: np.ndarray, xs, ys, size: int, core_radius: float) ->
         resid = level - design @ coef
         scale = 1.4826 * np.median(np.abs(resid)) + 1e-12
         w = np.minimum(1.0, 1.345 * scale / np.maximum(np.abs(resid), 1e-12))
-    return float(coef[-1])
+    # at most the level of the outermost ring: beyond it the stars' own wings would come out negative
+    return float(min(coef[-1], np.median(levels[:, -1])))
 
 
 def _fit_spatial_stamps(stars: StarStamps, terms: np.ndarray, clip: float = 4.0) -> np.ndarray:
