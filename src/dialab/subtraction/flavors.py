@@ -137,6 +137,11 @@ class MatchingProblem:
             return self.basis.size
         return self.basis.half + max(3, int(np.ceil(3 * max(self.target_psf.sigma, self.convolved_psf.sigma))))
 
+    @property
+    def deconvolving(self) -> bool:
+        """The target's PSF is the sharper: no kernel matches the convolved image to it."""
+        return deconvolves(self.target_psf, self.convolved_psf)
+
 
 @dataclass(frozen=True)
 class KernelSources:
@@ -287,14 +292,13 @@ def fit_kernel(problem: MatchingProblem, sources: KernelSources, cfg: SubtractCo
     if problem.basis.name == "delta":
         # the PSF models' kernel is a shape to stay near only where it convolves: a deconvolving one rings, and
         # pulled the kernel sum of a sharper science image's convolveTemplate fit to 0.26-0.54 (hsc-sprint-mini)
-        prior = problem.model_kernel if cfg.kernel_prior and not deconvolves(problem.target_psf,
-                                                                               problem.convolved_psf) else None
+        prior = problem.model_kernel if cfg.kernel_prior and not problem.deconvolving else None
         penalty = Penalty(laplacian_penalty(problem.basis, prior), relative=cfg.regularization)
     return fit_matching_kernel(
         problem.target_image, problem.target_variance, problem.convolved_image, problem.convolved_variance,
         sources.positions, problem.basis, problem.half_stamp, cfg.spatial_order, cfg.background_order,
         cfg.max_rejection_rounds, cfg.residual_mean_max, cfg.residual_rms_max, min_candidates=cfg.min_candidates,
-        kernel_sum=scale.scale if cfg.scale_from_stars and scale.trusted else None,
+        kernel_sum=scale.scale if cfg.scale_from_stars and scale.overrides(problem.deconvolving) else None,
         kernel_sum_error=float(np.hypot(scale.error, FLUX_RATIO_SYSTEMATIC * scale.scale)), penalty=penalty,
         noise_correlation=problem.convolved_correlation, correct_noise=cfg.correct_convolved_noise)
 

@@ -242,10 +242,10 @@ def zogy_subtract(science: Exposure, template: Exposure, cfg: SubtractConfig) ->
     problem = matching_problem(pair, cfg)
     sources = select_sources(pair, problem, cfg)
     scale = sources.scale
-    if not scale.trusted:  # too few clean stars for the ratio: the A&L kernel's sum decides, as for the others
-        ratio = fit_kernel(problem, sources, cfg).kernel.kernel_sum
-    else:
-        ratio = scale.scale
+    free = float("nan")  # the A&L kernel's sum, when it decides (too few clean stars for the ratio)
+    if not scale.overrides(problem.deconvolving):
+        free = fit_kernel(problem, sources, cfg).kernel.kernel_sum
+    ratio = scale.scale if np.isnan(free) else free
     usable = ~pair.nodata
     sci = np.where(pair.nodata, np.float32(0), pair.science_image - pair.science_background.level)
     tpl = np.where(pair.nodata, np.float32(0), pair.template_image - pair.template_background.level)
@@ -258,10 +258,10 @@ def zogy_subtract(science: Exposure, template: Exposure, cfg: SubtractConfig) ->
         background.release()  # read for the last time above: neither sky plane is held at the peak
     pair = replace(pair, science_image=None, template_image=None)  # nor the filled images
     planes, psf_d = zogy_planes(z, cfg.workers)
-    return _zogy_result(pair, z, planes, psf_d, sources, ratio, cfg)
+    return _zogy_result(pair, z, planes, psf_d, sources, ratio, free, cfg)
 
 
-def _zogy_result(pair, z: ZogyInputs, planes: _Planes, psf_d: Psf, sources, ratio: float,
+def _zogy_result(pair, z: ZogyInputs, planes: _Planes, psf_d: Psf, sources, ratio: float, free: float,
                  cfg: SubtractConfig) -> SubtractionResult:
     science, template = pair.science, pair.template
     planes_bits = science.mask_planes
@@ -298,7 +298,7 @@ def _zogy_result(pair, z: ZogyInputs, planes: _Planes, psf_d: Psf, sources, rati
         variance_scale_science=pair.variance_scale_science, variance_scale_template=pair.variance_scale_template,
         noise_ratio=noise_ratio(difference), variance_scale_difference=1.0, star_flux_ratio=scale.scale,
         scale_error=scale.error, scale_stars=scale.n_used, scale_method=scale.method,
-        free_kernel_sum=float("nan") if scale.trusted else float(ratio))
+        free_kernel_sum=float(free))
     log.info("%s; registration noise %.3f, %.3f px", diag.summary(), *z.registration)
     check_subtraction(diag, science, template, cfg, science.path)
     return SubtractionResult(difference, matched, None, score, diag,
