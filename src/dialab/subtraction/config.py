@@ -62,7 +62,8 @@ class SubtractConfig(BaseModel):
     aperture_correction: bool = Field(True, description="PSF fluxes to total: the inputs' PSFs carry the aperture "
                                       "correction of their bright stars (photometry.aperture_correction)")
     scale_from_stars: bool = Field(True, description="hold the kernel sum at the stars' total-flux ratio (errors "
-                                   "in both images); off: the sum is a free parameter of the least-squares fit")
+                                   "in both images); off: the sum is a free parameter of the least-squares fit "
+                                   "(ZOGY: its flux scale is that of an Alard-Lupton fit)")
     max_scale_deviation: float | None = Field(0.3, gt=0, description="largest fractional difference of the kernel "
                                               "sum from the zeropoint ratio when both images have MAGZERO (None: "
                                               "not checked)")
