@@ -505,7 +505,7 @@ def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: 
     if not boxes:
         return StarStamps(np.zeros((0, size, size)), np.zeros((0, size, size)), *np.zeros((3, 0)))
     boxes = np.array(boxes)
-    boxes -= neighbour_light(image, [xs[i] for i in kept], [ys[i] for i in kept], size, core_radius)
+    boxes -= neighbour_light(boxes[:, 3:-3, 3:-3], core_radius)
     out = []
     for box, i in zip(boxes, kept):
         x, y = xs[i], ys[i]
@@ -527,28 +527,22 @@ def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: 
 NEIGHBOUR_RINGS = (0.4, 0.55, 0.7, 0.85, 1.0, 2.0)
 
 
-def neighbour_light(image: np.ndarray, xs, ys, size: int, core_radius: float) -> float:
-    """The mean light (counts per pixel) that other sources add around the stars, above the global sky.
+def neighbour_light(boxes: np.ndarray, core_radius: float) -> float:
+    """The mean light (counts per pixel) that other sources add around the stars (``boxes``: (n, size, size), each
+    centred on its star, the global sky subtracted).
 
     A star's level in a ring of its stamp is its own wing (proportional to its flux) plus its neighbours'
     light (not): a robust fit of the levels in a few rings against the core fluxes, one slope per ring and one
     intercept for all, gives the latter. One number for all stars: per star it would be as noisy as the ring.
     Beyond the stamp it is higher (the stars were chosen isolated), so only the stamp's own rings count.
     """
-    h = size // 2
+    h = boxes.shape[-1] // 2
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
     r = np.hypot(xx, yy)
     edges = h * np.array(NEIGHBOUR_RINGS)
     rings = [(r >= a) & (r < b) for a, b in zip(edges[:-1], edges[1:])]
-    core = r <= core_radius
-    flux, levels = [], []
-    for x, y in zip(xs, ys):
-        ix, iy = int(round(x)), int(round(y))
-        box = image[iy - h : iy + h + 1, ix - h : ix + h + 1]
-        if box.shape == r.shape:
-            flux.append(float(np.sum(box[core], dtype=float)))
-            levels.append([float(np.nanmedian(box[ring])) for ring in rings])
-    flux, levels = np.array(flux), np.array(levels).reshape(len(flux), len(rings))
+    flux = boxes[:, r <= core_radius].sum(axis=1)
+    levels = np.stack([np.nanmedian(boxes[:, ring], axis=1) for ring in rings], axis=1)
     ok = np.isfinite(flux) & np.isfinite(levels).all(axis=1)
     flux, levels = flux[ok], levels[ok]
     if len(flux) < 8 or not flux.min() > 0 or flux.max() < 2 * flux.min():
