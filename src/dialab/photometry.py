@@ -190,19 +190,26 @@ def _star_ratio(ratio: np.ndarray, error: np.ndarray, x: np.ndarray, y: np.ndarr
 
 
 def _clipped_plane(ratio, error, design) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """Weighted least squares of ``ratio`` on ``design`` with the one-sided clip: (coef, kept, chi^2) or None."""
+    """Weighted least squares of ``ratio`` on ``design`` with the one-sided clip: (coef, kept, chi^2) or None.
+
+    High outliers are clipped first, and low ones only against the fit that leaves: where a few precise compact
+    galaxies pull the first fit up, the most precise star would otherwise be clipped as a low outlier and the fit
+    settle on the galaxies (a 768^2 truth image: 1.012 for 0.964).
+    """
     med = np.median(ratio)
     keep = np.abs(ratio - med) < 0.5 * med  # a start without the absurd
-    for _ in range(20):
-        if keep.sum() < max(3, design.shape[1] + 2):
-            return None
-        w = 1.0 / error[keep]
-        coef, *_ = np.linalg.lstsq(design[keep] * w[:, None], ratio[keep] * w, rcond=None)
-        pull = (ratio - design @ coef) / error
-        new = (pull < 3.0) & (pull > -5.0)
-        if (new == keep).all():
-            break
-        keep = new
+    coef = None
+    for low in (-np.inf, -5.0):
+        for _ in range(20):
+            if keep.sum() < max(3, design.shape[1] + 2):
+                return None
+            w = 1.0 / error[keep]
+            coef, *_ = np.linalg.lstsq(design[keep] * w[:, None], ratio[keep] * w, rcond=None)
+            pull = (ratio - design @ coef) / error
+            new = (pull < 3.0) & (pull > low)
+            if (new == keep).all():
+                break
+            keep = new
     return coef, keep, float(np.sum(((ratio - design @ coef) / error)[keep] ** 2))
 
 
