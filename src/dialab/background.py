@@ -108,20 +108,25 @@ def clipped_stats(values: np.ndarray, nsigma: float = 3.0, iterations: int = 5,
 SKY_BAD_PLANES = ("NO_DATA", "BAD", "SAT")
 
 
-def sky_background(exposure) -> Background:
+#: The sky mesh's cell (pixels) unless a step asks for another.
+SKY_MESH_PIX = 64
+
+
+def sky_background(exposure, mesh_pix: int = SKY_MESH_PIX) -> Background:
     """The exposure's sky, estimated once per state of its pixels (``Exposure.derived``) and shared by every
-    step that needs it: star finding, PSF measurement, repair, the subtraction's preparation."""
-    return exposure.derived(("sky", SKY_BAD_PLANES),
-                            lambda: estimate_background(exposure.image, exposure.plane(*SKY_BAD_PLANES)))
+    step that needs it: star finding, PSF measurement, repair, the subtraction's preparation. A finer
+    ``mesh_pix`` (the sky under the PSF stars' stamps) is kept apart."""
+    return exposure.derived(("sky", SKY_BAD_PLANES, mesh_pix),
+                            lambda: estimate_background(exposure.image, exposure.plane(*SKY_BAD_PLANES), mesh_pix))
 
 
 def keep_sky(exposure, background: Background) -> None:
     """Declare ``background`` still the exposure's sky after a change of a few pixels that its clipped mesh
     medians clipped anyway (cosmic rays replaced by their surroundings)."""
-    exposure.keep_derived(("sky", SKY_BAD_PLANES), background)
+    exposure.keep_derived(("sky", SKY_BAD_PLANES, SKY_MESH_PIX), background)
 
 
-def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_pix: int = 64,
+def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_pix: int = SKY_MESH_PIX,
                         mask_sources_nsigma: float | None = 3.0) -> Background:
     """Mesh background: clipped median and sigma per box, 3x3 median-filtered, spline-upsampled.
 

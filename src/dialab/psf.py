@@ -17,7 +17,7 @@ from functools import cache, cached_property
 import numpy as np
 from scipy import ndimage
 
-from .background import SKY_BAD_PLANES, estimate_background
+from .background import sky_background
 from .errors import BadInputError, PsfMeasurementError
 from .imageops import Chebyshev2D
 from .moments import adaptive_moments
@@ -492,29 +492,24 @@ def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: 
     h = size // 2
     pad = h + 3
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
-    r = np.hypot(xx, yy)
     core_radius = norm_radius or max(h / 3, 2.0)
-    core = r <= core_radius
-    boxes, kept = [], []
-    for i, (x, y) in enumerate(zip(xs, ys)):
+    core = np.hypot(xx, yy) <= core_radius
+    cut = []  # (padded box, noise, sub-pixel offset, star) of every star whose box lies on finite pixels
+    for x, y, s in zip(xs, ys, snr):
         ix, iy = int(round(x)), int(round(y))
-        box = image[iy - pad : iy + pad + 1, ix - pad : ix + pad + 1].astype(float)
+        window = np.s_[iy - pad : iy + pad + 1, ix - pad : ix + pad + 1]
+        box = image[window].astype(float)
         if box.shape == (2 * pad + 1, 2 * pad + 1) and np.isfinite(box).all():
-            boxes.append(box)
-            kept.append(i)
-    if not boxes:
-        return StarStamps(np.zeros((0, size, size)), np.zeros((0, size, size)), *np.zeros((3, 0)))
-    boxes = np.array(boxes)
-    boxes -= neighbour_light(boxes[:, 3:-3, 3:-3], core_radius)
+            noise = np.sqrt(np.maximum(variance[window][3:-3, 3:-3].astype(float), 0))
+            cut.append((box, noise, (iy - y, ix - x), (x, y, s)))
     out = []
-    for box, i in zip(boxes, kept):
-        x, y = xs[i], ys[i]
-        ix, iy = int(round(x)), int(round(y))
-        var = variance[iy - pad : iy + pad + 1, ix - pad : ix + pad + 1].astype(float)
-        shifted = ndimage.shift(box, (iy - y, ix - x), order=3, mode="nearest")[3:-3, 3:-3]
-        total = shifted[core].sum()
-        if total > 0:
-            out.append((shifted / total, np.sqrt(np.maximum(var[3:-3, 3:-3], 0)) / total, x, y, snr[i]))
+    if cut:
+        light = neighbour_light(np.array([c[0][3:-3, 3:-3] for c in cut]), core_radius)
+        for box, noise, offset, star in cut:
+            shifted = ndimage.shift(box - light, offset, order=3, mode="nearest")[3:-3, 3:-3]
+            total = shifted[core].sum()
+            if total > 0:
+                out.append((shifted / total, noise / total, *star))
     if not out:
         return StarStamps(np.zeros((0, size, size)), np.zeros((0, size, size)), *np.zeros((3, 0)))
     cols = list(zip(*out))
@@ -729,7 +724,7 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
         size = odd_size(2 * math.ceil(3 * FWHM_PER_SIGMA * sigma) + 1, minimum=11, maximum=75)
     # the sky under the stamps on cells of the stamp's size: the image's own 64-px sky leaves smaller structure
     # (a bright galaxy's halo under some of the stars) in them, and no star has a sky of its own here
-    sky = estimate_background(exposure.image, exposure.plane(*SKY_BAD_PLANES), max(PSF_SKY_MESH, size))
+    sky = sky_background(exposure, max(PSF_SKY_MESH, size))
     stars = cut_star_stamps(exposure.image - sky.level, exposure.variance, found.x, found.y, found.snr, size)
     if order is None:
         order = variation_order(found.x, found.y, found.sigma, exposure.shape)
