@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from ._version import __version__
+from .allocator import keep_freed_memory
 from .errors import BadInputError, DialabError, RunInterrupted
 from .lazy import lazy_module
 
@@ -428,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_output(args.verbose, args.quiet)
+    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except DialabError as exc:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..allocator import keep_freed_memory
 from ..errors import DialabError
 from ..exposure import Exposure
 from ..injection import inject_catalog, make_fake_catalog
@@ -111,6 +112,7 @@ def run_units(units: list[Unit], entry: Entry, root: str, config: PipelineConfig
     """
     from threadpoolctl import threadpool_limits
 
+    keep_freed_memory()  # once per worker process, whichever executor started it
     with threadpool_limits(config.execution.threads_per_unit):
         try:
             prepared = _prepare(entry, root, config)
