@@ -69,6 +69,30 @@ def test_one_pixel_template_shift_gives_dipoles_of_one_pixel():
     np.testing.assert_allclose(cat.dipoleLength, 1.0, rtol=0.10)  # no WCS: lengths in pixels
 
 
+def test_a_dipole_fit_that_runs_off_its_footprint_neither_moves_the_source_nor_gives_it_fluxes(monkeypatch):
+    """The fit's lobe positions are free: on an HSC CCD one ran 128 px off a cosmic ray's remains (chi^2 70 per
+    pixel) and the diaSource was moved there, its forced fluxes and flags read at the wrong place. A fit whose
+    lobes leave the footprint's box (grown by a FWHM) is a failed fit: the source stays at its peak, with no
+    dipole fluxes. Fits that stay on it are kept (the one-pixel dipoles above)."""
+    import dialab.measurement as measurement
+
+    shape = (200, 200)
+    diff = _difference(shape, [100.0, 101.0], [100.0, 100.0], [20000.0, -20000.0])
+    honest = measurement.fit_dipole
+
+    def runaway(exp, fp, peaks, prior=None):
+        fit = honest(exp, fp, peaks, prior)
+        return {**fit, "dipoleX": fit["dipoleX"] + 60.0, "dipoleLengthPix": 7.9}
+
+    kept, _, _ = detect_and_measure(diff)
+    monkeypatch.setattr(measurement, "fit_dipole", runaway)
+    cat, _, _ = detect_and_measure(diff)
+    assert len(kept) == len(cat) == 1 and kept.isDipole.all() and cat.isDipole.all()
+    assert np.isfinite(kept.dipoleMeanFlux).all() and abs(kept.x.iloc[0] - 100.5) < 0.5
+    assert np.isnan(cat.dipoleMeanFlux).all() and np.isnan(cat.dipoleLength).all()
+    assert np.hypot(cat.x.iloc[0] - 100.5, cat.y.iloc[0] - 100.0) < 5  # at a lobe's filtered peak, not 60 px off
+
+
 def test_pure_noise_gives_gaussian_false_detections_and_honest_sky_sources():
     """2048 x 2048 pure noise: expected 5-sigma false detections ~ 2 N_pix/NEA_filter x P(>5 sigma)."""
     shape = (2048, 2048)

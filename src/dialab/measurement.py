@@ -171,7 +171,7 @@ def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, fl
     best = None
     for half_sep in (0.25, 1.0, 2.5):  # separation and flux trade off: start from several separations
         q0 = [xc + half_sep * u[0], yc + half_sep * u[1], xc - half_sep * u[0], yc - half_sep * u[1]]
-        r = least_squares(model.profile, q0, jac=model.profile_jac, x_scale=0.3)
+        r = least_squares(model.profile, q0, jac=model.profile_jac, x_scale=0.3, ftol=1e-5, xtol=1e-5)
         if best is None or r.cost < best.cost:
             best = r
     f0 = flux_prior[0] if flux_prior is not None else model.best_flux(model.shapes(best.x))
@@ -239,6 +239,18 @@ def _measured_dipole(exp: Exposure, fp, peaks: np.ndarray, science: Exposure | N
     return dip
 
 
+def _dipole_on_footprint(dip: dict, fp, fwhm: float) -> bool:
+    """Whether both fitted lobes lie on the footprint's box grown by a FWHM. The fit's positions are free, and on
+    a footprint no dipole describes (a cosmic ray's remains, a bright star's residual) they can run far off it
+    (128 px, chi^2 70 per pixel, on an HSC CCD): such a fit must neither move the diaSource nor give it fluxes."""
+    half = 0.5 * dip["dipoleLengthPix"]
+    angle = np.radians(dip["dipoleAngle"])
+    xs = dip["dipoleX"] + np.array([1.0, -1.0]) * half * np.cos(angle)
+    ys = dip["dipoleY"] + np.array([1.0, -1.0]) * half * np.sin(angle)
+    (y0, y1), (x0, x1) = [(s.start - fwhm, s.stop - 1 + fwhm) for s in fp.bbox]
+    return bool(np.all(np.isfinite(xs)) and np.all((xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)))
+
+
 def measure_sources(exp: Exposure, det, science: Exposure | None = None, template: Exposure | None = None,
                     config: MeasureConfig | None = None) -> pd.DataFrame:
     """One row per footprint with the Rubin APDB DiaSource column names (fluxes in image counts).
@@ -261,6 +273,8 @@ def measure_sources(exp: Exposure, det, science: Exposure | None = None, templat
                "peakSnr": float(best[2]), "isDipole": False}
         if len(peaks) == 2 and cfg.fit_dipoles:
             dip = _measured_dipole(exp, fp, peaks, science)
+            if not _dipole_on_footprint(dip, fp, psf.fwhm):  # the fit ran off its pixels: it measured nothing
+                dip = {k: (v if k == "dipoleNdata" else float("nan")) for k, v in dip.items()}
             row.update({k: v for k, v in dip.items() if k not in ("dipoleLengthPix", "dipoleX", "dipoleY")})
             row["dipoleLength"] = dip["dipoleLengthPix"] * scale
             row["isDipole"] = True
