@@ -10,7 +10,8 @@ models given, or measured from the stars), the suitable flavors are run and comp
 - ``sky``: median and robust std of the sky sources' flux / error;
 - ``false``: unmatched diaSources per 4 Mpix after the flag cut plus the cosmic-ray flag.
 
-Run: python bench/truth_pairs.py [--size 1024] [--seeds 1 2 3] [--psfs given measured]   (default: one 768^2 seed)
+Run: python bench/truth_pairs.py [--size 1024] [--seeds 1 2 3] [--psfs given measured] [--kernel-basis delta]
+(default: one 768^2 seed, the Alard-Lupton basis)
 """
 
 from __future__ import annotations
@@ -66,11 +67,11 @@ def psf_errors(spec: TruthPairSpec, psf) -> tuple[float, float]:
     return 100 * worst[0], 100 * worst[1]
 
 
-def one_case(spec: TruthPairSpec, psfs: str, flavor: str, pair) -> dict:
+def one_case(spec: TruthPairSpec, psfs: str, flavor: str, pair, basis: str = "alard-lupton") -> dict:
     science, template, transients, _ = pair
     if psfs == "measured":
         science, template = (dataclasses.replace(e, psf=None) for e in (science, template))
-    res = subtract(science, template, SubtractConfig(flavor=flavor))
+    res = subtract(science, template, SubtractConfig(flavor=flavor, kernel_basis=basis))
     d = res.diagnostics
     truth_sum = spec.flux_ratio if d.convolved == "template" else 1 / spec.flux_ratio
     cat, _, sky = detect_and_measure(res, science, res.matched_image, DetectConfig(n_sky_sources=300))
@@ -98,9 +99,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--psfs", nargs="+", default=["given", "measured"], choices=["given", "measured"])
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--kernel-basis", default="alard-lupton", choices=["alard-lupton", "delta", "psf-models"])
     args = parser.parse_args()
     scale = args.size / 1024
-    print(f"truth pairs {args.size}^2, seeds {args.seeds}, one core")
+    print(f"truth pairs {args.size}^2, seeds {args.seeds}, {args.kernel_basis} basis, one core")
     print(f"{'regime':6} {'seed':>4} {'psfs':9} {'flavor':17} {'ksum%':>6} {'fwhm%':>6} {'nea%':>6} {'ratio3':>6} "
           f"{'pull3 med/std':>13} {'sky med/std':>12} {'false':>5} {'noise':>6} {'s':>5}")
     for regime in args.regimes:
@@ -113,7 +115,7 @@ def main() -> None:
             for psfs in args.psfs:
                 for flavor in flavors:
                     t0 = time.perf_counter()
-                    r = one_case(spec, psfs, flavor, pair)
+                    r = one_case(spec, psfs, flavor, pair, args.kernel_basis)
                     print(f"{regime:6} {seed:4d} {psfs:9} {flavor:17} {r['ksum']:+6.2f} {r['fwhm']:+6.1f} "
                           f"{r['nea']:+6.1f} {r['ratio3']:6.3f} {r['pull3'][0]:+6.2f}/{r['pull3'][1]:5.2f} "
                           f"{r['sky'][0]:+5.2f}/{r['sky'][1]:5.2f} {r['false']:5.1f} {r['noise']:6.3f} "

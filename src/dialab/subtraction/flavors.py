@@ -274,7 +274,7 @@ def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractCo
     candidates = select_kernel_candidates(pair.science, pair.template, problem.half_stamp + basis.half,
                                           (cfg.candidate_snr_min, cfg.candidate_snr_max), max_kernel_stamps(basis, cfg),
                                           sigma_pix=psf_filter_sigma(pair.science_psf),
-                                          compact_only=cfg.kernel_sources == "compact")
+                                          compact_only=cfg.kernel_sources == "compact", max_compact=cfg.max_candidates)
     # v has unit sum, so the preconvolved target has the science image's fluxes: they are measured on the
     # science image itself (a narrower PSF, fewer neighbours in reach, uncorrelated noise)
     sci_side = (pair.science_image - pair.science_background.level, pair.science_variance, pair.science_psf)

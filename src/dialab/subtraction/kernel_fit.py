@@ -133,13 +133,15 @@ class KernelCandidates:
 
 def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0, 500.0),
                              max_candidates: int = 1000, sigma_pix: float = 2.0,
-                             compact_only: bool = False) -> KernelCandidates:
+                             compact_only: bool = False, max_compact: int | None = None) -> KernelCandidates:
     """Sources in the science image usable as kernel stamps.
 
     Sources with S/N in ``snr_range``, away from the border, with a counterpart in the template (S/N >= 5),
     no BAD/SAT/EDGE/NO_DATA pixel of either image inside the stamp and no injected fake within 5 PSF sigma,
     brightest first; when more qualify than ``max_candidates``, they are spread over the image (the brightest of
-    each cell of a grid first), as the spatial model needs coverage, not numbers. Galaxies and blends carry the
+    each cell of a grid first), as the spatial model needs coverage, not numbers. The compact ones, which measure
+    the stars' flux ratio, are capped at ``max_compact`` (default ``max_candidates``) instead: a pixel basis's
+    stamps are few (their normal matrices are large), the ratio's weighted fluxes cheap. Galaxies and blends carry the
     kernel as well as stars do (target = K * convolved holds for any scene) and are kept unless ``compact_only``:
     on fields where galaxies outnumber stars, and at the brightest, most extended sources (whose residuals
     dominate a difference), the kernel is then fitted where it matters.
@@ -175,13 +177,14 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
         # any compact source measures the flux ratio (not only stars): only the clearly extended are left out
         compact[compact] &= stellar_locus(stars.sigma[compact], stars.x[compact], stars.y[compact], width=0.3,
                                           upper_sigmas=10.0)
-    def spread(sel: np.ndarray) -> np.ndarray:
+    def spread(sel: np.ndarray, n: int) -> np.ndarray:
         idx = np.nonzero(sel)[0]
-        if len(idx) > max_candidates:
-            idx = idx[spread_over_cells(ix[idx], iy[idx], (ny, nx), max_candidates)]
+        if len(idx) > n:
+            idx = idx[spread_over_cells(ix[idx], iy[idx], (ny, nx), n)]
         return np.column_stack([ix[idx], iy[idx]])
 
-    return KernelCandidates(spread(compact if compact_only else ok), spread(compact))
+    return KernelCandidates(spread(compact if compact_only else ok, max_candidates),
+                            spread(compact, max_candidates if max_compact is None else max_compact))
 
 
 #: Sources measured when looking for kernel candidates (the best of them are kept).
