@@ -114,12 +114,16 @@ def delta_basis(size: int) -> KernelBasis:
     return KernelBasis((), (), size, factors_x, factors_y, transform, name="delta")
 
 
-def laplacian_penalty(basis: KernelBasis, prior: np.ndarray | None = None) -> np.ndarray:
+def laplacian_penalty(basis: KernelBasis, prior: np.ndarray | None = None, variation: bool = False) -> np.ndarray:
     """R with a^T R a = sum over kernel pixels of (discrete Laplacian of K - a_0 prior)^2, the kernel taken as
     zero outside its box (so its edges are pulled to zero too): the smoothness penalty of Becker et al. (2012)
-    without a prior; with a unit-sum ``prior`` kernel, a pull towards that shape at the fitted kernel sum."""
+    without a prior; with a unit-sum ``prior`` kernel, a pull towards that shape at the fitted kernel sum. With
+    ``variation``, K is a spatial term of the kernel (its coefficients 1.. are that term's, coefficient 0 the
+    kernel sum) and ``prior`` that term's zero-sum share of the models' kernel, which the fitted sum scales."""
     imgs = np.pad(basis.images(), ((0, 0), (1, 1), (1, 1)))
-    if prior is not None:
+    if variation:
+        imgs[0] = np.pad(-prior, 1)
+    elif prior is not None:
         imgs[0, 1:-1, 1:-1] -= prior / prior.sum()
     lap = (imgs[:, :-2, 1:-1] + imgs[:, 2:, 1:-1] + imgs[:, 1:-1, :-2] + imgs[:, 1:-1, 2:]
            - 4 * imgs[:, 1:-1, 1:-1]).reshape(basis.n, -1)

@@ -23,7 +23,7 @@ import numpy as np
 from ..background import Background, clipped_stats, sky_background
 from ..errors import BadInputError, BadSubtractionError, NoOverlapError
 from ..exposure import Exposure, MaskPlanes
-from ..imageops import PlaneSum, convolve_full, fft_convolve, interpolate_masked
+from ..imageops import Chebyshev2D, PlaneSum, convolve_full, fft_convolve, interpolate_masked
 from ..moments import adaptive_moments
 from ..photometry import with_aperture_correction
 from ..psf import Psf, map_stamps, measure_psf
@@ -34,7 +34,7 @@ from .config import FLAVORS, Flavor, SubtractConfig  # noqa: F401 (the flavor na
 from .convolve import convolve_image, convolve_mask, convolve_variance, kernel_footprint_radius
 from .decorrelation import apply_filter, filter_stamp
 from .kernel_fit import KernelFit, Penalty, fit_matching_kernel, select_kernel_candidates
-from .model_kernel import model_basis, psf_matching_kernel
+from .model_kernel import model_basis, model_kernel_terms, psf_matching_kernel
 from .noise import image_variance_scale, noise_correlation, noise_ratio
 from .photometric_scale import FLUX_RATIO_SYSTEMATIC, PhotometricScale, sources_flux_ratio
 from .result import SubtractionDiagnostics, SubtractionResult
@@ -284,16 +284,24 @@ def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractCo
                          sources_flux_ratio(*target_side, *conv_side, candidates.compact))
 
 
+def _pixel_penalty(problem: MatchingProblem, cfg: SubtractConfig) -> Penalty:
+    """A delta kernel's penalty: smoothness, and a pull towards the PSF models' kernel (its spatial variation
+    included) only where that kernel convolves: a deconvolving one rings, and pulled the kernel sum of a sharper
+    science image's convolveTemplate fit to 0.26-0.54 (hsc-sprint-mini)."""
+    if not (cfg.kernel_prior and not problem.deconvolving):
+        return Penalty(laplacian_penalty(problem.basis), relative=cfg.regularization)
+    ny, nx = problem.target_image.shape
+    terms = model_kernel_terms(problem.target_psf, problem.convolved_psf, problem.basis,
+                               Chebyshev2D(cfg.spatial_order, nx, ny), problem.model_kernel)
+    return Penalty(laplacian_penalty(problem.basis, terms[0]), relative=cfg.regularization,
+                   variation=tuple(laplacian_penalty(problem.basis, t, variation=True) for t in terms[1:]))
+
+
 def fit_kernel(problem: MatchingProblem, sources: KernelSources, cfg: SubtractConfig) -> KernelFit:
     """Step 4: the spatially varying kernel and differential background, the sum held at the stars' ratio
     when a free fit disagrees with it (see ``kernel_fit``)."""
     scale = sources.scale
-    penalty = None
-    if problem.basis.name == "delta":
-        # the PSF models' kernel is a shape to stay near only where it convolves: a deconvolving one rings, and
-        # pulled the kernel sum of a sharper science image's convolveTemplate fit to 0.26-0.54 (hsc-sprint-mini)
-        prior = problem.model_kernel if cfg.kernel_prior and not problem.deconvolving else None
-        penalty = Penalty(laplacian_penalty(problem.basis, prior), relative=cfg.regularization)
+    penalty = _pixel_penalty(problem, cfg) if problem.basis.name == "delta" else None
     return fit_matching_kernel(
         problem.target_image, problem.target_variance, problem.convolved_image, problem.convolved_variance,
         sources.positions, problem.basis, problem.half_stamp, cfg.spatial_order, cfg.background_order,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.linalg
@@ -344,14 +344,17 @@ def _solve_with_sum(m: np.ndarray, b: np.ndarray, kernel_sum: float | None,
 
 @dataclass(frozen=True)
 class Penalty:
-    """A quadratic penalty on the kernel, strength * a^T R a for the constant term and strength * a^T R' a
-    (R without the sum's row and column) for each spatial term, with R in basis coefficients
+    """A quadratic penalty on the kernel, strength * a^T R a for the constant term and, for each spatial term t,
+    strength * a^T R_t a over the sum and that term's coefficients (``variation[t - 1]``: a pull towards the PSF
+    models' variation at the fitted sum), or a^T R' a over the term's coefficients alone (R without the sum's row
+    and column: smoothness, no variation) where the models give none. R and R_t are in basis coefficients
     (``basis.laplacian_penalty``)."""
 
     R: np.ndarray
     strength: float = 0.0
     relative: float | None = None  # the strength in units of trace(data normal matrix) / trace(R); when given
     # before the fit, it is used instead of cross-validation
+    variation: tuple[np.ndarray, ...] = ()
 
     def matrix(self, n_basis: int, n_sp: int, n_bg: int) -> np.ndarray:
         """The penalty in the spatial parameters (add strength times it to the normal matrix)."""
@@ -361,7 +364,11 @@ class Penalty:
         P[np.ix_(term0, term0)] = self.R
         for t in range(1, n_sp):
             idx = 1 + np.arange(n_basis - 1) * n_sp + t
-            P[np.ix_(idx, idx)] = self.R[1:, 1:]
+            if t <= len(self.variation):
+                with_sum = np.concatenate([[0], idx])
+                P[np.ix_(with_sum, with_sum)] += self.variation[t - 1]
+            else:
+                P[np.ix_(idx, idx)] = self.R[1:, 1:]
         return P
 
 
@@ -439,7 +446,7 @@ def choose_strength(stamps: _Stamps, good: np.ndarray, n_basis: int, penalty: Pe
     trace = np.diagonal(stamps.G, axis1=1, axis2=2)[idx, :n_basis].sum()
     unit = trace / max(np.trace(penalty.R), 1e-300)
     if penalty.relative is not None:  # a fixed strength: no folds to build
-        return Penalty(penalty.R, penalty.relative * unit, penalty.relative)
+        return replace(penalty, strength=penalty.relative * unit)
     folds = max(2, min(folds, len(idx)))
     fold = np.arange(len(idx)) % folds
     G, noise, h = zip(*(stamps.summed(idx[fold == f], q) for f in range(folds)))
@@ -467,7 +474,7 @@ def choose_strength(stamps: _Stamps, good: np.ndarray, n_basis: int, penalty: Pe
     best = int(np.nonzero(excess.sum(axis=0) <= error)[0].max())
     if best in (0, len(STRENGTH_GRID) - 1):
         log.info("kernel regularization: the best strength is at the end of the grid (%.1e)", STRENGTH_GRID[best])
-    return Penalty(penalty.R, float(STRENGTH_GRID[best] * unit), float(STRENGTH_GRID[best]))
+    return replace(penalty, strength=float(STRENGTH_GRID[best] * unit), relative=float(STRENGTH_GRID[best]))
 
 
 def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: np.ndarray, basis: KernelBasis,
@@ -514,7 +521,7 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
     if good.sum() < min_candidates:
         good = np.argsort(np.abs(sums - med)) < min_candidates
     if penalty is not None:  # again without the outliers
-        penalty = choose_strength(stamps, good, n_basis, Penalty(penalty.R, relative=given))
+        penalty = choose_strength(stamps, good, n_basis, replace(penalty, strength=0.0, relative=given))
     for round_ in range(max_rounds + 1):
         n_used = int(good.sum())
         order = spatial_order
