@@ -11,6 +11,7 @@ unchanged (freed memory is reused, not added to); the process keeps its high-wat
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import sys
 
@@ -19,13 +20,11 @@ log = logging.getLogger(__name__)
 #: Arrays up to this size come from (and go back to) the heap; larger ones are still mapped on their own.
 HEAP_LIMIT_BYTES = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters in glibc's malloc.h
-_DONE = {"set": False}
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
-    """Let glibc keep freed large arrays for reuse (idempotent). False where the C library is not glibc."""
-    if _DONE["set"]:
-        return True
+    """Let glibc keep freed large arrays for reuse (once per process). False where the C library is not glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -35,6 +34,5 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     ok = bool(mallopt(_M_MMAP_THRESHOLD, HEAP_LIMIT_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, HEAP_LIMIT_BYTES))
-    _DONE["set"] = ok
     log.debug("large arrays kept in the heap up to %d MB: %s", HEAP_LIMIT_BYTES >> 20, ok)
     return ok

@@ -55,14 +55,13 @@ SPATIAL_SAMPLES = {1: ((0.5, 0.5), (0.0, 0.5), (1.0, 0.5), (0.5, 0.0), (0.5, 1.0
 def model_kernel_terms(target_psf: Psf, convolved_psf: Psf, basis: KernelBasis, spatial: Chebyshev2D,
                        centre: np.ndarray | None = None) -> np.ndarray:
     """The PSF models' kernel as a field over the image, in the terms of the kernel fit's spatial model:
-    (n_terms, size, size), term 0 of unit sum and the others of zero sum. A prior that knows only the centre's kernel
-    pulls every spatial term towards no variation; strongly penalised, the fitted kernel was then the centre's
-    everywhere, and stars at the edges of a CCD whose PSF widens by 6% kept 1-2% of their flux."""
+    (n_terms, size, size), term 0 of unit sum and the others of zero sum; only term 0 (the centre's kernel) when
+    neither model varies. A prior that knows only the centre's kernel pulls every spatial term towards no
+    variation; strongly penalised, the fitted kernel was then the centre's everywhere, and stars at the edges of a
+    CCD whose PSF widens by 6% kept 1-2% of their flux."""
     centre = psf_matching_kernel(target_psf, convolved_psf, basis) if centre is None else centre
-    terms = np.zeros((spatial.n_terms, *centre.shape))
-    terms[0] = centre
     if spatial.order == 0 or target_psf.at(0.0, 0.0) is target_psf and convolved_psf.at(0.0, 0.0) is convolved_psf:
-        return terms  # neither model varies
+        return centre[None]  # no variation to pull towards: the spatial terms keep smoothness alone
     nx, ny = spatial.width, spatial.height
     samples = SPATIAL_SAMPLES[min(spatial.order, 2)]
     xs = np.array([fx * (nx - 1) for fx, _ in samples])
@@ -72,5 +71,4 @@ def model_kernel_terms(target_psf: Psf, convolved_psf: Psf, basis: KernelBasis, 
                         for (fx, fy), x, y in zip(samples, xs, ys)])
     design = spatial.terms(xs, ys).T  # (samples, n_terms)
     coeffs, *_ = np.linalg.lstsq(design, kernels.reshape(len(kernels), -1), rcond=None)
-    terms[:] = coeffs.reshape(spatial.n_terms, *centre.shape)
-    return terms
+    return coeffs.reshape(spatial.n_terms, *centre.shape)
