@@ -68,6 +68,19 @@ def test_equal_psfs_difference_is_pure_noise_of_sqrt2():
     assert abs(np.mean(d.image[good])) < 5 * np.sqrt(2) / np.sqrt(good.sum())
 
 
+@pytest.mark.parametrize("flavor,decorrelate", [("convolveTemplate", True), ("auto", True), ("preconvolution", True),
+                                                ("convolveTemplate", False)])
+def test_without_the_matched_image_the_difference_is_the_same(flavor, decorrelate):
+    """``keep_matched=False`` (dialab subtract writes only the difference) writes the difference over the matched
+    image's buffer and skips its variance: the difference, its variance and mask are unchanged, bit for bit."""
+    sci, tpl, _ = _pair(2.0, 2.5, 1.0, 0.5)  # the science is sharper: auto convolves it
+    kept = subtract(sci, tpl, SubtractConfig(flavor=flavor, decorrelate=decorrelate))
+    lean = subtract(sci, tpl, SubtractConfig(flavor=flavor, decorrelate=decorrelate, keep_matched=False))
+    assert kept.matched_image is not None and lean.matched_image is None
+    for plane in ("image", "variance", "mask"):
+        assert np.array_equal(getattr(kept.difference, plane), getattr(lean.difference, plane))
+
+
 @pytest.mark.parametrize("sci_sigma,tpl_sigma", [(2.4, 2.0), (2.0, 2.4)], ids=["template-better", "science-better"])
 @pytest.mark.parametrize("s1,s2", [(1.0, 1.0), (1.0, 0.1), (0.1, 0.1)])
 def test_decorrelated_variance_equals_sum_of_input_variances(sci_sigma, tpl_sigma, s1, s2):

@@ -11,7 +11,7 @@ from functools import cached_property
 import numpy as np
 from scipy import ndimage
 
-from .imageops import SplineGrid, grid_spline, grow_mask, separable_product
+from .imageops import PlaneSum, SplineGrid, grid_spline, grow_mask, separable_product
 
 
 class Background:
@@ -118,6 +118,12 @@ def sky_background(exposure, mesh_pix: int = SKY_MESH_PIX) -> Background:
     ``mesh_pix`` (the sky under the PSF stars' stamps) is kept apart."""
     return exposure.derived(("sky", SKY_BAD_PLANES, mesh_pix),
                             lambda: estimate_background(exposure.image, exposure.plane(*SKY_BAD_PLANES), mesh_pix))
+
+
+def sky_subtracted(image: np.ndarray, background: Background) -> PlaneSum:
+    """``image - background.level`` evaluated only on the windows read from it: stamp measurements on a
+    sky-subtracted image without a full-size copy."""
+    return PlaneSum((image, 1.0), (background.level, -1.0))
 
 
 def keep_sky(exposure, background: Background) -> None:

@@ -79,6 +79,7 @@ def _cmd_subtract(args: argparse.Namespace) -> int:
 
     check_output_path(args.output, (".fits", ".fit", ".fits.gz", ".fits.fz"))
     config, repair = _subtract_settings(args)
+    config = config.model_copy(update={"keep_matched": False})  # only the difference is written
     science = prepare_science(args.science, args.science_psf, args.science_noise, repair=repair,
                               aperture_correction=config.aperture_correction)
     template = prepare_template(science, args.template, args.template_psf, args.template_noise,

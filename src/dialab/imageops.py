@@ -17,19 +17,26 @@ def gaussian_filtered_snr(image: np.ndarray, variance: np.ndarray | float, sigma
     """S/N of a Gaussian matched filter: (image * g) / sqrt(variance * g^2).
 
     The filter is normalised so that for a point source of the filter's shape this is the
-    optimal (PSF-fit) S/N. ``bad`` pixels count as zero.
+    optimal (PSF-fit) S/N. ``bad`` pixels count as zero. ``image`` may be anything that gives its rows as
+    ``image[y0:y1]`` (a ``PlaneSum``): it is filtered a band of rows at a time (with the filter's reach of rows
+    round each, the same sums as one full-image pass), so the only full-size buffer is the result.
     """
-    data = image.astype(np.float32, copy=False)
-    if bad is not None and bad.any():
-        data = np.where(bad, np.float32(0), data)
-    smoothed = ndimage.gaussian_filter(data, sigma_pix, mode="constant", truncate=4.0)
+    ny, nx = image.shape
+    reach = int(4.0 * sigma_pix + 0.5)  # ndimage's kernel radius at truncate=4
+    smoothed = np.empty((ny, nx), np.float32)
+    for y0 in range(0, ny, 2 * ROW_BLOCK):
+        lo, hi = max(0, y0 - reach), min(ny, y0 + 2 * ROW_BLOCK + reach)
+        data = np.asarray(image[lo:hi], np.float32)
+        if bad is not None:
+            data = np.where(bad[lo:hi], np.float32(0), data)
+        band = ndimage.gaussian_filter(data, sigma_pix, mode="constant", truncate=4.0)
+        smoothed[y0 : y0 + 2 * ROW_BLOCK] = band[y0 - lo : y0 - lo + 2 * ROW_BLOCK]
     g2_scale = 1.0 / (4.0 * np.pi * sigma_pix**2)
     var = np.asarray(variance, dtype=np.float32)
     if var.ndim == 0:
         return smoothed / np.sqrt(var * np.float32(g2_scale))
     # Convolving the variance with g^2 (a Gaussian of sigma/sqrt(2), scaled) gives the filtered variance.
     # It is smooth on the filter's scale, so it is computed on 4x4 blocks (edge-padded to whole blocks).
-    ny, nx = image.shape
     b = 4
     if min(ny, nx) < 64:
         filt_var = ndimage.gaussian_filter(var, sigma_pix / np.sqrt(2.0), mode="nearest", truncate=3.0)
@@ -72,8 +79,13 @@ def find_peaks(snr: np.ndarray, threshold: float, min_separation_pix: int = 2,
     if border_pix > 0 and len(y):
         keep = (y >= border_pix) & (y < ny - border_pix) & (x >= border_pix) & (x < nx - border_pix)
         y, x = y[keep], x[keep]
-    if len(y) > 0.05 * snr.size:  # dense: one image-wide filter is cheaper
-        keep = snr[y, x] == box_reduce(snr, s, np.maximum)[y, x]
+    if len(y) > 0.05 * snr.size:  # dense: a box filter is cheaper, a band of rows at a time (no full-size copies)
+        keep = np.empty(len(y), bool)
+        for y0 in range(0, ny, ROW_BLOCK):  # y is ascending (row-major order)
+            sel = slice(*np.searchsorted(y, [y0, y0 + ROW_BLOCK]))
+            lo = max(0, y0 - s)
+            band_max = box_reduce(snr[lo : y0 + ROW_BLOCK + s], s, np.maximum)
+            keep[sel] = snr[y[sel], x[sel]] == band_max[y[sel] - lo, x[sel]]
     else:
         v = snr[y, x]
         keep = np.ones(len(y), bool)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .background import keep_sky, sky_background
-from .imageops import grow_mask, interpolate_masked
+from .imageops import ROW_BLOCK, grow_mask, interpolate_masked
 from .psf import measure_psf
 
 
@@ -29,7 +29,11 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndar
     p0 = psf_stamp[c, c]
     out = np.zeros(image.shape, bool)
     # a cheap superset of the significant pixels (squares, no full-size sqrt), then the exact test on those only
-    maybe = image * image > variance * np.float32(nsigma * nsigma * (1 - 1e-5))
+    maybe = np.empty(image.shape, bool)
+    for y0 in range(0, image.shape[0], ROW_BLOCK):  # a band of rows at a time: no full-size float temporaries
+        rows = slice(y0, y0 + ROW_BLOCK)
+        np.greater(image[rows] * image[rows], variance[rows] * np.float32(nsigma * nsigma * (1 - 1e-5)),
+                   out=maybe[rows])
     maybe[[0, -1], :] = False
     maybe[:, [0, -1]] = False
     if usable is not None:
@@ -70,9 +74,10 @@ def repair_cosmic_rays(exp, nsigma: float = 6.0, margin: float = 3.0) -> int:
     if cr.any():
         exp.set_plane("CR", cr)
         exp.set_plane("INTRP", cr)
-        filled = interpolate_masked(residual, cr | unusable, max(psf.sigma, 1.0), only=cr)
+        repaired = interpolate_masked(residual, cr | unusable, max(psf.sigma, 1.0), only=cr)[cr]
+        del residual  # before the new image is made
         image = exp.image.astype(np.float32)  # a new array: values derived from the old pixels see the change
-        image[cr] = filled[cr] + background.level[cr]
+        image[cr] = repaired + background.level[cr]
         exp.image = image
         keep_sky(exp, background)
     return int(cr.sum())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .background import sky_background
+from .background import sky_background, sky_subtracted
 from .imageops import find_peaks, gaussian_filtered_snr
 from .moments import adaptive_moments
 
@@ -99,10 +99,9 @@ class _Peaks:
         self.sigma = sigma_guess_pix
         nodata = exposure.plane("NO_DATA", "BAD")
         sky = sky_background(exposure)
-        sub = exposure.image - sky.level
         var = exposure.variance
         var = var if (var > 0).all() else np.where(var > 0, var, sky.rms**2)
-        snr = gaussian_filtered_snr(sub, var, sigma_guess_pix, nodata)
+        snr = gaussian_filtered_snr(sky_subtracted(exposure.image, sky), var, sigma_guess_pix, nodata)
         self.y, self.x = find_peaks(snr, 5.0, max(2, int(round(sigma_guess_pix))), exclude=nodata)
         self.value = snr[self.y, self.x]  # filtered S/N: relative brightness of neighbours where the noise is even
         self._tables: dict = {}

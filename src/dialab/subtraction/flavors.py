@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..background import Background, clipped_stats, sky_background
+from ..background import Background, clipped_stats, sky_background, sky_subtracted
 from ..errors import BadInputError, BadSubtractionError, NoOverlapError
 from ..exposure import Exposure, MaskPlanes
 from ..imageops import Chebyshev2D, PlaneSum, convolve_full, fft_convolve, interpolate_masked
@@ -155,11 +155,11 @@ class KernelSources:
 class ConvolvedPair:
     """The convolved image matched to the target (background added), the raw difference and the masks."""
 
-    matched: np.ndarray
-    matched_variance: np.ndarray
+    matched: np.ndarray | None  # None unless SubtractConfig.keep_matched
+    matched_variance: np.ndarray | None  # also None when decorrelating (the difference's variance is not a sum)
     difference: np.ndarray
     mask: np.ndarray  # both images' defects, the convolved one's spread over the kernel footprint
-    convolved_mask: np.ndarray
+    convolved_mask: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -277,8 +277,9 @@ def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractCo
                                           compact_only=cfg.kernel_sources == "compact", max_compact=cfg.max_candidates)
     # v has unit sum, so the preconvolved target has the science image's fluxes: they are measured on the
     # science image itself (a narrower PSF, fewer neighbours in reach, uncorrelated noise)
-    sci_side = (pair.science_image - pair.science_background.level, pair.science_variance, pair.science_psf)
-    tpl_side = (pair.template_image - pair.template_background.level, pair.template_variance, pair.template_psf)
+    sci_side = (sky_subtracted(pair.science_image, pair.science_background), pair.science_variance, pair.science_psf)
+    tpl_side = (sky_subtracted(pair.template_image, pair.template_background), pair.template_variance,
+                pair.template_psf)
     target_side, conv_side = (tpl_side, sci_side) if pair.convolved == "science" else (sci_side, tpl_side)
     return KernelSources(candidates.positions,
                          sources_flux_ratio(*target_side, *conv_side, candidates.compact))
@@ -328,17 +329,23 @@ def merge_masks(science_mask: np.ndarray, planes: MaskPlanes, template_mask: np.
 
 
 def convolve_pair(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, cfg: SubtractConfig) -> ConvolvedPair:
-    """Step 5: K * convolved + B, its variance, the raw difference target - matched, and the merged mask."""
+    """Step 5: K * convolved + B, its variance, the raw difference target - matched, and the merged mask.
+
+    Without ``cfg.keep_matched`` the difference is written over the matched image, whose variance is convolved
+    only when the difference's variance is their sum (not decorrelating)."""
     kernel = fit.kernel
     matched = convolve_image(problem.convolved_image, kernel, cfg.workers)
     matched += fit.background_image(pair.science.shape)  # in place: no third full-size buffer
-    matched_var = convolve_variance(problem.convolved_variance, kernel, cfg.workers)
+    matched_var = convolve_variance(problem.convolved_variance, kernel, cfg.workers) \
+        if cfg.keep_matched or not cfg.decorrelate else None
     conv_exp = pair.template if pair.convolved == "template" else pair.science
     conv_mask = convolve_mask(conv_exp.mask, conv_exp.mask_planes.bits, kernel_footprint_radius(kernel.center_image))
     if pair.convolved == "template":
         mask = merge_masks(pair.science.mask, pair.science.mask_planes, conv_mask, pair.template.mask_planes)
     else:
         mask = merge_masks(conv_mask, pair.science.mask_planes, pair.template.mask, pair.template.mask_planes)
+    if not cfg.keep_matched:
+        return ConvolvedPair(None, matched_var, np.subtract(problem.target_image, matched, out=matched), mask, None)
     return ConvolvedPair(matched, matched_var, problem.target_image - matched, mask, conv_mask)
 
 
@@ -385,9 +392,10 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
     if pair.convolved == "science":  # in place: the buffers are the steps' own, no full-size copies at the peak
         diff /= np.float32(-ks)  # D = (K*N + B - R) / k_s: science flux scale
         var /= np.float32(ks**2)
-        matched -= fit.background_image(science.shape)  # the convolved science alone, on its own flux scale
-        matched /= np.float32(ks)
-        matched_var /= np.float32(ks**2)
+        if matched is not None:
+            matched -= fit.background_image(science.shape)  # the convolved science alone, on its own flux scale
+            matched /= np.float32(ks)
+            matched_var /= np.float32(ks**2)
     mask = convolved.mask
     h = fit.kernel.size // 2
     edge = np.int32(science.mask_planes.bit("EDGE"))
@@ -404,11 +412,7 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
     unusable = nodata_out | ~np.isfinite(var)
     if unusable.any():
         var[unusable] = np.nanmedian(var)
-    conv_exp = pair.template if pair.convolved == "template" else science
-    matched_exp = Exposure(image=matched, mask=convolved.convolved_mask, variance=matched_var,
-                           psf=problem.target_psf if pair.convolved == "template" else pair.template_psf,
-                           wcs=science.wcs, mask_planes=conv_exp.mask_planes, visit=conv_exp.visit,
-                           detector=conv_exp.detector, band=conv_exp.band, mjd=conv_exp.mjd, magzero=science.magzero)
+    matched_exp = None if matched is None else _matched_exposure(pair, problem, convolved)
     if cfg.flavor == "preconvolution":
         difference.header["SCORE"] = (True, "PSF-filtered difference (preconvolution score)")
     measured_ratio = noise_ratio(difference)
@@ -432,6 +436,16 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
                              diag, science_psf=pair.science_psf, template_psf=pair.template_psf,
                              kernel_positions=fit.positions, background_coeffs=fit.background_coeffs,
                              background_model=fit.background)
+
+
+def _matched_exposure(pair: PreparedPair, problem: MatchingProblem, convolved: ConvolvedPair) -> Exposure:
+    """The convolved input on the target's PSF and the science flux scale, with its own spread mask."""
+    science = pair.science
+    conv_exp = pair.template if pair.convolved == "template" else science
+    return Exposure(image=convolved.matched, mask=convolved.convolved_mask, variance=convolved.matched_variance,
+                    psf=problem.target_psf if pair.convolved == "template" else pair.template_psf,
+                    wcs=science.wcs, mask_planes=conv_exp.mask_planes, visit=conv_exp.visit,
+                    detector=conv_exp.detector, band=conv_exp.band, mjd=conv_exp.mjd, magzero=science.magzero)
 
 
 def check_subtraction(diag: SubtractionDiagnostics, science: Exposure, template: Exposure, cfg: SubtractConfig,

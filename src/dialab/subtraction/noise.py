@@ -7,30 +7,35 @@ import logging
 
 import numpy as np
 
-from ..background import clipped_stats, sky_background, smooth_grid_factors
+from ..background import clipped_stats, sky_background, sky_subtracted, smooth_grid_factors
 from ..exposure import Exposure
-from ..imageops import block_sum, grow_mask
+from ..imageops import ROW_BLOCK, block_sum, grow_mask
 
 log = logging.getLogger(__name__)
 
 
 def _sky_pixels(exp: Exposure, block: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(image - sky, variance, source-free usable pixels), cut to whole blocks; None when under 30% is free.
+    """(image - sky, read in windows; variance and source-free usable pixels, cut to whole blocks); None when
+    under 30% is free.
 
     Sources are found on 4x4-binned S/N (noise 4x lower, so noise peaks are not mistaken for
     sources and the pixel distribution is not clipped); their blocks and the neighbouring ones
     are excluded. The sky is the image's shared one, and the free pixels are found once per state of the
     pixels (the variance scale and the noise correlation both ask).
     """
-    bg = sky_background(exp)
     ny, nx = (exp.shape[0] // block) * block, (exp.shape[1] // block) * block
-    resid = (exp.image - bg.level)[:ny, :nx]
+    resid = sky_subtracted(exp.image, sky_background(exp))  # read in windows: no full-size copy
     var = exp.variance[:ny, :nx]
 
     def free_pixels() -> np.ndarray | None:
         usable = ~exp.plane("BAD", "SAT", "NO_DATA", "EDGE", "CR")[:ny, :nx]
-        snr = block_sum(np.where(usable, resid, 0), block) / np.sqrt(
-            np.maximum(block_sum(np.where(usable, var, 0), block), 1e-30))
+        snr = np.empty((ny // block, nx // block), np.float32)
+        band = ROW_BLOCK - ROW_BLOCK % block
+        for y0 in range(0, ny, band):
+            rows = slice(y0, min(y0 + band, ny))
+            u = usable[rows]
+            snr[y0 // block : rows.stop // block] = block_sum(np.where(u, resid[rows, :nx], 0), block) / np.sqrt(
+                np.maximum(block_sum(np.where(u, var[rows], 0), block), 1e-30))
         sources = grow_mask(np.abs(snr) > 3.0, 1)
         sources = np.repeat(np.repeat(sources, block, axis=0), block, axis=1)
         if (usable & ~sources).sum() < 0.3 * usable.sum():
@@ -55,8 +60,9 @@ def variance_scale(exp: Exposure, block: int = 4) -> float:
         return 1.0
     resid, var, usable = sky
     idx = np.flatnonzero(usable)
-    idx = idx[:: max(1, len(idx) // 2_000_000)]
-    z = resid.ravel()[idx] / np.sqrt(np.maximum(var.ravel()[idx], 1e-30))
+    iy, ix = np.divmod(idx[:: max(1, len(idx) // 2_000_000)], usable.shape[1])
+    del idx
+    z = resid[iy, ix] / np.sqrt(np.maximum(var[iy, ix], 1e-30))
     _, sigma = clipped_stats(z)
     return float(sigma**2) if np.isfinite(sigma) and sigma > 0 else 1.0
 
@@ -81,9 +87,9 @@ def noise_correlation(exp: Exposure, max_lag: int = MAX_LAG) -> np.ndarray:
         if sky is None:
             return out
         resid, var, usable = sky
-        ny, nx = resid.shape
+        ny, nx = usable.shape
         y0, x0 = max(0, (ny - 2048) // 2), max(0, (nx - 2048) // 2)
-        win = (slice(y0, y0 + 2048), slice(x0, x0 + 2048))
+        win = (slice(y0, min(y0 + 2048, ny)), slice(x0, min(x0 + 2048, nx)))
         m = usable[win]
         z = np.where(m, resid[win] / np.sqrt(np.maximum(var[win], np.float32(1e-30))), np.float32(0))
         zz0 = (z * z).sum(dtype=float) / max(np.count_nonzero(m), 1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..background import sky_background
+from ..background import sky_background, sky_subtracted
 from ..imageops import aperture_sum, stamp_index
 from ..stars import find_stars, psf_filter_sigma
 
@@ -285,5 +285,5 @@ def exposure_flux_ratio(target, conv) -> PhotometricScale:
     stars = find_stars(target, psf_filter_sigma(target.psf), 20.0)
     stars = stars.select(stars.clean)
     positions = np.column_stack([np.round(stars.x), np.round(stars.y)]).astype(int)
-    return sources_flux_ratio(target.image - bgs[0].level, target.variance, target.psf,
-                              conv.image - bgs[1].level, conv.variance, conv.psf, positions)
+    return sources_flux_ratio(sky_subtracted(target.image, bgs[0]), target.variance, target.psf,
+                              sky_subtracted(conv.image, bgs[1]), conv.variance, conv.psf, positions)

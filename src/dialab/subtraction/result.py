@@ -67,7 +67,7 @@ class SubtractionResult:
     """
 
     difference: Exposure
-    matched_image: Exposure
+    matched_image: Exposure | None  # None when SubtractConfig.keep_matched is off
     kernel: SpatialKernel | None  # None for zogy (no matching kernel)
     score: Exposure | None
     diagnostics: SubtractionDiagnostics
