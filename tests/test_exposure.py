@@ -7,7 +7,7 @@ from astropy.wcs import WCS
 
 from dialab.cli import main
 from dialab.errors import BadInputError
-from dialab.exposure import Exposure, read_exposure, write_exposure
+from dialab.exposure import Exposure, bits_set, read_exposure, write_exposure
 from dialab.psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf
 
 from .conftest import make_exposure
@@ -230,3 +230,14 @@ def test_plane_is_the_bitwise_test_for_every_set_of_planes_and_mask_layout():
             bits = np.int64(exp.mask_planes.bitmask(*chosen))
             want = (mask.astype(np.int64) & bits) != 0
             assert got.dtype == bool and got.shape == mask.shape and np.array_equal(got, want), chosen
+
+
+@pytest.mark.parametrize("bits", [0, 1 << 3, (1 << 3) | (1 << 12), 1 << 20, (1 << 5) | (1 << 17) | (1 << 30)])
+def test_mask_bits_tested_byte_by_byte_are_the_integer_test(bits):
+    """Planes above the standard sixteen (added ones: INJECTED_TEMPLATE, SAT_TEMPLATE) are tested on their own
+    bytes; the answer is the full integer test's, also for a view that is not contiguous."""
+    rng = np.random.default_rng(3)
+    mask = rng.integers(-(2**31), 2**31 - 1, size=(37, 53), dtype=np.int64).astype(np.int32)
+    expected = (mask.astype(np.int64) & bits) != 0
+    assert np.array_equal(bits_set(mask, bits), expected)
+    assert np.array_equal(bits_set(mask[:, ::2], bits), expected[:, ::2])

@@ -165,10 +165,10 @@ def _mesh(image: np.ndarray, bad: np.ndarray, mesh_pix: int):
     ex = np.linspace(0, nx, bx + 1).astype(int)
     level = np.full((by, bx), np.nan)
     rms = np.full((by, bx), np.nan)
-    data = np.where(bad, np.float32(np.nan), image.astype(np.float32, copy=False))
     stride = max(1, (mesh_pix * mesh_pix) // 1024)  # ~1000 pixels per box are plenty for a median
-    for j in range(by):
-        row = data[ey[j] : ey[j + 1]]
+    for j in range(by):  # a row of cells at a time: no full-size copy of the image
+        cells = slice(ey[j], ey[j + 1])
+        row = np.where(bad[cells], np.float32(np.nan), image[cells].astype(np.float32, copy=False))
         boxes = [row[:, ex[i] : ex[i + 1]].ravel()[::stride] for i in range(bx)]
         width = max(len(b) for b in boxes)
         stack = np.full((bx, width), np.nan, np.float32)  # float32 sorts twice as fast as float64

@@ -364,15 +364,17 @@ class Chebyshev2D:
         tx, ty = self._polys(xs), self._polys(ys)
         return [(ty[j].astype(np.float32), tx[i].astype(np.float32)) for i, j in self.powers()]
 
-    def evaluate(self, coeffs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """Image of sum_k coeffs[k] T_k over a full (ny, nx) grid: T_y C T_x, one matrix product."""
+    def evaluate(self, coeffs: np.ndarray, shape: tuple[int, int], add_to: np.ndarray | None = None) -> np.ndarray:
+        """Image of sum_k coeffs[k] T_k over a full (ny, nx) grid: T_y C T_x, one matrix product (added to
+        ``add_to`` in place when given)."""
         ny, nx = shape
         xs, ys = self._scaled(np.arange(nx), np.arange(ny))
         middle = np.zeros((self.order + 1, self.order + 1))
         for c, (i, j) in zip(coeffs, self.powers()):
             middle[j, i] = c
         k = self.order + 1
-        return separable_product(np.array(self._polys(ys)[:k]).T @ middle, np.array(self._polys(xs)[:k]))
+        return separable_product(np.array(self._polys(ys)[:k]).T @ middle, np.array(self._polys(xs)[:k]),
+                                 add_to=add_to)
 
 
 def grid_spline(ys: np.ndarray, xs: np.ndarray, values: np.ndarray):
@@ -408,13 +410,18 @@ class SplineGrid:
         return np.asarray(self.left(ys) @ self.right)
 
 
-def separable_product(rows: np.ndarray, cols: np.ndarray, block: int = 512) -> np.ndarray:
+def separable_product(rows: np.ndarray, cols: np.ndarray, block: int = 512,
+                      add_to: np.ndarray | None = None) -> np.ndarray:
     """The float32 image ``rows @ cols`` ((ny, k) by (k, nx); ``cols`` may be sparse): a smooth surface of few
     terms, such as a polynomial or a tensor-product spline, made by blocks of rows with no full-size float64
-    intermediate."""
-    out = np.empty((rows.shape[0], cols.shape[1]), np.float32)
+    intermediate. With ``add_to`` (float32) it is added to that image in place: no full-size buffer at all."""
+    out = np.empty((rows.shape[0], cols.shape[1]), np.float32) if add_to is None else add_to
     for start in range(0, rows.shape[0], block):
-        out[start : start + block] = rows[start : start + block] @ cols
+        part = rows[start : start + block] @ cols
+        if add_to is None:
+            out[start : start + block] = part
+        else:
+            out[start : start + block] += np.asarray(part, np.float32)
     return out
 
 

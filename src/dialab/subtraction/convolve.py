@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..exposure import bits_set
 from ..imageops import default_workers, fft_convolve, fft_convolve_sum, grow_mask  # noqa: F401
 from .kernel import SpatialKernel
 
@@ -41,8 +42,7 @@ def convolve_mask(mask: np.ndarray, bits: dict[str, int], radius: int) -> np.nda
     for name, bit in bits.items():
         if name in NOT_SPREAD:
             continue
-        plane = (mask & (1 << bit)) != 0
+        plane = bits_set(mask, 1 << bit)
         if plane.any():
-            grown = grow_mask(plane, radius)
-            out[grown] |= np.int32(1 << bit)
+            np.bitwise_or(out, out.dtype.type(1 << bit), out=out, where=grow_mask(plane, radius))
     return out

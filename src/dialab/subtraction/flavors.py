@@ -22,8 +22,8 @@ import numpy as np
 
 from ..background import Background, clipped_stats, sky_background, sky_subtracted
 from ..errors import BadInputError, BadSubtractionError, NoOverlapError
-from ..exposure import Exposure, MaskPlanes
-from ..imageops import Chebyshev2D, PlaneSum, convolve_full, fft_convolve, interpolate_masked
+from ..exposure import Exposure, MaskPlanes, bits_set
+from ..imageops import Chebyshev2D, PlaneSum, convolve_full, fft_convolve, grow_mask, interpolate_masked
 from ..moments import adaptive_moments
 from ..photometry import with_aperture_correction
 from ..psf import Psf, map_stamps, measure_psf
@@ -31,7 +31,7 @@ from ..stars import psf_filter_sigma
 from ..timing import timed
 from .basis import KernelBasis, alard_lupton_basis, delta_basis, delta_kernel_size, laplacian_penalty
 from .config import FLAVORS, Flavor, SubtractConfig  # noqa: F401 (the flavor names live with the configuration)
-from .convolve import convolve_image, convolve_mask, convolve_variance, kernel_footprint_radius
+from .convolve import NOT_SPREAD, convolve_image, convolve_mask, convolve_variance, kernel_footprint_radius
 from .decorrelation import apply_filter, filter_stamp
 from .kernel_fit import KernelFit, Penalty, fit_matching_kernel, select_kernel_candidates
 from .model_kernel import model_basis, model_kernel_terms, psf_matching_kernel
@@ -313,18 +313,24 @@ def fit_kernel(problem: MatchingProblem, sources: KernelSources, cfg: SubtractCo
 
 
 def merge_masks(science_mask: np.ndarray, planes: MaskPlanes, template_mask: np.ndarray,
-                template_planes: MaskPlanes) -> np.ndarray:
+                template_planes: MaskPlanes, template_spread: int = 0, copy: bool = True) -> np.ndarray:
     """The science mask OR the template's, with the template's INJECTED marked INJECTED_TEMPLATE and SAT also
-    as SAT_TEMPLATE (its DETECTED planes left out)."""
-    out = science_mask.copy()
+    as SAT_TEMPLATE (its DETECTED planes left out). ``template_spread``: the template's defect planes spread over
+    a box of that half-width first (``convolve_mask`` of the template, without its full-size copy); ``copy``
+    False writes into ``science_mask``."""
+    out = science_mask.copy() if copy else science_mask
     for name, bit in template_planes.bits.items():
-        sel = (template_mask & (1 << bit)) != 0
-        if not sel.any() or name in ("DETECTED", "DETECTED_NEGATIVE"):
+        if name in ("DETECTED", "DETECTED_NEGATIVE"):
             continue
-        target = "INJECTED_TEMPLATE" if name == "INJECTED" else name
-        out[sel] |= np.int32(planes.bit(target))
+        sel = bits_set(template_mask, 1 << bit)
+        if not sel.any():
+            continue
+        if template_spread > 0 and name not in NOT_SPREAD:
+            sel = grow_mask(sel, template_spread)
+        target = planes.bit("INJECTED_TEMPLATE" if name == "INJECTED" else name)
         if name == "SAT":
-            out[sel] |= np.int32(planes.bit("SAT_TEMPLATE"))
+            target |= planes.bit("SAT_TEMPLATE")
+        np.bitwise_or(out, out.dtype.type(target), out=out, where=sel)  # no gathered copy of the selected pixels
     return out
 
 
@@ -335,17 +341,24 @@ def convolve_pair(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, 
     only when the difference's variance is their sum (not decorrelating)."""
     kernel = fit.kernel
     matched = convolve_image(problem.convolved_image, kernel, cfg.workers)
-    matched += fit.background_image(pair.science.shape)  # in place: no third full-size buffer
+    fit.add_background(matched)  # in place: no third full-size buffer
     matched_var = convolve_variance(problem.convolved_variance, kernel, cfg.workers) \
         if cfg.keep_matched or not cfg.decorrelate else None
-    conv_exp = pair.template if pair.convolved == "template" else pair.science
-    conv_mask = convolve_mask(conv_exp.mask, conv_exp.mask_planes.bits, kernel_footprint_radius(kernel.center_image))
-    if pair.convolved == "template":
-        mask = merge_masks(pair.science.mask, pair.science.mask_planes, conv_mask, pair.template.mask_planes)
-    else:
-        mask = merge_masks(conv_mask, pair.science.mask_planes, pair.template.mask, pair.template.mask_planes)
-    if not cfg.keep_matched:
+    radius = kernel_footprint_radius(kernel.center_image)
+    science, template = pair.science, pair.template
+    if not cfg.keep_matched:  # no spread mask of its own: the merged mask is the one full-size mask made
+        if pair.convolved == "template":
+            mask = merge_masks(science.mask, science.mask_planes, template.mask, template.mask_planes, radius)
+        else:
+            mask = merge_masks(convolve_mask(science.mask, science.mask_planes.bits, radius), science.mask_planes,
+                               template.mask, template.mask_planes, copy=False)
         return ConvolvedPair(None, matched_var, np.subtract(problem.target_image, matched, out=matched), mask, None)
+    conv_exp = template if pair.convolved == "template" else science
+    conv_mask = convolve_mask(conv_exp.mask, conv_exp.mask_planes.bits, radius)
+    if pair.convolved == "template":
+        mask = merge_masks(science.mask, science.mask_planes, conv_mask, template.mask_planes)
+    else:
+        mask = merge_masks(conv_mask, science.mask_planes, template.mask, template.mask_planes)
     return ConvolvedPair(matched, matched_var, problem.target_image - matched, mask, conv_mask)
 
 
@@ -393,7 +406,7 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
         diff /= np.float32(-ks)  # D = (K*N + B - R) / k_s: science flux scale
         var /= np.float32(ks**2)
         if matched is not None:
-            matched -= fit.background_image(science.shape)  # the convolved science alone, on its own flux scale
+            fit.add_background(matched, -1.0)  # the convolved science alone, on its own flux scale
             matched /= np.float32(ks)
             matched_var /= np.float32(ks**2)
     mask = convolved.mask

@@ -49,6 +49,11 @@ class KernelFit:
     def background_image(self, shape: tuple[int, int]) -> np.ndarray:
         return self.background.evaluate(self.background_coeffs, shape)
 
+    def add_background(self, image: np.ndarray, sign: float = 1.0) -> np.ndarray:
+        """``image`` + sign B in place (float32): the same values as adding ``background_image``, without its
+        full-size buffer."""
+        return self.background.evaluate(sign * np.asarray(self.background_coeffs), image.shape, add_to=image)
+
 
 @dataclass
 class _Stamps:

@@ -91,7 +91,10 @@ def noise_correlation(exp: Exposure, max_lag: int = MAX_LAG) -> np.ndarray:
         y0, x0 = max(0, (ny - 2048) // 2), max(0, (nx - 2048) // 2)
         win = (slice(y0, min(y0 + 2048, ny)), slice(x0, min(x0 + 2048, nx)))
         m = usable[win]
-        z = np.where(m, resid[win] / np.sqrt(np.maximum(var[win], np.float32(1e-30))), np.float32(0))
+        z, noise = resid[win], np.maximum(var[win], np.float32(1e-30))  # z in place: two window buffers at most
+        z /= np.sqrt(noise, out=noise)
+        del noise
+        z[~m] = 0
         zz0 = (z * z).sum(dtype=float) / max(np.count_nonzero(m), 1)
         k = max_lag
         for dy in range(-k, k + 1):
@@ -166,6 +169,6 @@ def every_nth(image, selected: np.ndarray, n: int, rows: int = 256) -> np.ndarra
     out, seen = [], 0
     for y in range(0, image.shape[0], rows):
         values = image[y : y + rows][selected[y : y + rows]]
-        out.append(values[(-seen) % n :: n])
+        out.append(values[(-seen) % n :: n].copy())  # a copy: the strided view would keep the whole block alive
         seen += len(values)
     return np.concatenate(out) if out else np.zeros(0, np.float32)
