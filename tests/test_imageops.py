@@ -7,6 +7,7 @@ from scipy import ndimage
 from scipy.signal import fftconvolve
 
 from dialab.imageops import (
+    CONVOLUTION_BAND,
     ROW_BLOCK,
     PlaneSum,
     SplineGrid,
@@ -52,11 +53,11 @@ def test_filling_only_some_masked_pixels_gives_them_the_same_values_and_leaves_t
 
 
 def test_convolution_sum_made_by_row_blocks_is_the_weighted_sum_of_direct_convolutions():
-    """Rows across several inverse blocks, a non-square image, spatial weights per kernel: the same as scipy's
-    convolutions weighted by the outer products, to float32 precision."""
+    """Rows across several bands (seams included, the last band short), a non-square image, spatial weights per
+    kernel: the same as scipy's convolutions weighted by the outer products, to float32 precision."""
     rng = np.random.default_rng(4)
-    image = rng.normal(size=(2 * ROW_BLOCK + 37, 301)).astype(np.float32)
-    kernels = rng.normal(size=(3, 9, 9))
+    image = rng.normal(size=(2 * CONVOLUTION_BAND + 37, 301)).astype(np.float32)
+    kernels = rng.normal(size=(3, 35, 35))
     factors = [(rng.random(image.shape[0]).astype(np.float32), rng.random(image.shape[1]).astype(np.float32))
                for _ in kernels]
     direct = sum(r[:, None] * c[None, :] * fftconvolve(image.astype(float), k, mode="same")

@@ -40,6 +40,42 @@ class Background:
         self.__dict__.pop("level", None)
         self.__dict__.pop("rms", None)
 
+    def level_windows(self) -> np.ndarray | SurfaceWindows:
+        """The level as kept (a full plane), or, once released, read in windows from the mesh's spline: stamps
+        and row blocks of the sky without a full-size plane."""
+        return self.__dict__["level"] if "level" in self.__dict__ else \
+            SurfaceWindows(*_upsample_factors(self.level_grid, *self.shape))
+
+
+class SurfaceWindows:
+    """A separable surface ``rows @ cols`` ((ny, k) by (k, nx)) evaluated only where it is read: ``s[rows, cols]``
+    with slices, an integer row slice, the open-mesh index of stamps (``imageops.stamp_index``) or any pair of
+    integer index arrays; float32, as the full-size evaluation (``separable_product``) gives it."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray):
+        self.rows, self.cols = rows, np.asarray(cols)
+        self.shape = (rows.shape[0], self.cols.shape[1])
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key, slice(None))
+        iy, ix = key
+        if isinstance(iy, (slice, int, np.integer)) and isinstance(ix, (slice, int, np.integer)):
+            return np.asarray(self.rows[iy] @ self.cols[:, ix], np.float32)
+        iy, ix = np.asarray(iy), np.asarray(ix)
+        if iy.ndim == ix.ndim == 3 and iy.shape[2] == 1 and ix.shape[1] == 1:  # stamps: one product each
+            return np.asarray(self.rows[iy[:, :, 0]] @ self.cols[:, ix[:, 0, :]].transpose(1, 0, 2), np.float32)
+        iy, ix = np.broadcast_arrays(iy, ix)
+        out = np.empty(iy.shape, np.float32)
+        flat_y, flat_x, flat_out = iy.ravel(), ix.ravel(), out.reshape(-1)
+        for start in range(0, flat_out.size, 65536):  # bounded (chunk, k) temporaries
+            chunk = slice(start, start + 65536)
+            flat_out[chunk] = np.einsum("ik,ki->i", self.rows[flat_y[chunk]], self.cols[:, flat_x[chunk]])
+        return out
+
 
 class _Truncation(dict):
     """Half-width of the 15.87-84.13 percentile interval of a unit Gaussian clipped at +-k."""
@@ -64,18 +100,37 @@ def _quantile(srt: np.ndarray, idx: np.ndarray, a: np.ndarray, width: np.ndarray
     return (1 - t) * srt[idx, lo] + t * srt[idx, hi]
 
 
+def _bound(value: float, dtype: np.dtype, up: bool):
+    """``value`` in ``dtype``, rounded up (or down) to the nearest representable number: a search of a float32
+    array for it then counts exactly the elements below (or at most) the float64 value, without converting the
+    whole array to float64 (a full copy of it)."""
+    if not np.isfinite(value) or dtype == np.float64:
+        return value
+    out = dtype.type(value)
+    if up and out < value:
+        return np.nextafter(out, dtype.type(np.inf))
+    if not up and out > value:
+        return np.nextafter(out, dtype.type(-np.inf))
+    return out
+
+
 def clipped_stats(values: np.ndarray, nsigma: float = 3.0, iterations: int = 5,
-                  axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  axis: int | None = None, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Median and sigma after iterative sigma clipping; NaN entries are ignored.
 
     Works on sorted rows: each clipping round only moves the bounds [a, b) of the kept range,
     and sigma is the half-width of the kept range's 15.87-84.13 percentile interval (Gaussian).
-    ``axis`` is None (all values) or -1/1 (one result per row of a 2-d array).
+    ``axis`` is None (all values) or -1/1 (one result per row of a 2-d array). ``overwrite``: ``values`` (a
+    contiguous float array) may be sorted in place, no copy of it made.
     """
     v = np.asarray(values)
     v = v if v.dtype in (np.float32, np.float64) else v.astype(float)  # float32 sorts twice as fast, same order
     rows = v.reshape(1, -1) if axis is None else v.reshape(-1, v.shape[-1])
-    srt = np.sort(rows, axis=1)  # NaN sort last
+    if overwrite and np.shares_memory(rows, v) and rows.flags.writeable:
+        rows.sort(axis=1)  # NaN sort last
+        srt = rows
+    else:
+        srt = np.sort(rows, axis=1)
     n = np.sum(np.isfinite(srt), axis=1)
     idx = np.arange(len(srt))
     a = np.zeros(len(srt), int)
@@ -92,9 +147,10 @@ def clipped_stats(values: np.ndarray, nsigma: float = 3.0, iterations: int = 5,
             break
         lo = med - nsigma * sig
         hi = med + nsigma * sig
-        a_new = np.array([np.searchsorted(r[:k], l, "left") for r, k, l in zip(srt, n, lo)]) if len(srt) < 8 \
-            else np.sum(srt < lo[:, None], axis=1)
-        b_new = np.array([np.searchsorted(r[:k], h, "right") for r, k, h in zip(srt, n, hi)]) if len(srt) < 8 \
+        a_new = np.array([np.searchsorted(r[:k], _bound(l, r.dtype, up=True), "left")
+                          for r, k, l in zip(srt, n, lo)]) if len(srt) < 8 else np.sum(srt < lo[:, None], axis=1)
+        b_new = np.array([np.searchsorted(r[:k], _bound(h, r.dtype, up=False), "right")
+                          for r, k, h in zip(srt, n, hi)]) if len(srt) < 8 \
             else np.minimum(np.sum(srt <= hi[:, None], axis=1), n)
         if np.array_equal(a_new, a) and np.array_equal(b_new, b):
             break
@@ -122,8 +178,8 @@ def sky_background(exposure, mesh_pix: int = SKY_MESH_PIX) -> Background:
 
 def sky_subtracted(image: np.ndarray, background: Background) -> PlaneSum:
     """``image - background.level`` evaluated only on the windows read from it: stamp measurements on a
-    sky-subtracted image without a full-size copy."""
-    return PlaneSum((image, 1.0), (background.level, -1.0))
+    sky-subtracted image without a full-size copy (nor a full-size sky, once the background's is released)."""
+    return PlaneSum((image, 1.0), (background.level_windows(), -1.0))
 
 
 def keep_sky(exposure, background: Background) -> None:

@@ -75,6 +75,7 @@ def bits_set(mask: np.ndarray, bits: int) -> np.ndarray:
             out |= (mask.view(np.uint8)[..., byte::4] & np.uint8(part)) != 0
     return out
 
+
 @dataclass
 class Exposure:
     """An image with its mask, variance, PSF, WCS and observation metadata.

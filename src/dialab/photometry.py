@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .background import sky_background
+from .background import sky_background, sky_subtracted
 from .exposure import Exposure
 from .imageops import aperture_sum, stamp_index
 from .lazy import lazy_module
@@ -42,8 +42,11 @@ def forced_psf_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | Non
     return pd.DataFrame({"psfFlux": flux, "psfFluxErr": err})
 
 
-def psf_fluxes(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``forced_psf_flux``'s fluxes and errors as arrays (the subtraction's own callers need no table library)."""
+def psf_fluxes(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | None = None,
+               image=None) -> tuple[np.ndarray, np.ndarray]:
+    """``forced_psf_flux``'s fluxes and errors as arrays (the subtraction's own callers need no table library);
+    measured on ``image`` (read in windows, e.g. ``sky_subtracted``) instead of the exposure's own pixels when
+    given."""
     psf = exp.psf
     if psf is None:
         raise ValueError("forced photometry needs the exposure's PSF")
@@ -54,12 +57,12 @@ def psf_fluxes(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | None = N
     measure = _score_flux if exp.header.get("SCORE", False) else _fitted_flux
     for start in range(0, len(x), FORCED_BATCH):
         batch = slice(start, start + FORCED_BATCH)
-        flux[batch], err[batch] = measure(exp, x[batch], y[batch], size)
+        flux[batch], err[batch] = measure(exp, x[batch], y[batch], size, exp.image if image is None else image)
     corr = psf.flux_correction(x, y)
     return flux * corr, err * corr
 
 
-def _fitted_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _fitted_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int, image) -> tuple[np.ndarray, np.ndarray]:
     psf, full, h = exp.psf, exp.psf.default_size, size // 2
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     # The fit window is cropped from the full, unit-sum model: fluxes are totals, not window sums.
@@ -70,18 +73,18 @@ def _fitted_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tupl
     w = np.where(inside & ~exp.unusable[at], 1.0 / np.maximum(exp.variance[at], np.float32(1e-30)), np.float32(0))
     denom = np.einsum("kij,kij,kij->k", model, model, w)
     good = denom > 0
-    flux = np.where(good, np.einsum("kij,kij,kij->k", model, exp.image[at], w) / np.where(good, denom, 1.0), np.nan)
+    flux = np.where(good, np.einsum("kij,kij,kij->k", model, image[at], w) / np.where(good, denom, 1.0), np.nan)
     return flux, np.where(good, 1.0 / np.sqrt(np.where(good, denom, 1.0)), np.nan)
 
 
-def _score_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _score_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int, image) -> tuple[np.ndarray, np.ndarray]:
     ny, nx = exp.shape
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     ok = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
     ok[ok] = ~exp.unusable[iy[ok], ix[ok]]
     flux, err = np.full(len(x), np.nan), np.full(len(x), np.nan)
     peak = shifted_centres(exp.psf.stamps_at(x[ok], y[ok]), x[ok] - ix[ok], y[ok] - iy[ok])
-    flux[ok] = exp.image[iy[ok], ix[ok]] / peak
+    flux[ok] = image[iy[ok], ix[ok]] / peak
     err[ok] = np.sqrt(exp.variance[iy[ok], ix[ok]]) / peak
     return flux, err
 
@@ -131,11 +134,11 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, 
             stars = stars.select(np.sort(d, axis=1)[:, 1] > radius + psf.fwhm)
         if len(stars) < MIN_STARS:
             continue
-        if sub is None:
-            sub = dataclasses.replace(exp, image=(exp.image - sky_background(exp).level).astype(np.float32),
-                                      psf=psf.with_aperture_correction(None))
-        fitted = psf_fluxes(sub, stars.x, stars.y)[0]
-        apertures = np.array([aperture_sum(sub.image, sub.variance, x, y, radius) for x, y in zip(stars.x, stars.y)])
+        if sub is None:  # the sky-subtracted pixels read in windows: no full-size copy
+            sub = dataclasses.replace(exp, psf=psf.with_aperture_correction(None))
+            image = sky_subtracted(exp.image, sky_background(exp))
+        fitted = psf_fluxes(sub, stars.x, stars.y, image=image)[0]
+        apertures = np.array([aperture_sum(image, sub.variance, x, y, radius) for x, y in zip(stars.x, stars.y)])
         good = np.isfinite(fitted) & np.isfinite(apertures).all(axis=1) & (fitted > 0)
         if good.sum() >= MIN_STARS:
             corr = _star_ratio(apertures[good, 0] / fitted[good], apertures[good, 1] / fitted[good], stars.x[good],

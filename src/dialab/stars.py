@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .background import sky_background, sky_subtracted
-from .imageops import find_peaks, gaussian_filtered_snr
+from .background import sky_background
+from .imageops import PlaneSum, find_peaks, gaussian_filtered_snr
 from .moments import adaptive_moments
 
 
@@ -101,7 +101,8 @@ class _Peaks:
         sky = sky_background(exposure)
         var = exposure.variance
         var = var if (var > 0).all() else np.where(var > 0, var, sky.rms**2)
-        snr = gaussian_filtered_snr(sky_subtracted(exposure.image, sky), var, sigma_guess_pix, nodata)
+        # a full pass: the sky's plane is made once and kept (a subtraction releases it when done with it)
+        snr = gaussian_filtered_snr(PlaneSum((exposure.image, 1.0), (sky.level, -1.0)), var, sigma_guess_pix, nodata)
         self.y, self.x = find_peaks(snr, 5.0, max(2, int(round(sigma_guess_pix))), exclude=nodata)
         self.value = snr[self.y, self.x]  # filtered S/N: relative brightness of neighbours where the noise is even
         self._tables: dict = {}
@@ -118,7 +119,7 @@ class _Peaks:
 
     def _measure(self, radius: int, bad_planes: tuple[str, ...], start: int, stop: int) -> np.ndarray:
         exposure = self.exposure
-        image, level, mask = exposure.image, sky_background(exposure).level, exposure.mask
+        image, level, mask = exposure.image, sky_background(exposure).level_windows(), exposure.mask
         bits = exposure.mask_planes.bitmask(*bad_planes)
         ny, nx = image.shape
         if self._tree is None:  # every peak, for the neighbour search (a crowded image has tens of thousands)

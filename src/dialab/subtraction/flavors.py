@@ -193,7 +193,8 @@ def _filled(exp: Exposure, nodata: np.ndarray, background: Background, psf: Psf,
             return view
         return np.where(nodata, background.level, exp.image).astype(np.float32, copy=False)
     defects = exp.plane("BAD", "SAT", "CR") | nodata
-    return interpolate_masked(np.where(nodata, background.level, exp.image), defects & ~nodata, max(psf.sigma, 1.0))
+    base = np.where(nodata, background.level, exp.image) if nodata.any() else exp.image  # interpolate_masked copies
+    return interpolate_masked(base, defects & ~nodata, max(psf.sigma, 1.0))
 
 
 def prepare_pair(science: Exposure, template: Exposure, cfg: SubtractConfig) -> PreparedPair:
@@ -425,6 +426,7 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
     unusable = nodata_out | ~np.isfinite(var)
     if unusable.any():
         var[unusable] = np.nanmedian(var)
+    del nodata_out, unusable  # before noise_ratio's own
     matched_exp = None if matched is None else _matched_exposure(pair, problem, convolved)
     if cfg.flavor == "preconvolution":
         difference.header["SCORE"] = (True, "PSF-filtered difference (preconvolution score)")
@@ -494,13 +496,13 @@ def subtract_alard_lupton(science: Exposure, template: Exposure, config: Subtrac
     cfg = config or SubtractConfig()
     with timed("prepare_pair"):
         pair = prepare_pair(science, template, cfg)
+    # each full-size input of a step is dropped once no later step reads it: fewer buffers alive at the peak
+    for background in (pair.science_background, pair.template_background):
+        background.release()  # the skies: later steps read stamps and windows of them from their meshes
     with timed("matching_problem"):
         problem = matching_problem(pair, cfg)
     with timed("select_sources"):
         sources = select_sources(pair, problem, cfg)
-    # each full-size input of a step is dropped once no later step reads it: fewer buffers alive at the peak
-    for background in (pair.science_background, pair.template_background):
-        background.release()  # the skies (re-evaluated from their meshes if a later caller asks)
     pair = replace(pair, science_image=None, template_image=None)  # the problem holds those it convolves
     with timed("fit_kernel"):
         fit = fit_kernel(problem, sources, cfg)

@@ -58,11 +58,8 @@ def variance_scale(exp: Exposure, block: int = 4) -> float:
     if sky is None:
         log.info("%s: too crowded to measure the pixel noise; variance kept", exp.path)
         return 1.0
-    resid, var, usable = sky
-    idx = np.flatnonzero(usable)
-    iy, ix = np.divmod(idx[:: max(1, len(idx) // 2_000_000)], usable.shape[1])
-    del idx
-    z = resid[iy, ix] / np.sqrt(np.maximum(var[iy, ix], 1e-30))
+    resid, _, usable = sky
+    z = every_nth(_Pulls(exp, usable, resid), usable, max(1, int(np.count_nonzero(usable)) // 2_000_000))
     _, sigma = clipped_stats(z)
     return float(sigma**2) if np.isfinite(sigma) and sigma > 0 else 1.0
 
@@ -124,14 +121,15 @@ class _Pulls:
     ``usable``, less a smooth surface once ``surface`` (its rows and columns factors) is set: made a block of rows
     at a time as it is read (``pulls[y0:y1]``), so no full-size buffer is held."""
 
-    def __init__(self, exp: Exposure, usable: np.ndarray):
+    def __init__(self, exp: Exposure, usable: np.ndarray, image=None):
         self.exp, self.usable, self.shape = exp, usable, usable.shape
+        self.image = exp.image if image is None else image  # or the image less its sky (``sky_subtracted``)
         self.surface = None
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         rows, cols = slice(*rows.indices(self.shape[0])), slice(0, self.shape[1])
         z = np.sqrt(np.maximum(self.exp.variance[rows, cols], np.float32(1e-30)))
-        np.divide(self.exp.image[rows, cols], z, out=z)
+        np.divide(self.image[rows, cols], z, out=z)
         z[~self.usable[rows, cols]] = np.nan
         if self.surface is not None:
             z -= (self.surface[0][rows] @ self.surface[1]).astype(np.float32)
@@ -145,30 +143,38 @@ def noise_ratio(exp: Exposure, block: int = 64) -> float:
     PSF-filtered score image a leftover sky gradient can be many times the pixel noise, and it
     must not be taken for noise (the variance plane is rescaled by this ratio).
     """
-    usable = ~exp.plane("BAD", "SAT", "NO_DATA", "EDGE", "CR", "DETECTED", "DETECTED_NEGATIVE")
+    usable = exp.plane("BAD", "SAT", "NO_DATA", "EDGE", "CR", "DETECTED", "DETECTED_NEGATIVE")
+    np.logical_not(usable, out=usable)
     ny, nx = (exp.shape[0] // block) * block, (exp.shape[1] // block) * block
     boxed = ny >= 2 * block and nx >= 2 * block
     pulls = _Pulls(exp, usable[:ny, :nx] if boxed else usable)
     if boxed:
         # every 4th pixel of each box row (a quarter of the boxes' pixels), one row of boxes at a time
-        boxes = np.concatenate([pulls[y : y + block].reshape(block, nx // block, block)[..., ::4].swapaxes(0, 1)
-                                .reshape(nx // block, -1) for y in range(0, ny, block)])
+        per_row = nx // block
+        boxes = np.empty((ny // block * per_row, block * (block // 4)), np.float32)
+        for y in range(0, ny, block):
+            boxes[y // block * per_row : (y // block + 1) * per_row] = \
+                pulls[y : y + block].reshape(block, per_row, block)[..., ::4].swapaxes(0, 1).reshape(per_row, -1)
         enough = np.isfinite(boxes).sum(axis=1) >= 0.25 * boxes.shape[1]
         if enough.any():
             level = np.full(len(boxes), np.nan)
-            level[enough] = clipped_stats(boxes[enough], axis=1)[0]
+            level[enough] = clipped_stats(boxes if enough.all() else boxes[enough], axis=1)[0]
             del boxes
             pulls.surface = smooth_grid_factors(level.reshape(ny // block, nx // block), ny, nx)
     values = every_nth(pulls, pulls.usable, max(1, int(np.count_nonzero(pulls.usable)) // 2_000_000))
-    return float(clipped_stats(values)[1]) if values.size else float("nan")
+    return float(clipped_stats(values, overwrite=True)[1]) if values.size else float("nan")
 
 
 def every_nth(image, selected: np.ndarray, n: int, rows: int = 256) -> np.ndarray:
     """``image[selected][::n]`` without the full-size copy of ``image[selected]``: a block of rows at a time
     (``image`` is an array or anything that gives its rows as ``image[y0:y1]``)."""
-    out, seen = [], 0
-    for y in range(0, image.shape[0], rows):
-        values = image[y : y + rows][selected[y : y + rows]]
-        out.append(values[(-seen) % n :: n].copy())  # a copy: the strided view would keep the whole block alive
-        seen += len(values)
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    counts = [int(np.count_nonzero(selected[y : y + rows])) for y in range(0, image.shape[0], rows)]
+    out = np.empty((sum(counts) + n - 1) // n, np.float32)  # filled in place: no list of pieces to concatenate
+    seen = taken = 0
+    for y, count in zip(range(0, image.shape[0], rows), counts):
+        if count:
+            picked = image[y : y + rows][selected[y : y + rows]][(-seen) % n :: n]
+            out[taken : taken + len(picked)] = picked
+            taken += len(picked)
+        seen += count
+    return out
