@@ -39,8 +39,9 @@ def convolve_mask(mask: np.ndarray, bits: dict[str, int], radius: int) -> np.nda
     out = mask.copy()
     if radius <= 0:
         return out
+    present = int(np.bitwise_or.reduce(mask, axis=None))  # one pass; absent planes cost nothing
     for name, bit in bits.items():
-        if name in NOT_SPREAD:
+        if name in NOT_SPREAD or not present & (1 << bit):
             continue
         plane = bits_set(mask, 1 << bit)
         if plane.any():

@@ -320,8 +320,9 @@ def merge_masks(science_mask: np.ndarray, planes: MaskPlanes, template_mask: np.
     a box of that half-width first (``convolve_mask`` of the template, without its full-size copy); ``copy``
     False writes into ``science_mask``."""
     out = science_mask.copy() if copy else science_mask
+    present = int(np.bitwise_or.reduce(template_mask, axis=None))  # one pass; absent planes cost nothing
     for name, bit in template_planes.bits.items():
-        if name in ("DETECTED", "DETECTED_NEGATIVE"):
+        if name in ("DETECTED", "DETECTED_NEGATIVE") or not present & (1 << bit):
             continue
         sel = bits_set(template_mask, 1 << bit)
         if not sel.any():
