@@ -17,7 +17,7 @@ from functools import cache, cached_property
 import numpy as np
 from scipy import ndimage
 
-from .background import sky_background
+from .background import sky_background, sky_subtracted
 from .errors import BadInputError, PsfMeasurementError
 from .imageops import Chebyshev2D
 from .moments import adaptive_moments
@@ -725,7 +725,7 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
     # the sky under the stamps on cells of the stamp's size: the image's own 64-px sky leaves smaller structure
     # (a bright galaxy's halo under some of the stars) in them, and no star has a sky of its own here
     sky = sky_background(exposure, max(PSF_SKY_MESH, size))
-    stars = cut_star_stamps(exposure.image - sky.level, exposure.variance, found.x, found.y, found.snr, size)
+    stars = cut_star_stamps(sky_subtracted(exposure.image, sky), exposure.variance, found.x, found.y, found.snr, size)
     if order is None:
         order = variation_order(found.x, found.y, found.sigma, exposure.shape)
     for _ in range(3):
