@@ -35,7 +35,7 @@ from .convolve import NOT_SPREAD, convolve_image, convolve_mask, convolve_varian
 from .decorrelation import apply_filter, filter_stamp
 from .kernel_fit import KernelFit, Penalty, fit_matching_kernel, select_kernel_candidates
 from .model_kernel import model_basis, model_kernel_terms, psf_matching_kernel
-from .noise import image_variance_scale, noise_correlation, noise_ratio
+from .noise import every_nth, image_variance_scale, noise_correlation, noise_ratio
 from .photometric_scale import FLUX_RATIO_SYSTEMATIC, PhotometricScale, sources_flux_ratio
 from .result import SubtractionDiagnostics, SubtractionResult
 
@@ -373,8 +373,10 @@ def decorrelate(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, co
     """
     kernel, ks, v = fit.kernel, fit.kernel.kernel_sum, problem.prefilter
     usable = ~pair.nodata
-    s1sq = float(clipped_stats((problem.target_variance if v is None else pair.science_variance)[usable][::97])[0])
-    s2sq = float(clipped_stats(problem.convolved_variance[usable][::97])[0])
+    # every 97th usable pixel, a block of rows at a time (no full-size gather of the usable pixels)
+    s1sq = float(clipped_stats(every_nth(problem.target_variance if v is None else pair.science_variance, usable,
+                                         97))[0])
+    s2sq = float(clipped_stats(every_nth(problem.convolved_variance, usable, 97))[0])
     # The PSF of new (science) sources on the difference: the target's, or the science PSF through the kernel
     # when the science image is the convolved one. (The kernel's Gaussian basis cannot rebuild the template's
     # extended wings, so a PSF fit with the template PSF would miss their share of a new source's flux: 7% for

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from ..background import clipped_stats, sky_background, sky_subtracted, smooth_grid_factors
-from ..exposure import Exposure
+from ..exposure import Exposure, bits_set
 from ..imageops import ROW_BLOCK, block_sum, grow_mask
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,20 @@ def image_variance_scale(exp: Exposure) -> float:
     return exp.derived("variance_scale", lambda: variance_scale(exp))
 
 
+class _Usable:
+    """The pixels with none of ``bits`` set, read a block of rows at a time (``usable[rows]``, ``usable[rows,
+    cols]``): no full-size boolean plane of its own."""
+
+    def __init__(self, mask: np.ndarray, bits: int):
+        self.mask, self.bits, self.shape = mask, bits, mask.shape
+
+    def __getitem__(self, key) -> np.ndarray:
+        return ~bits_set(self.mask[key], self.bits)
+
+    def count(self) -> int:
+        return sum(int(np.count_nonzero(self[y : y + ROW_BLOCK])) for y in range(0, self.shape[0], ROW_BLOCK))
+
+
 class _Pulls:
     """image / sqrt(variance) over ``usable``'s extent (the image's first rows and columns), NaN outside
     ``usable``, less a smooth surface once ``surface`` (its rows and columns factors) is set: made a block of rows
@@ -143,11 +157,10 @@ def noise_ratio(exp: Exposure, block: int = 64) -> float:
     PSF-filtered score image a leftover sky gradient can be many times the pixel noise, and it
     must not be taken for noise (the variance plane is rescaled by this ratio).
     """
-    usable = exp.plane("BAD", "SAT", "NO_DATA", "EDGE", "CR", "DETECTED", "DETECTED_NEGATIVE")
-    np.logical_not(usable, out=usable)
     ny, nx = (exp.shape[0] // block) * block, (exp.shape[1] // block) * block
     boxed = ny >= 2 * block and nx >= 2 * block
-    pulls = _Pulls(exp, usable[:ny, :nx] if boxed else usable)
+    unusable = exp.mask_planes.bitmask("BAD", "SAT", "NO_DATA", "EDGE", "CR", "DETECTED", "DETECTED_NEGATIVE")
+    pulls = _Pulls(exp, _Usable(exp.mask[:ny, :nx] if boxed else exp.mask, unusable))
     if boxed:
         # every 4th pixel of each box row (a quarter of the boxes' pixels), one row of boxes at a time
         per_row = nx // block
@@ -161,7 +174,7 @@ def noise_ratio(exp: Exposure, block: int = 64) -> float:
             level[enough] = clipped_stats(boxes if enough.all() else boxes[enough], axis=1)[0]
             del boxes
             pulls.surface = smooth_grid_factors(level.reshape(ny // block, nx // block), ny, nx)
-    values = every_nth(pulls, pulls.usable, max(1, int(np.count_nonzero(pulls.usable)) // 2_000_000))
+    values = every_nth(pulls, pulls.usable, max(1, pulls.usable.count() // 2_000_000))
     return float(clipped_stats(values, overwrite=True)[1]) if values.size else float("nan")
 
 

@@ -35,7 +35,7 @@ from ..psf import GridPsf, ImagePsf, Psf
 from .config import SubtractConfig
 from .convolve import convolve_mask
 from .flavors import check_subtraction, fit_kernel, matching_problem, merge_masks, prepare_pair, select_sources
-from .noise import noise_ratio
+from .noise import every_nth, noise_ratio
 from .result import SubtractionDiagnostics, SubtractionResult
 
 log = logging.getLogger(__name__)
@@ -264,8 +264,8 @@ def zogy_subtract(science: Exposure, template: Exposure, cfg: SubtractConfig) ->
     tpl = np.where(pair.nodata, np.float32(0), pair.template_image - pair.template_background.level)
     z = ZogyInputs(sci, tpl, pair.science_variance, pair.template_variance, pair.science_psf, pair.template_psf,
                    flux_ratio=1.0 / ratio,
-                   sigma_n=float(np.sqrt(clipped_stats(pair.science_variance[usable][::97])[0])),
-                   sigma_r=float(np.sqrt(clipped_stats(pair.template_variance[usable][::97])[0])),
+                   sigma_n=float(np.sqrt(clipped_stats(every_nth(pair.science_variance, usable, 97))[0])),
+                   sigma_r=float(np.sqrt(clipped_stats(every_nth(pair.template_variance, usable, 97))[0])),
                    registration=registration_noise(sci, tpl, sources.positions, pair.science_psf.sigma))
     for background in (pair.science_background, pair.template_background):
         background.release()  # read for the last time above: neither sky plane is held at the peak
