@@ -197,7 +197,11 @@ def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_p
     the second pass.
     """
     ny, nx = image.shape
-    bad = ~np.isfinite(image) if bad is None else bad | ~np.isfinite(image)
+    unusable = np.isfinite(image)
+    np.logical_not(unusable, out=unusable)  # boolean planes made in place: this runs on every image, first
+    if bad is not None:
+        unusable |= bad
+    bad = unusable
     level, rms, rows, cols = _mesh(image, bad, mesh_pix)
     if mask_sources_nsigma is not None:
         rx = np.bincount(cols)
@@ -207,8 +211,9 @@ def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_p
         for j, (y0, y1) in enumerate(_runs(rows)):  # a row of mesh cells at a time: no full-size temporaries
             np.greater(image[y0:y1] - level_cols[j], limit_cols[j], out=sources[y0:y1])
         sources = grow_mask(sources, 2)
-        if (~(bad | sources)).sum() > 0.2 * image.size:
-            level, rms, rows, cols = _mesh(image, bad | sources, mesh_pix)
+        sources |= bad
+        if sources.size - np.count_nonzero(sources) > 0.2 * image.size:
+            level, rms, rows, cols = _mesh(image, sources, mesh_pix)
     return Background(level, rms, (ny, nx))
 
 
