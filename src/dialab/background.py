@@ -63,8 +63,10 @@ class SurfaceWindows:
         if not isinstance(key, tuple):
             key = (key, slice(None))
         iy, ix = key
-        if isinstance(iy, (slice, int, np.integer)) and isinstance(ix, (slice, int, np.integer)):
+        if isinstance(iy, (int, np.integer)) and isinstance(ix, (slice, int, np.integer)):
             return np.asarray(self.rows[iy] @ self.cols[:, ix], np.float32)
+        if isinstance(iy, slice) and isinstance(ix, (slice, int, np.integer)):
+            return separable_product(self.rows[iy], self.cols[:, ix])  # by blocks of rows, float32
         iy, ix = np.asarray(iy), np.asarray(ix)
         if iy.ndim == ix.ndim == 3 and iy.shape[2] == 1 and ix.shape[1] == 1:  # stamps: one product each
             return np.asarray(self.rows[iy[:, :, 0]] @ self.cols[:, ix[:, 0, :]].transpose(1, 0, 2), np.float32)
