@@ -72,7 +72,7 @@ def _subtract_settings(args: argparse.Namespace):
 
 
 def _cmd_subtract(args: argparse.Namespace) -> int:
-    from .pipeline.prepare import prepare_science, prepare_template
+    from .pipeline.prepare import prepare_science, prepare_template, release_sky
     from .pipeline.repository import write_difference
     from .subtraction import subtract
     from .timing import timed
@@ -80,10 +80,10 @@ def _cmd_subtract(args: argparse.Namespace) -> int:
     check_output_path(args.output, (".fits", ".fit", ".fits.gz", ".fits.fz"))
     config, repair = _subtract_settings(args)
     config = config.model_copy(update={"keep_matched": False})  # only the difference is written
-    science = prepare_science(args.science, args.science_psf, args.science_noise, repair=repair,
-                              aperture_correction=config.aperture_correction)
-    template = prepare_template(science, args.template, args.template_psf, args.template_noise,
-                                config.aperture_correction)
+    science = release_sky(prepare_science(args.science, args.science_psf, args.science_noise, repair=repair,
+                                          aperture_correction=config.aperture_correction))
+    template = release_sky(prepare_template(science, args.template, args.template_psf, args.template_noise,
+                                            config.aperture_correction))
     result = subtract(science, template, config)
     with timed("write"):
         write_difference(result, args.output, args.compress)

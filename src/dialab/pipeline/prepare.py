@@ -33,15 +33,6 @@ def _aperture_corrected(exp: Exposure) -> Exposure:
     return exp
 
 
-def _sky_released(exp: Exposure) -> Exposure:
-    """The exposure with its noise scale measured (a full pass over its sky-subtracted pixels, kept) and its
-    sky's full-size plane dropped: later steps read stamps and windows of the sky from its mesh, and the next
-    image's preparation has 4 bytes per pixel more room."""
-    image_variance_scale(exp)
-    sky_background(exp).release()
-    return exp
-
-
 def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None, aperture_correction=True) -> Exposure:
     """The science exposure as the subtraction uses it: read, with the manifest ``entry``'s visit, detector,
     band and epoch (plain FITS often lack them), cosmic rays repaired when ``repair`` (a RepairConfig) asks,
@@ -55,7 +46,7 @@ def prepare_science(path, psf=None, noise=None, *, entry=None, repair=None, aper
         with timed("repair"):
             repair_cosmic_rays(science, repair.nsigma, repair.margin)
     # on the repaired pixels, whose stars registration then finds again for free
-    return _sky_released(_aperture_corrected(science) if aperture_correction else science)
+    return _aperture_corrected(science) if aperture_correction else science
 
 
 def prepare_template(science: Exposure, path, psf=None, noise=None, aperture_correction=True) -> Exposure:
@@ -65,7 +56,17 @@ def prepare_template(science: Exposure, path, psf=None, noise=None, aperture_cor
     with timed("align"):
         template = align_to(template, science)
     ensure_psf(template)
-    return _sky_released(_aperture_corrected(template) if aperture_correction else template)
+    return _aperture_corrected(template) if aperture_correction else template
+
+
+def release_sky(exp: Exposure) -> Exposure:
+    """The exposure with its noise scale measured (a full pass over its sky-subtracted pixels, kept) and its
+    sky's full-size plane dropped, for a caller that changes its pixels no more (``dialab subtract``; the pipeline
+    injects fakes after the preparation, which makes both anew): later steps read stamps and windows of the sky
+    from its mesh, and the next image's preparation has 4 bytes per pixel more room."""
+    image_variance_scale(exp)
+    sky_background(exp).release()
+    return exp
 
 
 def prepare_entry(entry, root: str | Path, repair=None, aperture_correction=True) -> tuple[Exposure, Exposure]:

@@ -9,14 +9,15 @@ import numpy as np
 
 from ..background import clipped_stats, sky_background, sky_subtracted, smooth_grid_factors
 from ..exposure import Exposure, bits_set
-from ..imageops import ROW_BLOCK, block_sum, grow_mask
+from ..imageops import ROW_BLOCK, PlaneSum, block_sum, grow_mask
 
 log = logging.getLogger(__name__)
 
 
-def _sky_pixels(exp: Exposure, block: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(image - sky, read in windows; variance and source-free usable pixels, cut to whole blocks); None when
-    under 30% is free.
+def _sky_pixels(exp: Exposure, block: int = 4, windows: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(image - sky, read in blocks or windows; variance and source-free usable pixels, cut to whole blocks);
+    None when under 30% is free. ``windows``: the caller reads a window only, so a released sky is not made
+    at full size for it.
 
     Sources are found on 4x4-binned S/N (noise 4x lower, so noise peaks are not mistaken for
     sources and the pixel distribution is not clipped); their blocks and the neighbouring ones
@@ -24,7 +25,9 @@ def _sky_pixels(exp: Exposure, block: int = 4) -> tuple[np.ndarray, np.ndarray, 
     pixels (the variance scale and the noise correlation both ask).
     """
     ny, nx = (exp.shape[0] // block) * block, (exp.shape[1] // block) * block
-    resid = sky_subtracted(exp.image, sky_background(exp))  # read in windows: no full-size copy
+    sky = sky_background(exp)
+    # read in blocks or windows, no full-size copy; a full pass makes the sky's plane (and keeps it)
+    resid = sky_subtracted(exp.image, sky) if windows else PlaneSum((exp.image, 1.0), (sky.level, -1.0))
     var = exp.variance[:ny, :nx]
 
     def free_pixels() -> np.ndarray | None:
@@ -80,7 +83,7 @@ def noise_correlation(exp: Exposure, max_lag: int = MAX_LAG) -> np.ndarray:
     def measure() -> np.ndarray:
         out = np.zeros((2 * max_lag + 1,) * 2)
         out[max_lag, max_lag] = 1.0
-        sky = _sky_pixels(exp)
+        sky = _sky_pixels(exp, windows=True)  # a central window of the sky's pixels
         if sky is None:
             return out
         resid, var, usable = sky
