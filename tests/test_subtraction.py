@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.fft import next_fast_len
 from scipy.signal import fftconvolve
 
@@ -72,11 +73,18 @@ def test_equal_psfs_difference_is_pure_noise_of_sqrt2():
                                                 ("convolveTemplate", False)])
 def test_without_the_matched_image_the_difference_is_the_same(flavor, decorrelate):
     """``keep_matched=False`` (dialab subtract writes only the difference) writes the difference over the matched
-    image's buffer and skips its variance: the difference, its variance and mask are unchanged, bit for bit."""
+    image's buffer, skips its variance and spreads the convolved image's defects while merging the masks: the
+    difference, its variance and mask are unchanged, bit for bit, with defects in both images."""
     sci, tpl, _ = _pair(2.0, 2.5, 1.0, 0.5)  # the science is sharper: auto convolves it
+    rng = np.random.default_rng(11)
+    for exp, names in ((sci, ("BAD", "CR", "SAT")), (tpl, ("SAT", "INJECTED", "BAD"))):
+        for name in names:
+            exp.set_plane(name, ndimage.binary_dilation(rng.random(SHAPE) < 2e-4, iterations=1))
+    tpl.set_plane("NO_DATA", np.s_[:, :12])
     kept = subtract(sci, tpl, SubtractConfig(flavor=flavor, decorrelate=decorrelate))
     lean = subtract(sci, tpl, SubtractConfig(flavor=flavor, decorrelate=decorrelate, keep_matched=False))
     assert kept.matched_image is not None and lean.matched_image is None
+    assert lean.difference.plane("SAT_TEMPLATE").any() and lean.difference.plane("INJECTED_TEMPLATE").any()
     for plane in ("image", "variance", "mask"):
         assert np.array_equal(getattr(kept.difference, plane), getattr(lean.difference, plane))
 
