@@ -178,10 +178,11 @@ def sky_background(exposure, mesh_pix: int = SKY_MESH_PIX) -> Background:
                             lambda: estimate_background(exposure.image, exposure.plane(*SKY_BAD_PLANES), mesh_pix))
 
 
-def sky_subtracted(image: np.ndarray, background: Background) -> PlaneSum:
+def sky_subtracted(image: np.ndarray, background: Background, full_pass: bool = False) -> PlaneSum:
     """``image - background.level`` evaluated only on the windows read from it: stamp measurements on a
-    sky-subtracted image without a full-size copy (nor a full-size sky, once the background's is released)."""
-    return PlaneSum((image, 1.0), (background.level_windows(), -1.0))
+    sky-subtracted image without a full-size copy. A reader of windows never makes a released sky's full plane;
+    one that reads every pixel (``full_pass``) makes it once and keeps it for the next."""
+    return PlaneSum((image, 1.0), (background.level if full_pass else background.level_windows(), -1.0))
 
 
 def keep_sky(exposure, background: Background) -> None:

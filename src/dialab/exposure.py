@@ -59,6 +59,11 @@ class MaskPlanes:
 
 
 
+def bits_present(mask: np.ndarray) -> int:
+    """Every bit set anywhere in ``mask`` (one pass): planes absent from it can be skipped."""
+    return int(np.bitwise_or.reduce(mask, axis=None))
+
+
 def bits_set(mask: np.ndarray, bits: int) -> np.ndarray:
     """Boolean array: any of ``bits`` set in the int32 ``mask``."""
     if not (0 <= bits < 2**32 and mask.dtype == np.dtype("<i4") and mask.flags.c_contiguous and mask.size):

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .background import sky_background
-from .imageops import PlaneSum, find_peaks, gaussian_filtered_snr
+from .background import sky_background, sky_subtracted
+from .imageops import find_peaks, gaussian_filtered_snr
 from .moments import adaptive_moments
 
 
@@ -102,7 +102,7 @@ class _Peaks:
         var = exposure.variance
         var = var if (var > 0).all() else np.where(var > 0, var, sky.rms**2)
         # a full pass: the sky's plane is made once and kept (a subtraction releases it when done with it)
-        snr = gaussian_filtered_snr(PlaneSum((exposure.image, 1.0), (sky.level, -1.0)), var, sigma_guess_pix, nodata)
+        snr = gaussian_filtered_snr(sky_subtracted(exposure.image, sky, full_pass=True), var, sigma_guess_pix, nodata)
         self.y, self.x = find_peaks(snr, 5.0, max(2, int(round(sigma_guess_pix))), exclude=nodata)
         self.value = snr[self.y, self.x]  # filtered S/N: relative brightness of neighbours where the noise is even
         self._tables: dict = {}

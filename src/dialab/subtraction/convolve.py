@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..exposure import bits_set
+from ..exposure import bits_present, bits_set
 from ..imageops import default_workers, fft_convolve, fft_convolve_sum, grow_mask  # noqa: F401
 from .kernel import SpatialKernel
 
@@ -39,7 +39,7 @@ def convolve_mask(mask: np.ndarray, bits: dict[str, int], radius: int) -> np.nda
     out = mask.copy()
     if radius <= 0:
         return out
-    present = int(np.bitwise_or.reduce(mask, axis=None))  # one pass; absent planes cost nothing
+    present = bits_present(mask)
     for name, bit in bits.items():
         if name in NOT_SPREAD or not present & (1 << bit):
             continue

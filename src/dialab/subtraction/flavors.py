@@ -22,7 +22,7 @@ import numpy as np
 
 from ..background import Background, clipped_stats, sky_background, sky_subtracted
 from ..errors import BadInputError, BadSubtractionError, NoOverlapError
-from ..exposure import Exposure, MaskPlanes, bits_set
+from ..exposure import Exposure, MaskPlanes, bits_present, bits_set
 from ..imageops import Chebyshev2D, PlaneSum, convolve_full, fft_convolve, grow_mask, interpolate_masked
 from ..moments import adaptive_moments
 from ..photometry import with_aperture_correction
@@ -320,7 +320,7 @@ def merge_masks(science_mask: np.ndarray, planes: MaskPlanes, template_mask: np.
     a box of that half-width first (``convolve_mask`` of the template, without its full-size copy); ``copy``
     False writes into ``science_mask``."""
     out = science_mask.copy() if copy else science_mask
-    present = int(np.bitwise_or.reduce(template_mask, axis=None))  # one pass; absent planes cost nothing
+    present = bits_present(template_mask)
     for name, bit in template_planes.bits.items():
         if name in ("DETECTED", "DETECTED_NEGATIVE") or not present & (1 << bit):
             continue
@@ -348,19 +348,16 @@ def convolve_pair(pair: PreparedPair, problem: MatchingProblem, fit: KernelFit, 
         if cfg.keep_matched or not cfg.decorrelate else None
     radius = kernel_footprint_radius(kernel.center_image)
     science, template = pair.science, pair.template
-    if not cfg.keep_matched:  # no spread mask of its own: the merged mask is the one full-size mask made
-        if pair.convolved == "template":
-            mask = merge_masks(science.mask, science.mask_planes, template.mask, template.mask_planes, radius)
-        else:
-            mask = merge_masks(convolve_mask(science.mask, science.mask_planes.bits, radius), science.mask_planes,
-                               template.mask, template.mask_planes, copy=False)
-        return ConvolvedPair(None, matched_var, np.subtract(problem.target_image, matched, out=matched), mask, None)
-    conv_exp = template if pair.convolved == "template" else science
-    conv_mask = convolve_mask(conv_exp.mask, conv_exp.mask_planes.bits, radius)
+    # without the matched image its spread mask is not kept: the merged mask is the one full-size mask made
     if pair.convolved == "template":
-        mask = merge_masks(science.mask, science.mask_planes, conv_mask, template.mask_planes)
+        conv_mask = convolve_mask(template.mask, template.mask_planes.bits, radius) if cfg.keep_matched else None
+        mask = merge_masks(science.mask, science.mask_planes, template.mask if conv_mask is None else conv_mask,
+                           template.mask_planes, template_spread=radius if conv_mask is None else 0)
     else:
-        mask = merge_masks(conv_mask, science.mask_planes, template.mask, template.mask_planes)
+        conv_mask = convolve_mask(science.mask, science.mask_planes.bits, radius)
+        mask = merge_masks(conv_mask, science.mask_planes, template.mask, template.mask_planes, copy=cfg.keep_matched)
+    if not cfg.keep_matched:
+        return ConvolvedPair(None, matched_var, np.subtract(problem.target_image, matched, out=matched), mask, None)
     return ConvolvedPair(matched, matched_var, problem.target_image - matched, mask, conv_mask)
 
 

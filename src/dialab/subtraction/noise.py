@@ -9,7 +9,7 @@ import numpy as np
 
 from ..background import clipped_stats, sky_background, sky_subtracted, smooth_grid_factors
 from ..exposure import Exposure, bits_set
-from ..imageops import ROW_BLOCK, PlaneSum, block_sum, grow_mask
+from ..imageops import ROW_BLOCK, block_sum, grow_mask
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def _sky_pixels(exp: Exposure, block: int = 4, windows: bool = False) -> tuple[n
     ny, nx = (exp.shape[0] // block) * block, (exp.shape[1] // block) * block
     sky = sky_background(exp)
     # read in blocks or windows, no full-size copy; a full pass makes the sky's plane (and keeps it)
-    resid = sky_subtracted(exp.image, sky) if windows else PlaneSum((exp.image, 1.0), (sky.level, -1.0))
+    resid = sky_subtracted(exp.image, sky, full_pass=not windows)
     var = exp.variance[:ny, :nx]
 
     def free_pixels() -> np.ndarray | None:
