@@ -142,3 +142,54 @@ def test_a_few_precise_galaxies_do_not_pull_the_correction_off_the_stars():
         (0.9955, 0.0472, 293.6, 184.1), (1.0337, 0.0480, 81.1, 401.6), (1.0393, 0.0496, 597.2, 391.9),
         (1.0374, 0.0505, 169.1, 621.2), (1.0883, 0.0515, 260.8, 516.2)])
     assert _star_ratio(*rows.T).value < 0.985
+
+
+def _needed_correction(spec: TruthPairSpec, psf, radius: float) -> float:
+    """The exact correction for ``psf``: light within the aperture / fitted flux, over 200 noiseless point sources of
+    the truth image's PSF (GalSim) at random positions and sub-pixel phases."""
+    from dialab.simulate.truthpair import psf_profile
+
+    ny, nx = spec.shape
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(40, nx - 40, 200), rng.uniform(40, ny - 40, 200)
+    field = draw_point_sources(spec.shape, x, y, np.full(len(x), 1e4), lambda a, b: psf_profile(spec, spec.science_fwhm, a))
+    exp = Exposure(image=field.astype(np.float32), mask=np.zeros(spec.shape, np.int32),
+                   variance=np.full(spec.shape, 300.0, np.float32), psf=psf)
+    return float(np.median(1e4 * light_within(spec, x, y, radius) / forced_psf_flux(exp, x, y).psfFlux.to_numpy()))
+
+
+def test_a_given_model_carries_its_own_correction_where_the_stars_are_a_percent_off():
+    """A galaxy-rich truth image (seed 6) with its true, varying PSF given: the stars' ratio is 1.0% below the exact
+    correction (sky and compact galaxies around them), the model's own share of light in the aperture is within
+    0.1% of it (asserted 0.3%); the stars confirm the model, so the model's is the one used."""
+    from dialab.photometry import _stars_correction
+
+    spec = TruthPairSpec(shape=(768, 768), n_stars=70, n_galaxies=230, n_transients=35)
+    science = simulate_truth_pair(spec, seed=6)[0]
+    radius = APCORR_RADIUS_FWHM * science.psf.fwhm
+    needed = _needed_correction(spec, science.psf, radius)
+    stars = _stars_correction(science, science.psf, APCORR_RADIUS_FWHM, 50.0)
+    corr = aperture_correction(science)
+    assert abs(stars.value / needed - 1) > 0.006  # what the stars alone would give here
+    assert corr.source == "model" and corr.n_stars == stars.n_stars
+    assert corr.value == pytest.approx(needed, rel=0.003)
+
+
+def test_a_given_model_the_stars_contradict_gives_way_to_the_stars(caplog):
+    """A given model 25% sharper than the image's stars (a WebbPSF model of a drizzled image is 20% sharper): its
+    own correction would be 20% off, so the stars' is used, with a warning."""
+    from dialab.photometry import model_aperture_correction
+
+    rng = np.random.default_rng(4)
+    moffat = galsim.Moffat(beta=3.0, fwhm=4.0)
+    x, y, flux = random_star_field((600, 600), 150, rng, flux_range=(2e4, 3e5), min_separation_pix=40)
+    field = add_noise(draw_point_sources((600, 600), x, y, flux, lambda a, b: moffat), 100.0, 2.0, 5.0, rng)
+    sharp = galsim.Moffat(beta=3.0, fwhm=3.0).drawImage(nx=41, ny=41, scale=1.0).array
+    exp = Exposure(image=(field.image - 100.0).astype(np.float32), mask=np.zeros((600, 600), np.int32),
+                   variance=field.variance, psf=ImagePsf(sharp))
+    with caplog.at_level("WARNING"):
+        corr = aperture_correction(exp)
+    assert corr.source == "stars" and "disagrees with the given PSF model" in caplog.text
+    # the stars' ratio (the sharper model's fits fall 16% short of the stars' aperture light) against the model's own
+    own = model_aperture_correction(exp.psf, exp.shape, APCORR_RADIUS_FWHM * exp.psf.fwhm)
+    assert corr.value > 1.1 and own.value < 1.0

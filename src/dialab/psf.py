@@ -70,6 +70,7 @@ class ApertureCorrection:
     half_y: float = 0.0
     error: float = float("nan")
     n_stars: int = 0
+    source: str = "stars"  # "stars": their ratio; "model": a given model's own, confirmed by n_stars stars
 
     def __call__(self, x, y) -> np.ndarray:
         dx = np.clip(np.asarray(x, float) - self.x0, -self.half_x, self.half_x)
@@ -79,7 +80,8 @@ class ApertureCorrection:
     def header_cards(self) -> dict:
         """FITS cards (8-character keys) that ``from_header`` reads back."""
         return {"APCORR": self.value, "APCORRX0": self.x0, "APCORRY0": self.y0, "APCORRGX": self.gx,
-                "APCORRGY": self.gy, "APCORRHX": self.half_x, "APCORRHY": self.half_y, "APCORRN": self.n_stars}
+                "APCORRGY": self.gy, "APCORRHX": self.half_x, "APCORRHY": self.half_y, "APCORRN": self.n_stars,
+                "APCORSRC": self.source}
 
     @classmethod
     def from_header(cls, header) -> ApertureCorrection | None:
@@ -87,7 +89,8 @@ class ApertureCorrection:
             return None
         get = lambda k: float(header.get(k, 0.0))  # noqa: E731
         return cls(get("APCORR"), get("APCORRX0"), get("APCORRY0"), get("APCORRGX"), get("APCORRGY"),
-                   get("APCORRHX"), get("APCORRHY"), n_stars=int(header.get("APCORRN", 0)))
+                   get("APCORRHX"), get("APCORRHY"), n_stars=int(header.get("APCORRN", 0)),
+                   source=str(header.get("APCORSRC", "stars")))
 
 
 class Psf(ABC):
