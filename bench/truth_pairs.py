@@ -13,7 +13,8 @@ models given, or measured from the stars), the suitable flavors are run and comp
 - ``false``: unmatched diaSources per 4 Mpix after the flag cut plus the cosmic-ray flag.
 
 With 60 transients per Mpix (the default) a median's own error is about 0.16 in pull and 0.5% in ratio: ``--transients``
-puts more in each pair (400 per Mpix bring them to 0.06 and 0.2%).
+puts more in each pair (but 400 per 1024^2 crowd the kernel fit: its noise ratio rose to 1.04-1.09), and with
+several seeds the forced pulls are also printed pooled over them, by S/N and by distance to the nearest source.
 
 Run: python bench/truth_pairs.py [--size 1024] [--seeds 1 2 3] [--psfs given measured] [--kernel-basis delta]
 [--transients N] (default: one 768^2 seed, the Alard-Lupton basis, 60 transients per Mpix)
@@ -73,7 +74,7 @@ def psf_errors(spec: TruthPairSpec, psf) -> tuple[float, float]:
 
 
 def one_case(spec: TruthPairSpec, psfs: str, flavor: str, pair, basis: str = "alard-lupton") -> dict:
-    science, template, transients, _ = pair
+    science, template, transients, static = pair
     if psfs == "measured":
         science, template = (dataclasses.replace(e, psf=None) for e in (science, template))
     res = subtract(science, template, SubtractConfig(flavor=flavor, kernel_basis=basis))
@@ -97,13 +98,27 @@ def one_case(spec: TruthPairSpec, psfs: str, flavor: str, pair, basis: str = "al
     f_flux, f_err = forced.psfFlux.to_numpy(), forced.psfFluxErr.to_numpy() * det.noise_scale
     f_true = transients.flux.to_numpy() * light_within(spec, tx, ty, radius)
     f_bright = f_true / f_err > 10
-    return {"ksum": 100 * (d.kernel_sum / truth_sum - 1), "fwhm": fwhm_err, "nea": nea_err,
+    others = np.r_[static[["x", "y"]].to_numpy(), np.column_stack([tx, ty])]
+    nearest = np.sort(np.hypot(tx[:, None] - others[None, :, 0], ty[:, None] - others[None, :, 1]), axis=1)[:, 1]
+    return {"forced": ((f_flux - f_true) / f_err, f_true / f_err, nearest / spec.science_fwhm),
+            "ksum": 100 * (d.kernel_sum / truth_sum - 1), "fwhm": fwhm_err, "nea": nea_err,
             "forced_ratio3": float(np.median(f_flux[f_bright] / f_true[f_bright])) if f_bright.any() else float("nan"),
             "forced_pull3": robust((f_flux - f_true) / f_err),
             "ratio3": float(np.median(flux[bright] / true3[bright])) if bright.any() else float("nan"),
             "pull3": robust((flux - true3) / err), "sky": robust((sky.psfFlux / sky.psfFluxErr).to_numpy()),
             "false": 4e6 * int((~matched).sum()) / (spec.shape[0] * spec.shape[1]),
             "noise": d.noise_ratio}
+
+
+def print_pooled(pooled: dict) -> None:
+    """Forced pulls of each (regime, PSFs, flavor) pooled over the seeds: median / robust std, by true S/N, and
+    apart from (> 4 FWHM) or next to (< 2 FWHM) another source, whose residual the errors do not carry."""
+    print("forced pulls pooled over the seeds (median/std, n): all; S/N < 20, 20-60, > 60; isolated; near")
+    for (regime, psfs, flavor), parts in pooled.items():
+        pull, snr, near = (np.concatenate(p) for p in zip(*parts))
+        cells = [np.ones(len(pull), bool), snr < 20, (snr >= 20) & (snr < 60), snr >= 60, near > 4, near < 2]
+        print(f"{regime:6} {psfs:9} {flavor:17}" + "".join(
+            f" {robust(pull[c])[0]:+5.2f}/{robust(pull[c])[1]:4.2f} ({c.sum()})" for c in cells))
 
 
 def main() -> None:
@@ -120,6 +135,7 @@ def main() -> None:
           "per 1024^2, one core")
     print(f"{'regime':6} {'seed':>4} {'psfs':9} {'flavor':17} {'ksum%':>6} {'fwhm%':>6} {'nea%':>6} {'ratio3':>6} "
           f"{'pull3 med/std':>13} {'forced ratio, pull':>20} {'sky med/std':>12} {'false':>5} {'noise':>6} {'s':>5}")
+    pooled = {}
     for regime in args.regimes:
         sci_fwhm, tpl_fwhm, flavors = REGIMES[regime]
         spec = TruthPairSpec(shape=(args.size, args.size), science_fwhm=sci_fwhm, template_fwhm=tpl_fwhm,
@@ -131,11 +147,14 @@ def main() -> None:
                 for flavor in flavors:
                     t0 = time.perf_counter()
                     r = one_case(spec, psfs, flavor, pair, args.kernel_basis)
+                    pooled.setdefault((regime, psfs, flavor), []).append(r["forced"])
                     print(f"{regime:6} {seed:4d} {psfs:9} {flavor:17} {r['ksum']:+6.2f} {r['fwhm']:+6.1f} "
                           f"{r['nea']:+6.1f} {r['ratio3']:6.3f} {r['pull3'][0]:+6.2f}/{r['pull3'][1]:5.2f} "
                           f"{r['forced_ratio3']:7.3f} {r['forced_pull3'][0]:+6.2f}/{r['forced_pull3'][1]:5.2f} "
                           f"{r['sky'][0]:+5.2f}/{r['sky'][1]:5.2f} {r['false']:5.1f} {r['noise']:6.3f} "
                           f"{time.perf_counter() - t0:5.1f}", flush=True)
+    if len(args.seeds) > 1:
+        print_pooled(pooled)
 
 
 if __name__ == "__main__":
