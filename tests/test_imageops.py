@@ -65,6 +65,10 @@ def test_convolution_sum_made_by_row_blocks_is_the_weighted_sum_of_direct_convol
     blockwise = fft_convolve_sum(image, kernels, factors, workers=1)
     assert blockwise.dtype == np.float32 and blockwise.shape == image.shape
     assert np.abs(blockwise - direct).max() < 2e-5 * np.abs(direct).max()
+    # in place: each band's halo rows are read as they were before the band above was written over them
+    in_place = image.copy()
+    assert fft_convolve_sum(in_place, kernels, factors, workers=1, out=in_place) is in_place
+    assert np.array_equal(in_place, blockwise)
 
 
 def test_plane_sum_reads_every_window_and_the_whole_plane_as_the_explicit_sum():

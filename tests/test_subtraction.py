@@ -125,25 +125,31 @@ def test_decorrelation_removes_pixel_correlations():
 
 
 def test_decorrelation_made_a_block_of_rows_at_a_time_is_the_full_grid_filter():
-    """The filter's rows come from small matrix products, the image's transform is inverted a block at a time:
-    the result is the plain full-grid FFT filtering (float64, numpy's FFT) to float32 precision, for the
-    A&L filter and the preconvolution score's."""
+    """The A&L filter as a real-space stamp convolved by bands of rows; the preconvolution score's, whose phi_S
+    reaches too far for a stamp, and a filter whose kernel has spectral zeros (a box; its phi peaks sharply
+    there), made a block of rows at a time on the grid: each is the plain full-grid FFT filtering (float64,
+    numpy's FFT) to float32 precision."""
+    from dialab.subtraction.decorrelation import filter_kernel
+
     rng = np.random.default_rng(8)
-    image = rng.normal(0, 10.0, (600, 333)).astype(np.float32)
-    kernel = GaussianPsf(sigma_pix=1.5).stamp(21) * 0.9
+    image = rng.normal(0, 10.0, (1300, 333)).astype(np.float32)  # several bands of the banded convolution
+    gauss = GaussianPsf(sigma_pix=1.5).stamp(21) * 0.9
+    box = np.zeros((21, 21))
+    box[6:15, 6:15] = 0.9 / 81
     v = GaussianPsf(sigma_pix=2.0).stamp(15)
-    for score in (None, v):
+    assert filter_kernel(gauss, 1.0, 4.0) is not None and filter_kernel(box, 1e-4, 4.0) is None
+    for kernel, s1sq, score in ((gauss, 1.0, None), (gauss, 1.0, v), (box, 1e-4, None)):
         pad = kernel.shape[0] + (0 if score is None else score.shape[0])
-        shape = (next_fast_len(600 + pad, real=True), next_fast_len(333 + pad, real=True))  # apply_filter's grid
+        shape = (next_fast_len(1300 + pad, real=True), next_fast_len(333 + pad, real=True))  # apply_filter's grid
         embedded = np.zeros(shape)
         embedded[:21, :21] = kernel
         embedded = np.roll(embedded, (-10, -10), axis=(0, 1))  # the kernel's centre at the origin
         assert np.allclose(centered_ft(kernel, shape), np.fft.rfft2(embedded), atol=1e-12)
-        phi = decorrelation_filter(kernel, 1.0, 4.0, shape, score)
+        phi = decorrelation_filter(kernel, s1sq, 4.0, shape, score)
         padded = np.zeros(shape)
-        padded[:600, :333] = image
-        reference = np.fft.irfft2(np.fft.rfft2(padded) * phi, s=shape)[:600, :333]
-        filtered = apply_filter(image, kernel, 1.0, 4.0, score, workers=1)
+        padded[:1300, :333] = image
+        reference = np.fft.irfft2(np.fft.rfft2(padded) * phi, s=shape)[:1300, :333]
+        filtered = apply_filter(image, kernel, s1sq, 4.0, score, workers=1)
         assert np.abs(filtered - reference).max() < 1e-5 * np.abs(reference).max()
 
 

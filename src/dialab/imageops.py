@@ -165,7 +165,8 @@ def inverse_rows(spectrum: np.ndarray, n: int, rows: slice, cols: slice, workers
 CONVOLUTION_BAND = 512
 
 
-def fft_convolve_sum(image: np.ndarray, kernels, factors=None, workers: int | None = None) -> np.ndarray:
+def fft_convolve_sum(image: np.ndarray, kernels, factors=None, workers: int | None = None,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """sum_k rows_k[:, None] cols_k[None, :] (image * K_k): 'same'-size convolutions of ``image`` with each (odd,
     square, equal-sized) kernel, each weighted by the outer product of its ``factors`` (row, column) vectors
     (no weights when None); float32, zero padding. ``image`` may be anything that gives its rows as
@@ -175,7 +176,10 @@ def fft_convolve_sum(image: np.ndarray, kernels, factors=None, workers: int | No
     reaches (the band and the kernel's half-width either side), transformed with a padding that keeps the
     circular wrap off those rows. No full-size transform is held (a band's is about 1/5 of the image's), the
     shorter column transforms stay in cache, and the kernels' spectra are made once at the band's size: a
-    quarter faster than one full-image transform of an 8 Mpix image, and the same sums to float rounding."""
+    quarter faster than one full-image transform of an 8 Mpix image, and the same sums to float rounding.
+
+    Into ``out`` (float32, the image's shape) when given; it may be the image itself: the input rows a band's
+    halo still needs are kept aside before the band is written over them."""
     ny, nx = image.shape
     kernels = np.asarray(kernels, np.float32)
     size = kernels.shape[-1]
@@ -186,18 +190,28 @@ def fft_convolve_sum(image: np.ndarray, kernels, factors=None, workers: int | No
     shape = (fft.next_fast_len(rows + size - 1, real=True), fft.next_fast_len(nx + size - 1, real=True))
     workers = workers or default_workers()
     spectra = [fft.rfft2(kernel, shape, workers=workers) for kernel in kernels]
-    out = np.zeros((ny, nx), np.float32)
+    in_place = out is not None and isinstance(image, np.ndarray) and np.shares_memory(out, image)
+    out = np.empty((ny, nx), np.float32) if out is None else out
+    above = None  # in place: the input rows just above the band, as they were before the last band replaced them
     for y0 in range(0, ny, rows):
         y1 = min(y0 + rows, ny)
         lo = max(0, y0 - h)
-        band = fft.rfft2(np.asarray(image[lo : min(ny, y1 + h)], np.float32), shape, workers=workers)
+        rows_in = np.asarray(image[y0 if above is not None else lo : min(ny, y1 + h)], np.float32)
+        if above is not None:
+            rows_in = np.concatenate([above, rows_in])
+        band = fft.rfft2(rows_in, shape, workers=workers)
+        if in_place:
+            above = image[max(0, y1 - h) : y1].astype(np.float32) if h else None
         for k, spectrum in enumerate(spectra):
             block = fft.irfft2(band * spectrum, shape, workers=workers)[y0 - lo + h : y1 - lo + h, h : h + nx]
             if factors is not None:
                 row, col = factors[k]
                 block *= row[y0:y1, None]
                 block *= col[None, :]
-            out[y0:y1] += block
+            if k:
+                out[y0:y1] += block
+            else:
+                out[y0:y1] = block
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import fft
 
-from ..imageops import ROW_BLOCK, inverse_rows, padded_rfft2
+from ..imageops import ROW_BLOCK, fft_convolve_sum, inverse_rows, padded_rfft2
 from .convolve import default_workers
 
 
@@ -47,17 +47,39 @@ def decorrelation_filter(kernel: np.ndarray, s1sq: float, s2sq: float, shape: tu
     return np.sqrt(total * v2 / np.maximum(denom, tiny))
 
 
+#: Most of phi's power its real-space stamp (twice the kernel's size) may leave out for the filter to be applied as
+#: that stamp; an Alard-Lupton difference's phi leaves 1e-15 to 1e-12 (its tail 1e-8 of its peak), while
+#: preconvolution's phi_S, which divides by the score PSF's spectrum, reaches far beyond and is applied on the grid.
+FILTER_TAIL = 1e-10
+
+
+def filter_kernel(kernel: np.ndarray, s1sq: float, s2sq: float) -> np.ndarray | None:
+    """phi in real space on a box twice the kernel's size, or None when more than ``FILTER_TAIL`` of its power lies
+    beyond (computed on a grid twice as large again, whose wrap-around is far below that)."""
+    n = kernel.shape[0]
+    m = 4 * n + 1
+    real = np.fft.fftshift(fft.irfft2(decorrelation_filter(kernel, s1sq, s2sq, (m, m)), s=(m, m)))
+    c = m // 2
+    box = real[c - n : c + n + 1, c - n : c + n + 1]
+    power = float(np.sum(real**2))
+    return box if power > 0 and 1.0 - float(np.sum(box**2)) / power <= FILTER_TAIL else None
+
+
 def apply_filter(image: np.ndarray, kernel: np.ndarray, s1sq: float, s2sq: float,
                  score_psf: np.ndarray | None = None, workers: int | None = None,
                  out: np.ndarray | None = None) -> np.ndarray:
-    """Filter ``image`` with phi (or phi_S), zero-padded by the kernel size to avoid wrap-around; into ``out``
-    (float32, the image's shape; it may be the image itself) when given. The filter is made and applied a block
-    of rows at a time, and the result inverted a block at a time: the image's transform is the one full-size
-    temporary."""
+    """Filter ``image`` with phi (or phi_S), with zero padding; into ``out`` (float32, the image's shape; it may be
+    the image itself) when given. A compact phi (``filter_kernel``) is convolved by bands of rows, as the kernel
+    is: no full-size transform. Otherwise the image is zero-padded by the kernel size to avoid wrap-around, the
+    filter made and applied a block of rows at a time and the result inverted a block at a time: the image's
+    transform is then the one full-size temporary."""
+    workers = workers or default_workers()
+    compact = filter_kernel(kernel, s1sq, s2sq) if score_psf is None else None
+    if compact is not None:
+        return fft_convolve_sum(image, compact[None], workers=workers, out=out)
     ny, nx = image.shape
     pad = kernel.shape[0] + (0 if score_psf is None else score_psf.shape[0])
     shape = (fft.next_fast_len(ny + pad, real=True), fft.next_fast_len(nx + pad, real=True))
-    workers = workers or default_workers()
     fi = padded_rfft2(image, shape, workers)
     for start in range(0, shape[0], ROW_BLOCK):
         rows = slice(start, min(start + ROW_BLOCK, shape[0]))
