@@ -291,6 +291,23 @@ def test_template_of_another_field_is_a_bad_subtraction():
         subtract(science, other)
 
 
+def test_template_of_another_field_without_zeropoints_is_a_bad_subtraction():
+    """Plain FITS (no MAGZERO), the template of the same field moved by a few hundred pixels: too few stars match
+    for a flux ratio, and the kernel fit on chance neighbours gave a sum of 0.006 with exit 0. Its bright sources are
+    missing from the template; the real template shows nearly all of them."""
+    from dialab.errors import BadSubtractionError
+    from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
+
+    spec = TruthPairSpec(shape=(640, 640), n_stars=120, n_galaxies=150, n_transients=0)
+    science, template, _, _ = simulate_truth_pair(spec, seed=24)
+    science.magzero = template.magzero = float("nan")
+    d = subtract(science, template).diagnostics
+    assert d.bright_sources >= 20 and d.bright_in_template >= 0.9 * d.bright_sources
+    template.image = np.roll(template.image, (211, 293), axis=(0, 1))
+    with pytest.raises(BadSubtractionError, match="bright sources .* show in the template"):
+        subtract(science, template)
+
+
 def test_kernel_sum_far_from_the_zeropoints_is_a_bad_subtraction():
     """A template whose MAGZERO is 1 mag off what its pixels say: the kernel sum (0.8) disagrees with the
     zeropoint ratio (2.0) by far more than the allowed 30%; with the right MAGZERO it passes."""

@@ -87,3 +87,17 @@ def test_thin_images_warp(shape):
         & (back[:, 1].reshape(shape) > 3) & (back[:, 1].reshape(shape) < ny - 4)
     assert inner.mean() > 0.6
     assert np.abs(out.image - expected)[inner].max() < 1e-3
+
+
+def test_a_template_whose_wcs_misses_the_science_is_a_named_error_before_any_psf_is_measured():
+    """A degree away: the warped template is all NO_DATA, and that is said, naming both files (a PSF measurement
+    of the empty image used to fail first, with 'only 0 usable stars')."""
+    from dialab.errors import NoOverlapError
+
+    rng = np.random.default_rng(2)
+    science = Exposure(rng.normal(size=SHAPE).astype(np.float32), np.zeros(SHAPE, np.int32), np.ones(SHAPE),
+                       wcs=tan_wcs(SHAPE, 0.2, 150.0, 2.0), path="science.fits")
+    template = Exposure(rng.normal(size=SHAPE).astype(np.float32), np.zeros(SHAPE, np.int32), np.ones(SHAPE),
+                        wcs=tan_wcs(SHAPE, 0.2, 151.0, 2.0), path="template.fits")
+    with pytest.raises(NoOverlapError, match="template.fits does not overlap science.fits"):
+        warp.align_to(template, science)

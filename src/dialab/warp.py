@@ -225,7 +225,11 @@ def align_to(template: Exposure, science: Exposure) -> Exposure:
         if same_grid(science, template):
             return template
         log.info("warping %s onto the science WCS", template.path)
-        return warp_exposure(template, science.wcs, science.shape)
+        warped = warp_exposure(template, science.wcs, science.shape)
+        if warped.plane("NO_DATA").all():  # said here, before a PSF is looked for on an empty image
+            raise NoOverlapError(f"{template.path or 'template'} does not overlap {science.path or 'science image'} "
+                                 "(their WCSs share no pixel)")
+        return warped
     dx, dy = measure_offset(template, science)
     if template.shape == science.shape and abs(dx) < 0.05 and abs(dy) < 0.05:
         return template

@@ -33,7 +33,7 @@ from .basis import KernelBasis, alard_lupton_basis, delta_basis, delta_kernel_si
 from .config import FLAVORS, Flavor, SubtractConfig  # noqa: F401 (the flavor names live with the configuration)
 from .convolve import NOT_SPREAD, convolve_image, convolve_mask, convolve_variance, kernel_footprint_radius
 from .decorrelation import apply_filter, filter_stamp
-from .kernel_fit import KernelFit, Penalty, fit_matching_kernel, select_kernel_candidates
+from .kernel_fit import BRIGHT_SNR, KernelFit, Penalty, fit_matching_kernel, select_kernel_candidates
 from .model_kernel import model_basis, model_kernel_terms, psf_matching_kernel
 from .noise import every_nth, image_variance_scale, noise_correlation, noise_ratio
 from .photometric_scale import FLUX_RATIO_SYSTEMATIC, PhotometricScale, sources_flux_ratio
@@ -149,6 +149,7 @@ class KernelSources:
 
     positions: np.ndarray  # (n, 2) x, y
     scale: PhotometricScale
+    counterparts: tuple[int, int] = (0, 0)  # bright science sources seen in the template, of all (KernelCandidates)
 
 
 @dataclass(frozen=True)
@@ -282,8 +283,8 @@ def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractCo
     tpl_side = (sky_subtracted(pair.template_image, pair.template_background), pair.template_variance,
                 pair.template_psf)
     target_side, conv_side = (tpl_side, sci_side) if pair.convolved == "science" else (sci_side, tpl_side)
-    return KernelSources(candidates.positions,
-                         sources_flux_ratio(*target_side, *conv_side, candidates.compact))
+    return KernelSources(candidates.positions, sources_flux_ratio(*target_side, *conv_side, candidates.compact),
+                         candidates.counterparts)
 
 
 def _pixel_penalty(problem: MatchingProblem, cfg: SubtractConfig) -> Penalty:
@@ -443,8 +444,8 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
         variance_scale_template=pair.variance_scale_template, noise_ratio=measured_ratio,
         variance_scale_difference=diff_scale, star_flux_ratio=sources.scale.scale, scale_error=sources.scale.error,
         scale_stars=sources.scale.n_used, scale_method=sources.scale.method, free_kernel_sum=fit.free_sum,
-        kernel_basis=problem.basis.name,
-        kernel_size=problem.basis.size, regularization=fit.regularization)
+        kernel_basis=problem.basis.name, kernel_size=problem.basis.size, regularization=fit.regularization,
+        bright_in_template=sources.counterparts[0], bright_sources=sources.counterparts[1])
     log.info("%s", diag.summary())
     check_subtraction(diag, science, pair.template, cfg, science.path)
     return SubtractionResult(difference, matched_exp, fit.kernel, difference if cfg.flavor == "preconvolution" else None,
@@ -463,6 +464,14 @@ def _matched_exposure(pair: PreparedPair, problem: MatchingProblem, convolved: C
                     detector=conv_exp.detector, band=conv_exp.band, mjd=conv_exp.mjd, magzero=science.magzero)
 
 
+#: The counterpart check (``check_subtraction``): with at least MIN_BRIGHT_CHECKED bright science sources, fewer than
+#: this fraction of them in the template means another field. A template of the same field rolled by a few hundred
+#: pixels shows 5% of them (chance neighbours); real pairs (DECam, pyDIA, NIRCam, properimage, HSC-like) 75-100%, a
+#: truth pair with 400 transients per Mpix (a third of its bright sources) 50%.
+MIN_BRIGHT_CHECKED = 10
+MIN_COUNTERPART_FRACTION = 0.25
+
+
 def check_subtraction(diag: SubtractionDiagnostics, science: Exposure, template: Exposure, cfg: SubtractConfig,
                       source: object = None) -> None:
     """Raise BadSubtractionError when the fit shows the images do not match (garbage in must not exit 0)."""
@@ -478,6 +487,10 @@ def check_subtraction(diag: SubtractionDiagnostics, science: Exposure, template:
         if abs(diag.kernel_sum / expected - 1) > cfg.max_scale_deviation:
             problems.append(f"kernel sum {diag.kernel_sum:.4g} is far from the zeropoint ratio {expected:.4g} "
                             f"(MAGZERO {science.magzero:.3f} science, {template.magzero:.3f} template)")
+    seen, bright = diag.bright_in_template, diag.bright_sources
+    if bright >= MIN_BRIGHT_CHECKED and seen < MIN_COUNTERPART_FRACTION * bright:
+        problems.append(f"only {seen} of the science image's {bright} bright sources (S/N >= {BRIGHT_SNR:g}) show in "
+                        "the template: is the template of this field?")
     if diag.residual_rms > cfg.max_stamp_residual_rms:
         problems.append(f"kernel stamps' residual rms is {diag.residual_rms:.2f} sigma (at most "
                         f"{cfg.max_stamp_residual_rms:g}): the kernel cannot match the images")

@@ -134,6 +134,13 @@ class KernelCandidates:
 
     positions: np.ndarray  # (n, 2) integer x, y
     compact: np.ndarray  # (m, 2) integer x, y
+    # usable science sources of S/N >= BRIGHT_SNR with a counterpart in the template, and all of them: a template
+    # of the same field shows nearly all (check_subtraction)
+    counterparts: tuple[int, int] = (0, 0)
+
+
+#: Science sources this significant show in any template of their field, however much shallower.
+BRIGHT_SNR = 100.0
 
 
 def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0, 500.0),
@@ -167,7 +174,10 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
     ok = inside.copy()
     ok[inside] &= ~window_any(bad, ix[inside], iy[inside], half_stamp)
     # a source the template lacks (a transient, a fake, a cosmic ray) cannot teach the kernel anything
-    ok[ok] &= counterpart_snr(template, ix[ok], iy[ok], sigma_pix) >= MIN_COUNTERPART_SNR
+    seen = counterpart_snr(template, ix[ok], iy[ok], sigma_pix) >= MIN_COUNTERPART_SNR
+    bright = stars.snr[ok] >= BRIGHT_SNR
+    counterparts = (int((seen & bright).sum()), int(bright.sum()))
+    ok[ok] &= seen
     if injected.any():  # a fake differs between the images by design: none near a candidate's core, and
         # none within 5 sigma while 10 candidates remain (on a small image, the rejection loop handles the rest)
         ok[ok] &= ~window_any(injected, ix[ok], iy[ok], int(np.ceil(2 * sigma_pix)))
@@ -189,7 +199,7 @@ def select_kernel_candidates(science, template, half_stamp: int, snr_range=(10.0
         return np.column_stack([ix[idx], iy[idx]])
 
     return KernelCandidates(spread(compact if compact_only else ok, max_candidates),
-                            spread(compact, max_candidates if max_compact is None else max_compact))
+                            spread(compact, max_candidates if max_compact is None else max_compact), counterparts)
 
 
 #: Sources measured when looking for kernel candidates (the best of them are kept).

@@ -311,7 +311,7 @@ def _zogy_result(pair, z: ZogyInputs, planes: _Planes, psf_d: Psf, sources, rati
         variance_scale_science=pair.variance_scale_science, variance_scale_template=pair.variance_scale_template,
         noise_ratio=noise_ratio(difference), variance_scale_difference=1.0, star_flux_ratio=scale.scale,
         scale_error=scale.error, scale_stars=scale.n_used, scale_method=scale.method,
-        free_kernel_sum=float(free))
+        free_kernel_sum=float(free), bright_in_template=sources.counterparts[0], bright_sources=sources.counterparts[1])
     log.info("%s; registration noise %.3f, %.3f px", diag.summary(), *z.registration)
     check_subtraction(diag, science, template, cfg, science.path)
     return SubtractionResult(difference, matched, None, score, diag,
