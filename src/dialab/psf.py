@@ -51,7 +51,7 @@ def stamp_sigma(stamp: np.ndarray) -> float:
     """Adaptive second-moment sigma (pixels) of a centred stamp."""
     c = (stamp.shape[0] - 1) / 2
     guess = max(stamp_fwhm(stamp) / FWHM_PER_SIGMA, 0.5)
-    return adaptive_moments(stamp, c, c, guess).sigma
+    return adaptive_moments(stamp, c, c, guess, upsample_on_failure=True).sigma
 
 
 @dataclass(frozen=True)
