@@ -50,6 +50,8 @@ def test_every_flavor_runs_end_to_end(local_run, dataset):
         for u in units:
             for name in ("difference.fits", "diaSources.parquet", "fakes.parquet", "fakes_matched.parquet"):
                 assert (u.parent / name).is_file(), (u.parent, name)
+            # the simulation gives its PSF grids: their own aperture corrections, confirmed by the stars
+            assert yaml.safe_load(u.read_text())["science_aperture_correction_source"] == "model"
         tables = _apdb_rows(out, flavor)
         assert len(tables["DiaSource"]) > 0
         assert len(tables["DiaObject"]) <= len(tables["DiaSource"])
