@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import galsim
 import numpy as np
+from scipy import ndimage
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,6 @@ def adaptive_moments(stamp: np.ndarray, x0: float, y0: float, sigma_guess: float
     m = _hsm_moments(stamp, x0, y0, sigma_guess, bad)
     if m.converged or not upsample_on_failure:
         return m
-    from scipy import ndimage
-
     z = UPSAMPLE
     fine = ndimage.zoom(np.nan_to_num(np.asarray(stamp, np.float64)), z, order=3, mode="grid-constant", grid_mode=True)
     fine_bad = None if bad is None else ndimage.zoom(np.asarray(bad, np.int32), z, order=0, grid_mode=True)

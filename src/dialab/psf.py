@@ -114,6 +114,11 @@ class Psf(ABC):
         """The correction's value at the stars' centre (None when none was measured), for catalogs and unit.json."""
         return None if self.aperture_correction is None else self.aperture_correction.value
 
+    @property
+    def aperture_correction_source(self) -> str | None:
+        """Where the correction came from ("model": a given model's own; "stars": their ratio), for unit.json."""
+        return None if self.aperture_correction is None else self.aperture_correction.source
+
     def with_aperture_correction(self, value: ApertureCorrection | float | None) -> Psf:
         """This model with another aperture correction (a copy: a model may be shared by several images)."""
         if value is not None and not isinstance(value, ApertureCorrection):

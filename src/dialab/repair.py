@@ -13,7 +13,7 @@ import numpy as np
 from .background import keep_sky, sky_background
 from .imageops import ROW_BLOCK, grow_mask, interpolate_masked
 from .psf import measure_psf
-from .stars import bright_peaks, psf_filter_sigma
+from .stars import peak_positions, psf_filter_sigma
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def repair_cosmic_rays(exp, nsigma: float = 6.0, margin: float = 3.0) -> int:
         if psf.fwhm >= UNDERSAMPLED_FWHM or not cr.any():
             break
         if stars is None:  # only for an undersampled PSF, and only with cosmic rays found
-            stars = _round_peaks(residual, *bright_peaks(exp, psf_filter_sigma(psf), STAR_SNR))
+            stars = _round_peaks(residual, *peak_positions(exp, psf_filter_sigma(psf), STAR_SNR))
         hit = _stars_hit(cr, *stars)
         if len(stars[0]) < 5 or hit <= MAX_STARS_HIT:
             break

@@ -73,19 +73,14 @@ def find_stars(exposure, sigma_guess_pix: float = 2.0, min_snr: float = 20.0, ra
     return StarCandidates(*rows[:, :6].T, rows[:, 6].astype(bool), rows[:, 7].astype(bool))
 
 
-def bright_peaks(exposure, sigma_guess_pix: float, min_snr: float) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of the peaks whose filtered S/N reaches ``min_snr``, measured or not (a star HSM cannot measure is
-    still a star)."""
+def peak_positions(exposure, sigma_guess_pix: float, min_snr: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of every peak of the image filtered at ``sigma_guess_pix`` whose filtered S/N reaches ``min_snr`` (the
+    search keeps 5-sigma peaks; shared with ``find_stars``), measured or not: the neighbours that make a star unfit
+    for an aperture, or the stars an undersampled image's cosmic-ray test must spare (HSM cannot measure a star
+    centred on a pixel, but it is still a star)."""
     peaks = _peaks(exposure, sigma_guess_pix)
     strong = peaks.value >= min_snr
     return peaks.x[strong], peaks.y[strong]
-
-
-def peak_positions(exposure, sigma_guess_pix: float) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of every 5-sigma peak of the image filtered at ``sigma_guess_pix`` (shared with ``find_stars``):
-    the neighbours that make a star unfit for an aperture."""
-    peaks = _peaks(exposure, sigma_guess_pix)
-    return peaks.x, peaks.y
 
 
 def _peaks(exposure, sigma_guess_pix: float) -> _Peaks:

@@ -90,8 +90,8 @@ def _process(unit: Unit, prepared: _Prepared, share: float, config: PipelineConf
                "science_aperture_correction": result.science_psf.aperture_correction_value,
                "template_aperture_correction": result.template_psf.aperture_correction_value,
                # "model": a given PSF's own correction, confirmed by the stars; "stars": their ratio
-               "science_aperture_correction_source": _correction_source(result.science_psf),
-               "template_aperture_correction_source": _correction_source(result.template_psf),
+               "science_aperture_correction_source": result.science_psf.aperture_correction_source,
+               "template_aperture_correction_source": result.template_psf.aperture_correction_source,
                "njy_per_count": float(science.njy_per_count)}
     if fakes is not None:
         matched = match_fakes(fakes, cat, result.difference, config.match.radius_arcsec, config.match.edge_pix)
@@ -102,10 +102,6 @@ def _process(unit: Unit, prepared: _Prepared, share: float, config: PipelineConf
     summary["prepare_seconds"] = share
     mark_done(out, unit, summary)
     return summary
-
-
-def _correction_source(psf) -> str | None:
-    return None if psf.aperture_correction is None else psf.aperture_correction.source
 
 
 def run_units(units: list[Unit], entry: Entry, root: str, config: PipelineConfig, out: str
