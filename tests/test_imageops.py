@@ -119,3 +119,16 @@ def test_dense_peak_search_by_row_bands_finds_the_full_image_box_maxima():
     ey, ex = np.nonzero((snr > 0.5) & (snr == full))
     assert len(y) > 50 and set(zip(y.tolist(), x.tolist())) == set(zip(ey.tolist(), ex.tolist()))
     assert np.all(np.diff(snr[y, x]) <= 0)  # highest first
+
+
+def test_a_plateau_of_equal_maxima_is_one_peak_in_sparse_and_dense_searches():
+    """Two or three neighbouring pixels of one source with the same filtered S/N (seen on a real star) are one
+    peak, the first in raster order; distinct maxima farther apart than the separation stay two."""
+    yy, xx = np.mgrid[0:40, 0:50]
+    for dense in (False, True):  # few pixels over threshold, then more than 5% (the banded path)
+        snr = (1.0 + 0.001 * (xx + 50 * yy) if dense else np.zeros((40, 50))).astype(np.float32)  # its peak: a corner
+        snr[10, 10] = snr[10, 11] = snr[11, 10] = 30.0  # one source's plateau
+        snr[25, 30] = snr[26, 29] = 20.0  # diagonal neighbours, equal
+        snr[30, 40] = snr[30, 45] = 10.0  # two sources, 5 px apart
+        y, x = find_peaks(snr, 0.5, 2)
+        assert list(zip(y.tolist(), x.tolist())) == [(10, 10), (25, 30), (30, 40), (30, 45)] + [(39, 49)] * dense

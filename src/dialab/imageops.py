@@ -94,8 +94,24 @@ def find_peaks(snr: np.ndarray, threshold: float, min_separation_pix: int = 2,
                 if dy or dx:
                     keep &= v >= snr[np.clip(y + dy, 0, ny - 1), np.clip(x + dx, 0, nx - 1)]
     y, x = y[keep], x[keep]
+    y, x = _one_per_plateau(snr, y, x, s)
     order = np.argsort(-snr[y, x], kind="stable")
     return y[order], x[order]
+
+
+def _one_per_plateau(snr: np.ndarray, y: np.ndarray, x: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Of maxima (y, x in raster order) with an equal maximum earlier in raster order within s pixels, only that one:
+    two pixels of one source with the same value are one peak, not two (a star's stamp counted twice)."""
+    ny, nx = snr.shape
+    linear = y * nx + x  # ascending
+    v = snr[y, x]
+    repeat = np.zeros(len(y), bool)
+    for dy in range(-s, 1):
+        for dx in range(-s, s + 1 if dy else 0):
+            inside = (x + dx >= 0) & (x + dx < nx) & (y + dy >= 0)
+            at = np.minimum(np.searchsorted(linear, linear + dy * nx + dx), len(linear) - 1)
+            repeat |= inside & (linear[at] == linear + dy * nx + dx) & (v[at] == v)
+    return y[~repeat], x[~repeat]
 
 
 def grow_mask(mask: np.ndarray, radius: float, shape: str = "box") -> np.ndarray:
