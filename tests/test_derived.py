@@ -1,12 +1,15 @@
 """Values derived from an exposure's pixels (sky, stars, planes) are computed once and forgotten when the
 pixels change; the shortcuts taken for speed give the same numbers as the direct computation."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import fft
 
 from dialab.background import SKY_BAD_PLANES, estimate_background, sky_background
 from dialab.imageops import ROW_BLOCK, fft_convolve, padded_rfft2
+from dialab.injection import inject_fakes
 from dialab.psf import GaussianPsf
 from dialab.stars import find_stars
 from dialab.subtraction.kernel_fit import spread_over_cells
@@ -47,6 +50,21 @@ def test_star_search_is_shared_and_matches_a_fresh_search():
     fresh = find_stars(_field(1), 1.8, 50.0, max_candidates=5)  # another exposure: nothing shared
     np.testing.assert_array_equal(fresh.x, fewer.x)
     assert abs(np.median(stars.sigma) - 1.8) < 0.15
+
+
+def test_injection_keeps_the_images_stars_and_no_fake_becomes_a_star():
+    exp = _field(2)
+    exp.psf, exp.gain = GaussianPsf(sigma_pix=1.8), 1.0
+    stars = find_stars(exp, 1.8, 20.0, max_candidates=10)
+    fx, fy = np.array([60.5, 200.5, 150.5]), np.array([60.5, 100.5, 200.5])
+    injected = inject_fakes(exp, fx, fy, np.full(3, 3e4), seed=1)
+    del exp  # the stars still to be measured are measured on the injected pixels
+    kept = find_stars(injected, 1.8, 20.0)  # more than were measured before the injection
+    np.testing.assert_array_equal(kept.x[: len(stars)], stars.x)
+    fresh = find_stars(dataclasses.replace(injected), 1.8, 20.0)  # the same pixels searched anew: the fakes are peaks
+    for found, has_fakes in ((kept, False), (fresh, True)):
+        nearest = np.hypot(found.x[:, None] - fx[None], found.y[:, None] - fy[None]).min(axis=0)
+        assert (nearest < 1.0).all() == has_fakes
 
 
 def test_transform_made_by_row_blocks_is_the_full_transform():

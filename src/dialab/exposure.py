@@ -138,10 +138,13 @@ class Exposure:
         """``compute()``, once per state of the pixels: the value is kept while ``image`` and ``mask`` are the
         same arrays and no plane was set, so the sky and the stars of one image are measured once however
         many steps ask (steps that change pixels assign new arrays, as repair and injection do)."""
+        value = self.known(key)
+        return value if value is not None else self.keep_derived(key, compute())
+
+    def known(self, key):
+        """The value derived from the current pixels under ``key``, or None when nothing has asked for it yet."""
         entry = self._derived.get(key)
-        if entry is not None and entry[0]() is self.image and entry[1]() is self.mask:
-            return entry[2]
-        return self.keep_derived(key, compute())
+        return entry[2] if entry is not None and entry[0]() is self.image and entry[1]() is self.mask else None
 
     def keep_derived(self, key, value):
         """Record ``value`` as derived from the current pixels (a step that changed them knows it still holds)."""

@@ -149,9 +149,9 @@ def _grow_box(mask: np.ndarray, r: int) -> np.ndarray:
 def box_reduce(values: np.ndarray, r: int, combine=np.maximum) -> np.ndarray:
     """``combine`` (a binary ufunc: maximum, minimum, logical_or) over the (2r + 1)^2 box round each pixel,
     clipped at the borders: separable shifted passes, several times faster than ndimage's generic filters."""
-    out = np.array(values, copy=True)
+    out = values
     for axis in (0, 1):
-        src = out.copy()
+        src, out = out, np.array(out, copy=True)  # each pass reads the last one's result (or the input) unchanged
         for k in range(1, min(r, out.shape[axis] - 1) + 1):
             lead, lag = [slice(None)] * 2, [slice(None)] * 2
             lead[axis], lag[axis] = slice(k, None), slice(None, -k)
@@ -304,7 +304,8 @@ def matched_filter_snr(image: np.ndarray, variance: np.ndarray, psf_stamp: np.nd
     p = psf_stamp[::-1, ::-1].astype(np.float32)
     num = fft_convolve(image, p, workers)
     var = fft_convolve(variance, p * p, workers)
-    return num / np.sqrt(np.maximum(var, 1e-30))
+    np.maximum(var, np.float32(1e-30), out=var)  # in place: no full-size temporaries
+    return np.divide(num, np.sqrt(var, out=var), out=num)
 
 
 def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float, fill: float = 0.0,

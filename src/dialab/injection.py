@@ -18,6 +18,7 @@ from .exposure import Exposure
 from .ids import pack_ids
 from .lazy import lazy_module
 from .measurement import pixel_scale_arcsec
+from .stars import carry_stars
 from .subtraction.photometric_scale import exposure_flux_ratio
 
 pd = lazy_module("pandas")
@@ -160,6 +161,7 @@ def inject_fakes(exp: Exposure, x: np.ndarray, y: np.ndarray, flux: np.ndarray, 
         # half of a small image, and keep every star near a fake out of the kernel fit)
         noise = np.sqrt(np.maximum(exp.variance[y0:y1, x0:x1], 1e-30))
         out.mask[y0:y1, x0:x1] |= np.where(np.abs(s) > 0.5 * noise, np.int32(bit), np.int32(0))
+    carry_stars(exp, out)
     return out
 
 

@@ -7,6 +7,7 @@ sources share, not the most populated size (in a deep field compact galaxies out
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import weakref
@@ -83,6 +84,16 @@ def peak_positions(exposure, sigma_guess_pix: float, min_snr: float = 5.0) -> tu
     return peaks.x[strong], peaks.y[strong]
 
 
+def carry_stars(source, injected) -> None:
+    """Give ``injected`` (a copy of ``source`` with fake sources added) the peaks ``source`` already has. Fakes
+    are not stars: no star list may hold one (a fake differs between science and template by design), and
+    the stars' windows they fall in are refused anyway (kernel candidates keep clear of INJECTED pixels).
+    Stars measured from here on are measured on ``injected``'s pixels."""
+    found = source.known("peaks")
+    if found is not None:
+        injected.keep_derived("peaks", {sigma: peaks.moved_to(injected) for sigma, peaks in found.items()})
+
+
 def _peaks(exposure, sigma_guess_pix: float) -> _Peaks:
     found = exposure.derived("peaks", dict)  # filter sigma -> _Peaks, for this state of the pixels
     # a filter within FILTER_TOLERANCE of one already run finds the same stars (its S/N is ~1% lower)
@@ -110,6 +121,13 @@ class _Peaks:
         self.value = snr[self.y, self.x]  # filtered S/N: relative brightness of neighbours where the noise is even
         self._tables: dict = {}
         self._tree = None
+
+    def moved_to(self, exposure) -> _Peaks:
+        """The same peaks and measurements, measuring any more on ``exposure``'s pixels."""
+        moved = copy.copy(self)
+        moved.exposure = weakref.proxy(exposure)
+        moved._tables = dict(self._tables)
+        return moved
 
     def measured(self, radius: int, bad_planes: tuple[str, ...], n: int) -> np.ndarray:
         """Rows (x, y, flux, snr, sigma, ellipticity, isolated, clean, peak index) of the first ``n`` peaks
