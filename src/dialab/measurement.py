@@ -85,25 +85,37 @@ def _fd_steps(x: np.ndarray) -> np.ndarray:
 
 class _DipoleModel:
     """F [P(x - x+) - P(x - x-)] on a footprint's pixels, weighted by 1 / sigma, with the finite-difference
-    Jacobians of its fits: every PSF position a step needs goes into one interpolation call (six, not ten)."""
+    Jacobians of its fits: every PSF position a step needs goes into one interpolation call, and the two at the
+    step's own point are those its residuals were just made with (four, not ten)."""
 
     def __init__(self, psf_spline: np.ndarray, size: int, xx: np.ndarray, yy: np.ndarray, data: np.ndarray,
                  w: np.ndarray, flux_prior: tuple[float, float] | None):
         self.psf_spline, self.size, self.xx, self.yy, self.w = psf_spline, size, xx, yy, w
         self.dw = data * w
         self.flux_prior = flux_prior
+        self._last = (None, None)  # (q, the PSF at its two positions): a Jacobian is asked for where f just was
+
+    def _psf_at(self, points: list[tuple[float, float]]) -> np.ndarray:
+        coords = np.empty((2, len(points), len(self.xx)))
+        for i, (px, py) in enumerate(points):
+            coords[0, i], coords[1, i] = self.yy - py + self.size, self.xx - px + self.size
+        return ndimage.map_coordinates(self.psf_spline, coords.reshape(2, -1), order=3, mode="constant",
+                                       prefilter=False).reshape(len(points), -1)
 
     def shapes(self, q, steps=None):
         """The weighted shape at q = (x+, y+, x-, y-) and, given ``steps``, at q moved by each step in turn."""
         xp, yp, xn, yn = q
-        points = [(xp, yp), (xn, yn)]
+        key = (float(xp), float(yp), float(xn), float(yn))
+        at_q = self._last[1] if self._last[0] == key else None
+        points = [] if at_q is not None else [(xp, yp), (xn, yn)]
         if steps is not None:
             points += [(xp + steps[0], yp), (xp, yp + steps[1]), (xn + steps[2], yn), (xn, yn + steps[3])]
-        coords = np.empty((2, len(points), len(self.xx)))
-        for i, (px, py) in enumerate(points):
-            coords[0, i], coords[1, i] = self.yy - py + self.size, self.xx - px + self.size
-        p = ndimage.map_coordinates(self.psf_spline, coords.reshape(2, -1), order=3, mode="constant",
-                                    prefilter=False).reshape(len(points), -1)
+        p = self._psf_at(points) if points else np.zeros((0, len(self.xx)))
+        if at_q is None:
+            at_q = p[:2]
+            self._last = (key, at_q)
+            p = p[2:]
+        p = np.concatenate([at_q, p])
         w = self.w
         m = (p[0] - p[1]) * w
         if steps is None:
