@@ -93,12 +93,14 @@ def _resample(src: Exposure, mapping: _Mapping, psf: Psf | None, wcs) -> Exposur
     ny_s, nx_s = src.shape
     # the cubic spline's coefficients once for the whole image (what map_coordinates would compute per call), kept
     # in float32 like the image (each line is filtered in double precision; half the memory of a float64 copy)
-    coeffs = ndimage.spline_filter(np.where(src.plane("NO_DATA"), np.float32(0), src.image.astype(np.float32)), 3,
-                                   output=np.float32, mode="constant")
+    nodata = src.plane("NO_DATA")
+    coeffs = ndimage.spline_filter(np.where(nodata, np.float32(0), src.image) if nodata.any() else src.image, 3,
+                                   output=np.float32, mode="constant")  # (a float32 copy of the image only to fill)
+    del nodata
     planes = MaskPlanes(dict(src.mask_planes.bits))
     # each plane grown by one pixel (masks travel with their neighbours): OR over the 3x3 box does every bit at once
     named = np.int32(np.bitwise_or.reduce([1 << bit for bit in planes.bits.values()], initial=0))
-    grown = box_reduce(src.mask & named, 1, np.bitwise_or)
+    grown = box_reduce(src.mask & named, 1, np.bitwise_or).ravel()
     image = np.empty((ny, nx), np.float32)
     variance = np.empty((ny, nx), np.float32)
     mask = np.empty((ny, nx), np.int32)
@@ -107,20 +109,24 @@ def _resample(src: Exposure, mapping: _Mapping, psf: Psf | None, wcs) -> Exposur
         y1 = min(y0 + STRIP_ROWS, ny)
         xs, ys, det = mapping.rows(y0, y1)
         coords = np.array([ys, xs])
-        # flux per destination pixel = flux per source pixel x (source pixels per destination pixel)
-        image[y0:y1] = ndimage.map_coordinates(coeffs, coords, order=3, mode="constant", cval=0.0,
-                                               prefilter=False) * det
-        variance[y0:y1] = ndimage.map_coordinates(src.variance, coords, order=1, mode="nearest",
-                                                  output=np.float64) * det**2
-        near_y = np.clip(np.round(ys), 0, ny_s - 1).astype(int)
-        near_x = np.clip(np.round(xs), 0, nx_s - 1).astype(int)
-        mask[y0:y1] = grown[near_y, near_x]
+        # flux per destination pixel = flux per source pixel x (source pixels per destination pixel), written in
+        # place: no float64 strips
+        ndimage.map_coordinates(coeffs, coords, order=3, mode="constant", cval=0.0, prefilter=False,
+                                output=image[y0:y1])
+        ndimage.map_coordinates(src.variance, coords, order=1, mode="nearest", output=variance[y0:y1])
+        image[y0:y1] *= det
+        variance[y0:y1] *= det**2
         outside[y0:y1] = (xs < -0.5) | (xs > nx_s - 0.5) | (ys < -0.5) | (ys > ny_s - 0.5)
+        np.round(coords, out=coords)  # the nearest source pixel's mask
+        np.clip(coords[0], 0, ny_s - 1, out=coords[0])
+        np.clip(coords[1], 0, nx_s - 1, out=coords[1])
+        np.take(grown, coords[0].astype(np.intp) * nx_s + coords[1].astype(np.intp), out=mask[y0:y1])
     del coeffs, grown
-    mask[outside] |= np.int32(planes.bit("NO_DATA"))
-    image[outside] = 0.0
-    good_var = variance[~outside]
-    variance[outside] = np.median(good_var) if good_var.size else 1.0
+    if outside.any():
+        mask[outside] |= np.int32(planes.bit("NO_DATA"))
+        image[outside] = 0.0
+        good_var = variance[~outside]
+        variance[outside] = np.median(good_var) if good_var.size else 1.0
     return Exposure(image=image, mask=mask, variance=variance, psf=psf,
                     wcs=wcs, mask_planes=planes, visit=src.visit, detector=src.detector, band=src.band,
                     mjd=src.mjd, exptime=src.exptime, magzero=src.magzero, gain=src.gain,
