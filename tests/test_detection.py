@@ -7,7 +7,7 @@ from scipy.special import erfc
 
 from dialab.detection import DetectConfig, detect_sources
 from dialab.exposure import Exposure
-from dialab.measurement import BAD_FLAGS, detect_and_measure
+from dialab.measurement import BAD_FLAGS, MeasureConfig, detect_and_measure
 from dialab.psf import GaussianPsf
 from dialab.simulate.render import draw_point_sources
 from dialab.subtraction import subtract
@@ -48,6 +48,24 @@ def test_transients_of_both_signs_are_found_with_flux_and_sign():
         assert cat.psfFlux.iloc[i] == pytest.approx(f, rel=0.025)
         assert bool(cat.isNegative.iloc[i]) == (f < 0)
     assert not cat[list(BAD_FLAGS)].any(axis=None)
+
+
+def test_a_footprint_with_several_peaks_is_one_diasource_per_sign_without_peak_splitting():
+    """Two positive sources 4 sigma apart share a footprint (its grown pixels join them), a negative one sits
+    10 sigma from them: with the peaks split, three diaSources; without (LSST's difference imaging does not
+    deblend), one per footprint and sign, at the stronger peak, and the lone one unchanged."""
+    x, y, f = [100.0, 109.6, 150.0], [100.0, 100.0, 100.0], [3000.0, 2000.0, -2500.0]
+    diff = _difference((200, 250), x, y, f, seed=3)
+    split, det, _ = detect_and_measure(diff)
+    merged, _, _ = detect_and_measure(_difference((200, 250), x, y, f, seed=3),
+                                      measure_config=MeasureConfig(split_peaks=False))
+    labels = det.footprints
+    assert len(split) == 3 and len(labels) == 2  # the two positive peaks are in one footprint
+    assert len(merged) == 2
+    pos = merged[~merged.isNegative]
+    assert abs(pos.x.iloc[0] - 100.0) < 0.5 and abs(pos.y.iloc[0] - 100.0) < 0.5
+    np.testing.assert_allclose(merged[merged.isNegative][["x", "y", "psfFlux"]].to_numpy(),
+                               split[split.isNegative][["x", "y", "psfFlux"]].to_numpy())
 
 
 def test_one_pixel_template_shift_gives_dipoles_of_one_pixel():

@@ -96,7 +96,7 @@ def _cmd_subtract(args: argparse.Namespace) -> int:
 def _cmd_detect(args: argparse.Namespace) -> int:
     from .detection import DetectConfig
     from .exposure import read_exposure
-    from .measurement import BAD_FLAGS, detect_and_measure
+    from .measurement import BAD_FLAGS, MeasureConfig, detect_and_measure
     from .pipeline.prepare import prepare_science, prepare_template
 
     fmt = check_output_path(args.output, (".parquet", ".pq", ".csv"))
@@ -111,7 +111,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         grid = science or diff
         template = prepare_template(grid, args.template, args.template_psf)
     cat, _, _ = detect_and_measure(diff, science=science, matched_template=template,
-                                   detect_config=DetectConfig(threshold=args.threshold))
+                                   detect_config=DetectConfig(threshold=args.threshold),
+                                   measure_config=MeasureConfig(split_peaks=not args.one_per_footprint))
     if science is not None and template is not None:  # the model looks at all three images
         from .reliability import load_model, score
 
@@ -340,6 +341,9 @@ def _add_image_commands(sub) -> None:
     det.add_argument("--template", help="template FITS (PSF-matched or not): forced PSF flux (templateFlux)")
     det.add_argument("--template-psf", help="template PSF stamp FITS (else measured)")
     det.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
+    det.add_argument("--one-per-footprint", action="store_true",
+                     help="one diaSource per footprint and sign (a dipole pairs them), as LSST's difference imaging "
+                          "(measure.split_peaks: false); default: one per peak more than a FWHM from a stronger one")
     det.add_argument("--reliability-model", help="real/bogus model (dialab train-reliability; default: the shipped "
                      "one); reliability is scored when --science and --template are given")
     det.set_defaults(func=_cmd_detect)

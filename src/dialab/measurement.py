@@ -52,6 +52,9 @@ class MeasureConfig(BaseModel):
 
     aperture_radius_pix: float = Field(APERTURE_RADIUS_PIX, gt=0, description="aperture flux radius, pixels")
     fit_dipoles: bool = Field(True, description="fit a +/- PSF pair to footprints with peaks of both signs")
+    split_peaks: bool = Field(True, description="a diaSource per peak of a footprint (more than a FWHM apart); "
+                              "false: one per footprint and sign (with a dipole pairing), as LSST's difference "
+                              "imaging (doDeblend false)")
 
 
 def _refine_peak(snr: np.ndarray, x: int, y: int, sign: float = 1.0) -> tuple[float, float, bool]:
@@ -204,13 +207,18 @@ def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, fl
             "dipoleX": float(0.5 * (xp + xn)), "dipoleY": float(0.5 * (yp + yn))}
 
 
-def split_footprints(footprints: list, fwhm_pix: float, dipole_max_sep_fwhm: float = 2.0) -> list:
+def split_footprints(footprints: list, fwhm_pix: float, dipole_max_sep_fwhm: float = 2.0, split_peaks: bool = True
+                     ) -> list:
     """(footprint, peaks) per diaSource: a footprint's peaks, strongest first, each start a source;
     an opposite-sign peak within ``dipole_max_sep_fwhm`` FWHM joins it as a dipole, and same-sign
-    peaks within one FWHM are the same source. Peaks farther apart are separate diaSources."""
+    peaks within one FWHM are the same source. Peaks farther apart are separate diaSources, unless not
+    ``split_peaks``: then each footprint's strongest peak of each sign is its only one of that sign (the residual
+    of a bright galaxy is one diaSource however many peaks it has; two sources in one footprint are one too)."""
     children = []
     for fp in footprints:
         left = list(fp.peaks)
+        if not split_peaks:  # strongest first: the first of each sign
+            left = [p for i, p in enumerate(left) if not any(q[3] * p[3] > 0 for q in left[:i])]
         while left:
             best = left.pop(0)
             d = [np.hypot(p[0] - best[0], p[1] - best[1]) for p in left]
@@ -275,7 +283,7 @@ def measure_sources(exp: Exposure, det, science: Exposure | None = None, templat
     ny, nx = exp.shape
     psf = exp.psf
     scale = pixel_scale_arcsec(exp)
-    children = split_footprints(det.footprints, psf.fwhm)
+    children = split_footprints(det.footprints, psf.fwhm, split_peaks=cfg.split_peaks)
     rows = []
     for fp, peaks in children:
         best = peaks[0]
