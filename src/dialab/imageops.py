@@ -149,14 +149,26 @@ def _grow_box(mask: np.ndarray, r: int) -> np.ndarray:
 def box_reduce(values: np.ndarray, r: int, combine=np.maximum) -> np.ndarray:
     """``combine`` (a binary ufunc: maximum, minimum, logical_or) over the (2r + 1)^2 box round each pixel,
     clipped at the borders: separable shifted passes, several times faster than ndimage's generic filters."""
-    out = values
+    out = np.asarray(values)
     for axis in (0, 1):
-        src, out = out, np.array(out, copy=True)  # each pass reads the last one's result (or the input) unchanged
-        for k in range(1, min(r, out.shape[axis] - 1) + 1):
-            lead, lag = [slice(None)] * 2, [slice(None)] * 2
-            lead[axis], lag[axis] = slice(k, None), slice(None, -k)
-            combine(out[tuple(lead)], src[tuple(lag)], out=out[tuple(lead)])
-            combine(out[tuple(lag)], src[tuple(lead)], out=out[tuple(lag)])
+        src, out = out, np.empty_like(out)  # each pass reads the last one's result (or the input) unchanged
+
+        def part(start, stop, axis=axis):
+            index = [slice(None)] * 2
+            index[axis] = slice(start, stop)
+            return tuple(index)
+
+        reach = min(r, out.shape[axis] - 1)
+        if reach < 1:
+            out[...] = src
+            continue
+        # the first shift writes straight into the pass's result: no copy of its input first
+        combine(src[part(1, None)], src[part(None, -1)], out=out[part(1, None)])
+        out[part(0, 1)] = src[part(0, 1)]
+        combine(out[part(None, -1)], src[part(1, None)], out=out[part(None, -1)])
+        for k in range(2, reach + 1):
+            combine(out[part(k, None)], src[part(None, -k)], out=out[part(k, None)])
+            combine(out[part(None, -k)], src[part(k, None)], out=out[part(None, -k)])
     return out
 
 
