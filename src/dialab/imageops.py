@@ -5,6 +5,7 @@ A leaf module: it imports nothing from dialab, so every other module may use it.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -152,12 +153,7 @@ def box_reduce(values: np.ndarray, r: int, combine=np.maximum) -> np.ndarray:
     out = np.asarray(values)
     for axis in (0, 1):
         src, out = out, np.empty_like(out)  # each pass reads the last one's result (or the input) unchanged
-
-        def part(start, stop, axis=axis):
-            index = [slice(None)] * 2
-            index[axis] = slice(start, stop)
-            return tuple(index)
-
+        part = functools.partial(_along, axis)
         reach = min(r, out.shape[axis] - 1)
         if reach < 1:
             out[...] = src
@@ -170,6 +166,11 @@ def box_reduce(values: np.ndarray, r: int, combine=np.maximum) -> np.ndarray:
             combine(out[part(k, None)], src[part(None, -k)], out=out[part(k, None)])
             combine(out[part(None, -k)], src[part(k, None)], out=out[part(None, -k)])
     return out
+
+
+def _along(axis: int, start: int | None, stop: int | None) -> tuple[slice, slice]:
+    """The index of rows (axis 0) or columns (axis 1) start:stop of a 2-d array."""
+    return (slice(start, stop), slice(None)) if axis == 0 else (slice(None), slice(start, stop))
 
 
 def default_workers() -> int:

@@ -109,21 +109,14 @@ class _DipoleModel:
         """The weighted shape at q = (x+, y+, x-, y-) and, given ``steps``, at q moved by each step in turn."""
         xp, yp, xn, yn = q
         key = (float(xp), float(yp), float(xn), float(yn))
-        at_q = self._last[1] if self._last[0] == key else None
-        points = [] if at_q is not None else [(xp, yp), (xn, yn)]
-        if steps is not None:
-            points += [(xp + steps[0], yp), (xp, yp + steps[1]), (xn + steps[2], yn), (xn, yn + steps[3])]
-        p = self._psf_at(points) if points else np.zeros((0, len(self.xx)))
-        if at_q is None:
-            at_q = p[:2]
-            self._last = (key, at_q)
-            p = p[2:]
-        p = np.concatenate([at_q, p])
-        w = self.w
-        m = (p[0] - p[1]) * w
+        if self._last[0] != key:
+            self._last = (key, self._psf_at([(xp, yp), (xn, yn)]))
+        (pos, neg), w = self._last[1], self.w
+        m = (pos - neg) * w
         if steps is None:
             return m
-        return m, [(p[2] - p[1]) * w, (p[3] - p[1]) * w, (p[0] - p[4]) * w, (p[0] - p[5]) * w]
+        moved = self._psf_at([(xp + steps[0], yp), (xp, yp + steps[1]), (xn + steps[2], yn), (xn, yn + steps[3])])
+        return m, [(moved[0] - neg) * w, (moved[1] - neg) * w, (pos - moved[2]) * w, (pos - moved[3]) * w]
 
     def best_flux(self, m: np.ndarray) -> float:
         """The shared flux that fits the weighted model shape m best (linear least squares)."""

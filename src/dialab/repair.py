@@ -11,7 +11,7 @@ import logging
 import numpy as np
 
 from .background import keep_sky, sky_background
-from .imageops import ROW_BLOCK, grow_mask, interpolate_masked
+from .imageops import ROW_BLOCK, grow_mask, interpolate_masked, window_any
 from .psf import measure_psf
 from .stars import peak_positions, psf_filter_sigma
 
@@ -100,13 +100,7 @@ def _stars_hit(cr: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
     """Fraction of the stars at (x, y) with a cosmic-ray pixel within one pixel of their centre."""
     if not len(x):
         return 0.0
-    ny, nx = cr.shape
-    ix, iy = np.clip(np.round(x).astype(int), 1, nx - 2), np.clip(np.round(y).astype(int), 1, ny - 2)
-    hit = np.zeros(len(ix), bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            hit |= cr[iy + dy, ix + dx]
-    return float(hit.mean())
+    return float(window_any(cr, np.round(x).astype(int), np.round(y).astype(int), 1).mean())
 
 
 def repair_cosmic_rays(exp, nsigma: float = 6.0, margin: float = 3.0) -> int:
