@@ -50,15 +50,14 @@ def test_transients_of_both_signs_are_found_with_flux_and_sign():
     assert not cat[list(BAD_FLAGS)].any(axis=None)
 
 
-def test_a_footprint_with_several_peaks_is_one_diasource_per_sign_without_peak_splitting():
+def test_a_footprint_with_several_peaks_is_one_diasource_per_sign_unless_peaks_are_split():
     """Two positive sources 4 sigma apart share a footprint (its grown pixels join them), a negative one sits
     10 sigma from them: with the peaks split, three diaSources; without (LSST's difference imaging does not
     deblend), one per footprint and sign, at the stronger peak, and the lone one unchanged."""
     x, y, f = [100.0, 109.6, 150.0], [100.0, 100.0, 100.0], [3000.0, 2000.0, -2500.0]
     diff = _difference((200, 250), x, y, f, seed=3)
-    split, det, _ = detect_and_measure(diff)
-    merged, _, _ = detect_and_measure(_difference((200, 250), x, y, f, seed=3),
-                                      measure_config=MeasureConfig(split_peaks=False))
+    split, det, _ = detect_and_measure(diff, measure_config=MeasureConfig(split_peaks=True))
+    merged, _, _ = detect_and_measure(_difference((200, 250), x, y, f, seed=3))  # the default
     labels = det.footprints
     assert len(split) == 3 and len(labels) == 2  # the two positive peaks are in one footprint
     assert len(merged) == 2

@@ -112,7 +112,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         template = prepare_template(grid, args.template, args.template_psf)
     cat, _, _ = detect_and_measure(diff, science=science, matched_template=template,
                                    detect_config=DetectConfig(threshold=args.threshold),
-                                   measure_config=MeasureConfig(split_peaks=not args.one_per_footprint))
+                                   measure_config=MeasureConfig(split_peaks=args.split_peaks))
     if science is not None and template is not None:  # the model looks at all three images
         from .reliability import load_model, score
 
@@ -341,9 +341,9 @@ def _add_image_commands(sub) -> None:
     det.add_argument("--template", help="template FITS (PSF-matched or not): forced PSF flux (templateFlux)")
     det.add_argument("--template-psf", help="template PSF stamp FITS (else measured)")
     det.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
-    det.add_argument("--one-per-footprint", action="store_true",
-                     help="one diaSource per footprint and sign (a dipole pairs them), as LSST's difference imaging "
-                          "(measure.split_peaks: false); default: one per peak more than a FWHM from a stronger one")
+    det.add_argument("--split-peaks", action="store_true",
+                     help="a diaSource per peak more than a FWHM from a stronger one (measure.split_peaks: true); "
+                          "default: one per footprint and sign (a dipole pairs them), as LSST's difference imaging")
     det.add_argument("--reliability-model", help="real/bogus model (dialab train-reliability; default: the shipped "
                      "one); reliability is scored when --science and --template are given")
     det.set_defaults(func=_cmd_detect)

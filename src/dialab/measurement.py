@@ -52,9 +52,9 @@ class MeasureConfig(BaseModel):
 
     aperture_radius_pix: float = Field(APERTURE_RADIUS_PIX, gt=0, description="aperture flux radius, pixels")
     fit_dipoles: bool = Field(True, description="fit a +/- PSF pair to footprints with peaks of both signs")
-    split_peaks: bool = Field(True, description="a diaSource per peak of a footprint (more than a FWHM apart); "
-                              "false: one per footprint and sign (with a dipole pairing), as LSST's difference "
-                              "imaging (doDeblend false)")
+    split_peaks: bool = Field(False, description="a diaSource per peak of a footprint (more than a FWHM apart); "
+                              "default false: one per footprint and sign (with a dipole pairing), as LSST's "
+                              "difference imaging (doDeblend false): a bright source's residual is one diaSource")
 
 
 def _refine_peak(snr: np.ndarray, x: int, y: int, sign: float = 1.0) -> tuple[float, float, bool]:
@@ -200,7 +200,7 @@ def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, fl
             "dipoleX": float(0.5 * (xp + xn)), "dipoleY": float(0.5 * (yp + yn))}
 
 
-def split_footprints(footprints: list, fwhm_pix: float, dipole_max_sep_fwhm: float = 2.0, split_peaks: bool = True
+def split_footprints(footprints: list, fwhm_pix: float, dipole_max_sep_fwhm: float = 2.0, split_peaks: bool = False
                      ) -> list:
     """(footprint, peaks) per diaSource: a footprint's peaks, strongest first, each start a source;
     an opposite-sign peak within ``dipole_max_sep_fwhm`` FWHM joins it as a dipole, and same-sign
