@@ -50,21 +50,45 @@ def test_transients_of_both_signs_are_found_with_flux_and_sign():
     assert not cat[list(BAD_FLAGS)].any(axis=None)
 
 
-def test_a_footprint_with_several_peaks_is_one_diasource_per_sign_unless_peaks_are_split():
+def test_two_sources_in_one_footprint_are_two_diasources_unless_footprints_are_not_split():
     """Two positive sources 4 sigma apart share a footprint (its grown pixels join them), a negative one sits
-    10 sigma from them: with the peaks split, three diaSources; without (LSST's difference imaging does not
-    deblend), one per footprint and sign, at the stronger peak, and the lone one unchanged."""
+    10 sigma from them. Each positive peak rises far above the col between them: by default (peaks of
+    prominence >= 5 split) three diaSources; with an infinite prominence (LSST's difference imaging does not
+    deblend) one per footprint and sign, at the stronger peak, and the lone one unchanged."""
     x, y, f = [100.0, 109.6, 150.0], [100.0, 100.0, 100.0], [3000.0, 2000.0, -2500.0]
-    diff = _difference((200, 250), x, y, f, seed=3)
-    split, det, _ = detect_and_measure(diff, measure_config=MeasureConfig(split_peaks=True))
-    merged, _, _ = detect_and_measure(_difference((200, 250), x, y, f, seed=3))  # the default
-    labels = det.footprints
-    assert len(split) == 3 and len(labels) == 2  # the two positive peaks are in one footprint
+    split, det, _ = detect_and_measure(_difference((200, 250), x, y, f, seed=3))
+    merged, _, _ = detect_and_measure(_difference((200, 250), x, y, f, seed=3),
+                                      measure_config=MeasureConfig(peak_prominence=np.inf))
+    assert len(split) == 3 and len(det.footprints) == 2  # the two positive peaks are in one footprint
+    np.testing.assert_allclose(np.sort(split.x[~split.isNegative]), [100.0, 109.6], atol=0.5)
     assert len(merged) == 2
     pos = merged[~merged.isNegative]
     assert abs(pos.x.iloc[0] - 100.0) < 0.5 and abs(pos.y.iloc[0] - 100.0) < 0.5
     np.testing.assert_allclose(merged[merged.isNegative][["x", "y", "psfFlux"]].to_numpy(),
                                split[split.isNegative][["x", "y", "psfFlux"]].to_numpy())
+
+
+@pytest.mark.parametrize("second", [12.0, 40.0])
+def test_a_weaker_peak_is_its_own_diasource_only_when_it_rises_enough_above_the_col(second):
+    """An S/N landscape of two bumps 16 px apart (peaks 60 and ``second`` on a ridge along x): the weaker peak's
+    prominence is its height above the lowest point between them, read off the ridge here; it is split off
+    exactly when that reaches ``peak_prominence``, for several settings."""
+    from dialab.detection import Detections, Footprint
+    from dialab.measurement import split_footprints
+
+    yy, xx = np.mgrid[0:60, 0:80].astype(float)
+    snr = (60 * np.exp(-((xx - 30) ** 2 + (yy - 30) ** 2) / (2 * 4.0**2))
+           + second * np.exp(-((xx - 46) ** 2 + (yy - 30) ** 2) / (2 * 3.0**2))).astype(np.float32)
+    ridge = snr[30]
+    weak = 40 + int(np.argmax(ridge[40:]))
+    prominence = ridge[weak] - ridge[30:weak].min()
+    assert ridge[weak] > max(ridge[weak - 1], ridge[weak + 1])  # a peak of its own
+    labels = np.ones(snr.shape, np.int32)
+    peaks = np.array([[30, 30, snr[30, 30], 1.0], [weak, 30, snr[30, weak], 1.0]])
+    det = Detections([Footprint(1, np.arange(snr.size), (slice(0, 60), slice(0, 80)), peaks)], labels, snr,
+                     np.zeros_like(snr), np.zeros((0, 2)), False)
+    for setting in (0.0, 0.5 * prominence, 0.9 * prominence, 1.1 * prominence, 2 * prominence, np.inf):
+        assert len(split_footprints(det, 5.0, setting)) == (2 if setting <= prominence else 1), setting
 
 
 def test_one_pixel_template_shift_gives_dipoles_of_one_pixel():

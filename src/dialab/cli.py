@@ -110,9 +110,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     if args.template:
         grid = science or diff
         template = prepare_template(grid, args.template, args.template_psf)
+    measure = {} if args.peak_prominence is None else {"peak_prominence": args.peak_prominence}
     cat, _, _ = detect_and_measure(diff, science=science, matched_template=template,
                                    detect_config=DetectConfig(threshold=args.threshold),
-                                   measure_config=MeasureConfig(split_peaks=args.split_peaks))
+                                   measure_config=MeasureConfig(**measure))
     if science is not None and template is not None:  # the model looks at all three images
         from .reliability import load_model, score
 
@@ -341,9 +342,10 @@ def _add_image_commands(sub) -> None:
     det.add_argument("--template", help="template FITS (PSF-matched or not): forced PSF flux (templateFlux)")
     det.add_argument("--template-psf", help="template PSF stamp FITS (else measured)")
     det.add_argument("--threshold", type=float, default=5.0, help="detection threshold in sigma")
-    det.add_argument("--split-peaks", action="store_true",
-                     help="a diaSource per peak more than a FWHM from a stronger one (measure.split_peaks: true); "
-                          "default: one per footprint and sign (a dipole pairs them), as LSST's difference imaging")
+    det.add_argument("--peak-prominence", type=float,
+                     help="a footprint's weaker peak is its own diaSource when its filtered S/N rises this much above "
+                          "the col to a stronger one (default: measure.peak_prominence's; inf: one per footprint and "
+                          "sign, as LSST)")
     det.add_argument("--reliability-model", help="real/bogus model (dialab train-reliability; default: the shipped "
                      "one); reliability is scored when --science and --template are given")
     det.set_defaults(func=_cmd_detect)

@@ -52,9 +52,10 @@ class MeasureConfig(BaseModel):
 
     aperture_radius_pix: float = Field(APERTURE_RADIUS_PIX, gt=0, description="aperture flux radius, pixels")
     fit_dipoles: bool = Field(True, description="fit a +/- PSF pair to footprints with peaks of both signs")
-    split_peaks: bool = Field(False, description="a diaSource per peak of a footprint (more than a FWHM apart); "
-                              "default false: one per footprint and sign (with a dipole pairing), as LSST's "
-                              "difference imaging (doDeblend false): a bright source's residual is one diaSource")
+    peak_prominence: float = Field(5.0, ge=0, description="a footprint's weaker peak is its own diaSource when "
+                                   "its filtered S/N rises this much above the col to a stronger one (two "
+                                   "transients), not a bump on its slope; inf: one per footprint and sign, as "
+                                   "LSST's difference imaging (doDeblend false); 0: every peak a FWHM apart")
 
 
 def _refine_peak(snr: np.ndarray, x: int, y: int, sign: float = 1.0) -> tuple[float, float, bool]:
@@ -200,29 +201,41 @@ def fit_dipole(exp: Exposure, fp, peaks: np.ndarray, flux_prior: tuple[float, fl
             "dipoleX": float(0.5 * (xp + xn)), "dipoleY": float(0.5 * (yp + yn))}
 
 
-def split_footprints(footprints: list, fwhm_pix: float, dipole_max_sep_fwhm: float = 2.0, split_peaks: bool = False
-                     ) -> list:
-    """(footprint, peaks) per diaSource: a footprint's peaks, strongest first, each start a source;
-    an opposite-sign peak within ``dipole_max_sep_fwhm`` FWHM joins it as a dipole, and same-sign
-    peaks within one FWHM are the same source. Peaks farther apart are separate diaSources, unless not
-    ``split_peaks``: then each footprint's strongest peak of each sign is its only one of that sign (the residual
-    of a bright galaxy is one diaSource however many peaks it has; two sources in one footprint are one too)."""
+def split_footprints(det, fwhm_pix: float, min_prominence: float, dipole_max_sep_fwhm: float = 2.0) -> list:
+    """(footprint, peaks) per diaSource of detections ``det``. A footprint's strongest peak of each sign starts a
+    source; a weaker one starts its own only when it rises ``min_prominence`` (filtered S/N) above the col
+    joining it to a stronger one of its sign, more than a FWHM away (two transients in one footprint), not
+    when it is a bump on a stronger source's slope. An opposite-sign peak within ``dipole_max_sep_fwhm`` FWHM
+    joins a source as its dipole partner."""
     children = []
-    for fp in footprints:
-        left = list(fp.peaks)
-        if not split_peaks:  # strongest first: the first of each sign
-            left = [p for i, p in enumerate(left) if not any(q[3] * p[3] > 0 for q in left[:i])]
+    for fp in det.footprints:
+        left = [p for i, p in enumerate(fp.peaks) if i == 0 or _stands_alone(det, fp, i, fwhm_pix, min_prominence)]
         while left:
             best = left.pop(0)
             d = [np.hypot(p[0] - best[0], p[1] - best[1]) for p in left]
             partner = next((i for i, p in enumerate(left)
                             if p[3] != best[3] and d[i] <= dipole_max_sep_fwhm * fwhm_pix), None)
             group = [best] if partner is None else [best, left[partner]]
-            centre = np.mean([g[:2] for g in group], axis=0)
-            left = [p for i, p in enumerate(left) if i != partner
-                    and not (p[3] == best[3] and np.hypot(p[0] - centre[0], p[1] - centre[1]) <= fwhm_pix)]
+            left = [p for i, p in enumerate(left) if i != partner]
             children.append((fp, np.array(group)))
     return children
+
+
+def _stands_alone(det, fp, i: int, fwhm_pix: float, min_prominence: float) -> bool:
+    """Whether peak ``i`` of footprint ``fp`` (peaks strongest first) is a source of its own: no stronger peak
+    of its sign within a FWHM, and none reachable from it through footprint pixels whose S/N stays above its
+    own less ``min_prominence`` (its col to them is lower than that)."""
+    x, y, value, sign = fp.peaks[i]
+    stronger = fp.peaks[:i][fp.peaks[:i, 3] == sign]
+    if len(stronger) == 0:
+        return True
+    if not np.isfinite(min_prominence) or np.hypot(stronger[:, 0] - x, stronger[:, 1] - y).min() <= fwhm_pix:
+        return False
+    y0, x0 = fp.bbox[0].start, fp.bbox[1].start
+    high = (det.labels[fp.bbox] == fp.id) & (sign * det.snr[fp.bbox] >= sign * value - min_prominence)
+    parts, _ = ndimage.label(high, structure=np.ones((3, 3), bool))
+    own = parts[int(y) - y0, int(x) - x0]
+    return not np.any(parts[stronger[:, 1].astype(int) - y0, stronger[:, 0].astype(int) - x0] == own)
 
 
 def pixel_scale_arcsec(exp: Exposure) -> float:
@@ -276,7 +289,7 @@ def measure_sources(exp: Exposure, det, science: Exposure | None = None, templat
     ny, nx = exp.shape
     psf = exp.psf
     scale = pixel_scale_arcsec(exp)
-    children = split_footprints(det.footprints, psf.fwhm, split_peaks=cfg.split_peaks)
+    children = split_footprints(det, psf.fwhm, cfg.peak_prominence)
     rows = []
     for fp, peaks in children:
         best = peaks[0]
