@@ -231,3 +231,30 @@ def test_peaks_on_unusable_pixels_are_dropped():
     diff.set_plane("NO_DATA", np.pad(np.ones((21, 21), bool), ((90, 89), (90, 89))))
     det = detect_sources(diff, DetectConfig(find_cosmic_rays=False))
     assert len(det.footprints) == 0
+
+
+@pytest.mark.parametrize("spacing_in_reach", [0.5, 1.2])
+def test_peaks_beyond_the_prominence_reach_are_separate_and_cost_a_window_each(spacing_in_reach):
+    """A trail-like ridge (S/N 50) as long as the image, with small bumps (+3, under the prominence of 5): bumps
+    within reach of a stronger one belong to it (one diaSource for the trail), bumps farther apart than the
+    reach are separate whatever the col, and the long footprint is labelled in windows only (fast)."""
+    import time
+
+    from dialab.detection import Detections, Footprint
+    from dialab.measurement import PROMINENCE_REACH_FWHM, split_footprints
+
+    fwhm = 4.0
+    reach = PROMINENCE_REACH_FWHM * fwhm
+    ny, nx = 21, 4000
+    xx = np.arange(nx, dtype=float)
+    bumps = np.arange(20.0, nx - 20, spacing_in_reach * reach)
+    ridge = 50 + sum(3 * np.exp(-((xx - b) ** 2) / (2 * 2.0**2)) for b in bumps)
+    snr = np.repeat(ridge[None, :], ny, axis=0).astype(np.float32)
+    peaks = np.array([[b, 10, ridge[int(b)], 1.0] for b in bumps])
+    peaks = peaks[np.argsort(-peaks[:, 2], kind="stable")]
+    det = Detections([Footprint(1, np.arange(snr.size), (slice(0, ny), slice(0, nx)), peaks)],
+                     np.ones(snr.shape, np.int32), snr, np.zeros_like(snr), np.zeros((0, 2)), False)
+    t0 = time.perf_counter()
+    sources = split_footprints(det, fwhm, 5.0)
+    assert time.perf_counter() - t0 < 1.0
+    assert len(sources) == (1 if spacing_in_reach < 1 else len(bumps))

@@ -221,21 +221,33 @@ def split_footprints(det, fwhm_pix: float, min_prominence: float, dipole_max_sep
     return children
 
 
+#: How far (in FWHM, and at least in pixels) the col between two peaks is looked for: peaks farther apart are
+#: separate sources whatever lies between them, and a long footprint (a satellite trail, a failed subtraction)
+#: costs one small window per peak, not one pass over its whole bounding box.
+PROMINENCE_REACH_FWHM, PROMINENCE_REACH_MIN_PIX = 10.0, 32
+
+
 def _stands_alone(det, fp, i: int, fwhm_pix: float, min_prominence: float) -> bool:
     """Whether peak ``i`` of footprint ``fp`` (peaks strongest first) is a source of its own: no stronger peak
-    of its sign within a FWHM, and none reachable from it through footprint pixels whose S/N stays above its
-    own less ``min_prominence`` (its col to them is lower than that)."""
+    of its sign within a FWHM, and none within reach joined to it by footprint pixels whose S/N stays at or
+    above its own less ``min_prominence`` (its col to them is lower than that)."""
     x, y, value, sign = fp.peaks[i]
     stronger = fp.peaks[:i][fp.peaks[:i, 3] == sign]
+    reach = max(PROMINENCE_REACH_FWHM * fwhm_pix, PROMINENCE_REACH_MIN_PIX)
+    d = np.hypot(stronger[:, 0] - x, stronger[:, 1] - y)
+    stronger = stronger[d <= reach]
     if len(stronger) == 0:
         return True
-    if not np.isfinite(min_prominence) or np.hypot(stronger[:, 0] - x, stronger[:, 1] - y).min() <= fwhm_pix:
+    if not np.isfinite(min_prominence) or d.min() <= fwhm_pix:
         return False
-    y0, x0 = fp.bbox[0].start, fp.bbox[1].start
-    high = (det.labels[fp.bbox] == fp.id) & (sign * det.snr[fp.bbox] >= sign * value - min_prominence)
+    r = int(np.ceil(reach))
+    (ys, xs) = fp.bbox
+    box = (slice(max(ys.start, int(y) - r), min(ys.stop, int(y) + r + 1)),
+           slice(max(xs.start, int(x) - r), min(xs.stop, int(x) + r + 1)))
+    high = (det.labels[box] == fp.id) & (sign * det.snr[box] >= sign * value - min_prominence)
     parts, _ = ndimage.label(high, structure=np.ones((3, 3), bool))
-    own = parts[int(y) - y0, int(x) - x0]
-    return not np.any(parts[stronger[:, 1].astype(int) - y0, stronger[:, 0].astype(int) - x0] == own)
+    own = parts[int(y) - box[0].start, int(x) - box[1].start]
+    return not np.any(parts[stronger[:, 1].astype(int) - box[0].start, stronger[:, 0].astype(int) - box[1].start] == own)
 
 
 def pixel_scale_arcsec(exp: Exposure) -> float:
