@@ -67,6 +67,24 @@ def test_injection_keeps_the_images_stars_and_no_fake_becomes_a_star():
         assert (nearest < 1.0).all() == has_fakes
 
 
+def test_injection_keeps_the_images_sky_and_bright_fakes_would_have_moved_it():
+    """The injected copy's sky is its source's (fakes are sources, not sky); estimated anew on the injected
+    pixels, bright fakes move the cells they sit in (their clipped medians: by a few hundredths of the noise)."""
+    exp = _field(3)
+    exp.psf, exp.gain = GaussianPsf(sigma_pix=1.8), 1.0
+    sky = sky_background(exp)
+    rng = np.random.default_rng(5)
+    fx, fy = rng.uniform(20, 300, 60), rng.uniform(20, 236, 60)
+    injected = inject_fakes(exp, fx, fy, np.full(60, 1e5), seed=1)
+    assert sky_background(injected) is sky
+    fresh = estimate_background(injected.image, injected.plane(*SKY_BAD_PLANES))
+    assert np.max(np.abs(fresh.level - sky.level)) > 0.1  # a fresh estimate would take some fake light as sky
+    bare = _field(3)
+    bare.psf, bare.gain = exp.psf, exp.gain
+    not_yet = inject_fakes(bare, fx, fy, np.full(60, 1e5), seed=1)  # nothing known before: estimated anew
+    np.testing.assert_array_equal(sky_background(not_yet).level, fresh.level)
+
+
 def test_transform_made_by_row_blocks_is_the_full_transform():
     kernel = np.random.default_rng(2).normal(size=(35, 35)).astype(np.float32)
     np.testing.assert_array_equal(padded_rfft2(kernel, (300, 260), 1), fft.rfft2(kernel, s=(300, 260), workers=1))

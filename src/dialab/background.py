@@ -191,6 +191,15 @@ def keep_sky(exposure, background: Background) -> None:
     exposure.keep_derived(("sky", SKY_BAD_PLANES, SKY_MESH_PIX), background)
 
 
+def carry_sky(source, injected) -> None:
+    """Give ``injected`` (a copy of ``source`` with fake sources added) the sky ``source`` already has: fakes are
+    sources, not sky. As in LSST, where fakes go into an image whose background was subtracted before, they do
+    not move the sky estimate of the image they test (and the shared sky is not estimated again per copy)."""
+    sky = source.known(("sky", SKY_BAD_PLANES, SKY_MESH_PIX))
+    if sky is not None:
+        keep_sky(injected, sky)
+
+
 def estimate_background(image: np.ndarray, bad: np.ndarray | None = None, mesh_pix: int = SKY_MESH_PIX,
                         mask_sources_nsigma: float | None = 3.0) -> Background:
     """Mesh background: clipped median and sigma per box, 3x3 median-filtered, spline-upsampled.

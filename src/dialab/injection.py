@@ -14,6 +14,7 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .background import carry_sky
 from .exposure import Exposure
 from .ids import pack_ids
 from .lazy import lazy_module
@@ -162,6 +163,7 @@ def inject_fakes(exp: Exposure, x: np.ndarray, y: np.ndarray, flux: np.ndarray, 
         noise = np.sqrt(np.maximum(exp.variance[y0:y1, x0:x1], 1e-30))
         out.mask[y0:y1, x0:x1] |= np.where(np.abs(s) > 0.5 * noise, np.int32(bit), np.int32(0))
     carry_stars(exp, out)
+    carry_sky(exp, out)
     return out
 
 
