@@ -68,12 +68,19 @@ def test_two_sources_in_one_footprint_are_two_diasources_unless_footprints_are_n
                                split[split.isNegative][["x", "y", "psfFlux"]].to_numpy())
 
 
+def _one_footprint(snr, peaks):
+    """Detections of one footprint covering the whole S/N image ``snr``, with ``peaks`` (strongest first)."""
+    from dialab.detection import Detections, Footprint
+
+    footprint = Footprint(1, np.arange(snr.size), (slice(0, snr.shape[0]), slice(0, snr.shape[1])), peaks)
+    return Detections([footprint], np.ones(snr.shape, np.int32), snr, np.zeros_like(snr), np.zeros((0, 2)), False)
+
+
 @pytest.mark.parametrize("second", [12.0, 40.0])
 def test_a_weaker_peak_is_its_own_diasource_only_when_it_rises_enough_above_the_col(second):
     """An S/N landscape of two bumps 16 px apart (peaks 60 and ``second`` on a ridge along x): the weaker peak's
     prominence is its height above the lowest point between them, read off the ridge here; it is split off
     exactly when that reaches ``peak_prominence``, for several settings."""
-    from dialab.detection import Detections, Footprint
     from dialab.measurement import split_footprints
 
     yy, xx = np.mgrid[0:60, 0:80].astype(float)
@@ -83,10 +90,7 @@ def test_a_weaker_peak_is_its_own_diasource_only_when_it_rises_enough_above_the_
     weak = 40 + int(np.argmax(ridge[40:]))
     prominence = ridge[weak] - ridge[30:weak].min()
     assert ridge[weak] > max(ridge[weak - 1], ridge[weak + 1])  # a peak of its own
-    labels = np.ones(snr.shape, np.int32)
-    peaks = np.array([[30, 30, snr[30, 30], 1.0], [weak, 30, snr[30, weak], 1.0]])
-    det = Detections([Footprint(1, np.arange(snr.size), (slice(0, 60), slice(0, 80)), peaks)], labels, snr,
-                     np.zeros_like(snr), np.zeros((0, 2)), False)
+    det = _one_footprint(snr, np.array([[30, 30, snr[30, 30], 1.0], [weak, 30, snr[30, weak], 1.0]]))
     for setting in (0.0, 0.5 * prominence, 0.9 * prominence, 1.1 * prominence, 2 * prominence, np.inf):
         assert len(split_footprints(det, 5.0, setting)) == (2 if setting <= prominence else 1), setting
 
@@ -240,7 +244,6 @@ def test_peaks_beyond_the_prominence_reach_are_separate_and_cost_a_window_each(s
     reach are separate whatever the col, and the long footprint is labelled in windows only (fast)."""
     import time
 
-    from dialab.detection import Detections, Footprint
     from dialab.measurement import PROMINENCE_REACH_FWHM, split_footprints
 
     fwhm = 4.0
@@ -252,8 +255,7 @@ def test_peaks_beyond_the_prominence_reach_are_separate_and_cost_a_window_each(s
     snr = np.repeat(ridge[None, :], ny, axis=0).astype(np.float32)
     peaks = np.array([[b, 10, ridge[int(b)], 1.0] for b in bumps])
     peaks = peaks[np.argsort(-peaks[:, 2], kind="stable")]
-    det = Detections([Footprint(1, np.arange(snr.size), (slice(0, ny), slice(0, nx)), peaks)],
-                     np.ones(snr.shape, np.int32), snr, np.zeros_like(snr), np.zeros((0, 2)), False)
+    det = _one_footprint(snr, peaks)
     t0 = time.perf_counter()
     sources = split_footprints(det, fwhm, 5.0)
     assert time.perf_counter() - t0 < 1.0

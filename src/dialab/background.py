@@ -170,11 +170,16 @@ SKY_BAD_PLANES = ("NO_DATA", "BAD", "SAT")
 SKY_MESH_PIX = 64
 
 
+def _sky_key(mesh_pix: int = SKY_MESH_PIX) -> tuple:
+    """The shared sky's key among an exposure's derived values."""
+    return ("sky", SKY_BAD_PLANES, mesh_pix)
+
+
 def sky_background(exposure, mesh_pix: int = SKY_MESH_PIX) -> Background:
     """The exposure's sky, estimated once per state of its pixels (``Exposure.derived``) and shared by every
     step that needs it: star finding, PSF measurement, repair, the subtraction's preparation. A finer
     ``mesh_pix`` (the sky under the PSF stars' stamps) is kept apart."""
-    return exposure.derived(("sky", SKY_BAD_PLANES, mesh_pix),
+    return exposure.derived(_sky_key(mesh_pix),
                             lambda: estimate_background(exposure.image, exposure.plane(*SKY_BAD_PLANES), mesh_pix))
 
 
@@ -188,14 +193,14 @@ def sky_subtracted(image: np.ndarray, background: Background, full_pass: bool = 
 def keep_sky(exposure, background: Background) -> None:
     """Declare ``background`` still the exposure's sky after a change of a few pixels that its clipped mesh
     medians clipped anyway (cosmic rays replaced by their surroundings)."""
-    exposure.keep_derived(("sky", SKY_BAD_PLANES, SKY_MESH_PIX), background)
+    exposure.keep_derived(_sky_key(), background)
 
 
 def carry_sky(source, injected) -> None:
     """Give ``injected`` (a copy of ``source`` with fake sources added) the sky ``source`` already has: fakes are
     sources, not sky. As in LSST, where fakes go into an image whose background was subtracted before, they do
     not move the sky estimate of the image they test (and the shared sky is not estimated again per copy)."""
-    sky = source.known(("sky", SKY_BAD_PLANES, SKY_MESH_PIX))
+    sky = source.known(_sky_key())
     if sky is not None:
         keep_sky(injected, sky)
 

@@ -242,12 +242,12 @@ def _stands_alone(det, fp, i: int, fwhm_pix: float, min_prominence: float) -> bo
         return False
     r = int(np.ceil(reach))
     (ys, xs) = fp.bbox
-    box = (slice(max(ys.start, int(y) - r), min(ys.stop, int(y) + r + 1)),
-           slice(max(xs.start, int(x) - r), min(xs.stop, int(x) + r + 1)))
+    y0, x0 = max(ys.start, int(y) - r), max(xs.start, int(x) - r)
+    box = (slice(y0, min(ys.stop, int(y) + r + 1)), slice(x0, min(xs.stop, int(x) + r + 1)))
     high = (det.labels[box] == fp.id) & (sign * det.snr[box] >= sign * value - min_prominence)
     parts, _ = ndimage.label(high, structure=np.ones((3, 3), bool))
-    own = parts[int(y) - box[0].start, int(x) - box[1].start]
-    return not np.any(parts[stronger[:, 1].astype(int) - box[0].start, stronger[:, 0].astype(int) - box[1].start] == own)
+    own = parts[int(y) - y0, int(x) - x0]
+    return not np.any(parts[stronger[:, 1].astype(int) - y0, stronger[:, 0].astype(int) - x0] == own)
 
 
 def pixel_scale_arcsec(exp: Exposure) -> float:
