@@ -107,3 +107,54 @@ def test_a_deconvolving_fit_takes_a_less_precise_ratio(flavor):
     d = subtract(science, template, SubtractConfig(flavor=flavor)).diagnostics
     assert 0.008 < d.scale_error / d.star_flux_ratio < 0.03  # the case this is about
     assert d.kernel_sum == pytest.approx(spec.flux_ratio, rel=0.015)
+
+
+def test_cross_weighted_ratio_is_not_moved_by_neighbours_or_asymmetric_psfs():
+    """A noise-free field of 1500 sources per Mpix (stars and PSF-convolved galaxies), sheared Gaussian PSFs of
+    different sizes and shapes in the two images, true ratio 1.3. Each image's sum weighted by the other image's
+    (flipped, smoothed) PSF sees the same scene through the same PSF: the stars' ratio is exact to 2e-4. One
+    Gaussian weight for both images, calibrated by each image's own PSF (the ratio before), lets the neighbours'
+    light into the broader image's sum more: its stars' median ratio is 1% off here."""
+    import galsim
+
+    from dialab.psf import ImagePsf
+    from dialab.simulate.render import draw_point_sources
+    from dialab.subtraction.photometric_scale import measure_photometric_scale
+
+    shape, ratio = (512, 512), 1.3
+    rng = np.random.default_rng(3)
+    psfs = {"target": galsim.Gaussian(sigma=2.4).shear(g1=0.15, g2=0.05),
+            "conv": galsim.Gaussian(sigma=2.0).shear(g1=-0.1, g2=0.08)}
+    sx, sy, sf = rng.uniform(30, 482, 240), rng.uniform(30, 482, 240), rng.uniform(1000, 4000, 240)
+    gx, gy, gf = rng.uniform(30, 482, 160), rng.uniform(30, 482, 160), rng.uniform(1000, 4000, 160)
+    images = {}
+    for side, scale in (("target", ratio), ("conv", 1.0)):
+        psf = psfs[side]
+        galaxy = galsim.Convolve(galsim.Exponential(half_light_radius=1.5).shear(g1=0.2), psf)
+        images[side] = (draw_point_sources(shape, sx, sy, scale * sf, lambda x, y, p=psf: p)
+                        + draw_point_sources(shape, gx, gy, scale * gf, lambda x, y, g=galaxy: g))
+    models = {side: ImagePsf(p.drawImage(nx=41, ny=41, scale=1.0).array) for side, p in psfs.items()}
+    var = np.full(shape, 1e-4)
+    positions = np.column_stack([np.rint(sx), np.rint(sy)]).astype(int)
+    fit = measure_photometric_scale(images["target"], var, models["target"], images["conv"], var, models["conv"],
+                                    positions)
+    assert fit.n_used >= 60
+    assert fit.scale == pytest.approx(ratio, rel=2e-4)
+
+    def gaussian_weighted(image, model):  # the ratio before: one weight of 2.5 sigma of the broader PSF
+        yy, xx = np.mgrid[-24:25, -24:25]
+        fluxes = []
+        for x, y in zip(sx, sy):
+            ix, iy = int(round(x)), int(round(y))
+            if not (24 <= ix < shape[1] - 24 and 24 <= iy < shape[0] - 24):
+                fluxes.append(np.nan)
+                continue
+            w = np.exp(-((xx - (x - ix)) ** 2 + (yy - (y - iy)) ** 2) / (2 * 6.0**2))
+            p = model.draw(x - ix, y - iy)
+            h = p.shape[0] // 2
+            fluxes.append((w * image[iy - 24 : iy + 25, ix - 24 : ix + 25]).sum() / (w[24 - h : 25 + h, 24 - h : 25 + h]
+                                                                                      * p).sum())
+        return np.array(fluxes)
+
+    before = gaussian_weighted(images["target"], models["target"]) / gaussian_weighted(images["conv"], models["conv"])
+    assert abs(np.nanmedian(before) / ratio - 1) > 5e-3
