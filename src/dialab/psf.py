@@ -19,9 +19,9 @@ from scipy import ndimage
 
 from .background import sky_background, sky_subtracted
 from .errors import BadInputError, PsfMeasurementError
-from .imageops import Chebyshev2D
+from .imageops import Chebyshev2D, stamp_index
 from .moments import adaptive_moments
-from .stars import ArrayColumns, select_psf_stars
+from .stars import ArrayColumns, peak_positions, select_psf_stars
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -487,12 +487,56 @@ class StarStamps(ArrayColumns):
     snr: np.ndarray
 
 
+@dataclass(frozen=True)
+class Neighbours:
+    """Sources with PSF-fit fluxes from a model: their modelled light can be taken out of a star's stamp (as
+    DAOPHOT takes the neighbours out of its PSF stars; Stetson 1987)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    flux: np.ndarray
+    psf: Psf
+
+    def light(self, shape: tuple[int, int], x0: int, y0: int, star: tuple[float, float]) -> np.ndarray:
+        """Their light on a box of ``shape`` whose first pixel is (x0, y0), less the source at ``star`` itself
+        (within half a FWHM): each flux times the model at its sub-pixel position."""
+        ny, nx = shape
+        s = self.psf.default_size
+        h = s // 2
+        ix, iy = np.rint(self.x).astype(int) - x0, np.rint(self.y).astype(int) - y0  # on the box
+        near = ((ix >= -h) & (ix < nx + h) & (iy >= -h) & (iy < ny + h) & (self.flux > 0)
+                & (np.hypot(self.x - star[0], self.y - star[1]) > max(0.5 * self.psf.fwhm, 1.5)))
+        out = np.zeros((ny + 2 * s, nx + 2 * s))  # the box with a stamp's margin on every side
+        idx = np.flatnonzero(near)
+        if len(idx):
+            stamps = self.psf.draw_many(self.x[idx] - (ix[idx] + x0), self.y[idx] - (iy[idx] + y0), self.x[idx],
+                                        self.y[idx])
+            for stamp, f, cx, cy in zip(stamps, self.flux[idx], ix[idx] + s - h, iy[idx] + s - h):
+                out[cy : cy + s, cx : cx + s] += f * stamp
+        return out[s : s + ny, s : s + nx]
+
+
+def find_neighbours(exposure, image, psf: Psf, xs: np.ndarray, ys: np.ndarray, reach: float) -> Neighbours | None:
+    """The image's 5-sigma peaks (found with the PSF's filter) within ``reach`` (in x and y) of any of the stars at
+    (xs, ys), the stars among them (each is the others' neighbour), with unweighted PSF-fit fluxes on ``image``
+    (sky-subtracted, read in windows); None when there are none."""
+    px, py = peak_positions(exposure, max(psf.sigma, 1.0))
+    if not len(px) or not len(xs):
+        return None
+    dx, dy = np.abs(px[:, None] - np.asarray(xs)[None]), np.abs(py[:, None] - np.asarray(ys)[None])
+    near = ((dx < reach) & (dy < reach)).any(axis=1)
+    if not near.any():
+        return None
+    px, py = px[near].astype(float), py[near].astype(float)
+    return Neighbours(px, py, _fitted_fluxes(image, psf, px, py), psf)
+
+
 def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: int,
-                    norm_radius: float | None = None) -> StarStamps:
-    """Each star cut from the sky-subtracted ``image``, the light of other sources around it
-    (``neighbour_light``) removed, shifted by cubic spline so its centroid falls on the central pixel, and
-    normalised by its flux within ``norm_radius`` (default: the stamp's inscribed circle's third; in a crowded
-    field the whole stamp's sum is mostly neighbours and sky error).
+                    norm_radius: float | None = None, neighbours: Neighbours | None = None) -> StarStamps:
+    """Each star cut from the sky-subtracted ``image``, the modelled light of the ``neighbours`` subtracted, the
+    remaining light of other sources around it (``neighbour_light``) removed, shifted by cubic spline so its
+    centroid falls on the central pixel, and normalised by its flux within ``norm_radius`` (default: the stamp's
+    inscribed circle's third; in a crowded field the whole stamp's sum is mostly neighbours and sky error).
 
     No sky is measured per star: any local estimate around a star holds the star's own wings and its
     neighbours' (a stamp-border median takes half the light beyond 2 FWHM away from the model).
@@ -508,6 +552,8 @@ def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: 
         window = np.s_[iy - pad : iy + pad + 1, ix - pad : ix + pad + 1]
         box = image[window].astype(float)
         if box.shape == (2 * pad + 1, 2 * pad + 1) and np.isfinite(box).all():
+            if neighbours is not None:
+                box -= neighbours.light(box.shape, ix - pad, iy - pad, (x, y))
             noise = np.sqrt(np.maximum(variance[window][3:-3, 3:-3].astype(float), 0))
             cut.append((box, noise, (iy - y, ix - x), (x, y, s)))
     out = []
@@ -522,6 +568,22 @@ def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: 
         return StarStamps(np.zeros((0, size, size)), np.zeros((0, size, size)), *np.zeros((3, 0)))
     cols = list(zip(*out))
     return StarStamps(np.array(cols[0]), np.array(cols[1]), *(np.array(c, float) for c in cols[2:]))
+
+
+def _fitted_fluxes(image, psf: Psf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Unweighted PSF-fit fluxes at (x, y) on ``image`` (read in windows), 0 where the model's window leaves it:
+    enough to take a neighbour's light out of a star's stamp."""
+    ny, nx = image.shape
+    h = psf.default_size // 2
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    ok = (ix >= h) & (ix < nx - h) & (iy >= h) & (iy < ny - h)
+    flux = np.zeros(len(x))
+    for start in range(0, int(ok.sum()), 512):
+        idx = np.flatnonzero(ok)[start : start + 512]
+        model = psf.draw_many(x[idx] - ix[idx], y[idx] - iy[idx], x[idx], y[idx])
+        at, _ = stamp_index(ix[idx], iy[idx], h, image.shape)
+        flux[idx] = np.einsum("kij,kij->k", model, image[at]) / np.einsum("kij,kij->k", model, model)
+    return flux
 
 
 #: Rings (in stamp half-sizes) whose levels ``neighbour_light`` fits: the stamp's outer part, the last ring its
@@ -697,7 +759,8 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
     Stars are found twice (the second time with a filter of the size the first found), then the model is
     refined in up to three rounds: fitted per pixel as a polynomial of the position (constant, linear or
     quadratic, as the stars' sizes show significant variation, or ``order``), and every source whose excess
-    residual against it is an outlier (a galaxy, blend or cosmic ray that passed the size cut) is dropped.
+    residual against it is an outlier (a galaxy, blend or cosmic ray that passed the size cut) is dropped. The
+    model is then made again from stamps with their neighbours' light (fitted with the first model) taken out.
 
     Parameters
     ----------
@@ -733,11 +796,26 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
     # the sky under the stamps on cells of the stamp's size: the image's own 64-px sky leaves smaller structure
     # (a bright galaxy's halo under some of the stars) in them, and no star has a sky of its own here
     sky = sky_background(exposure, max(PSF_SKY_MESH, size))
-    stars = cut_star_stamps(sky_subtracted(exposure.image, sky), exposure.variance, found.x, found.y, found.snr, size)
+    image = sky_subtracted(exposure.image, sky)
     if order is None:
         order = variation_order(found.x, found.y, found.sigma, exposure.shape)
+    stars = cut_star_stamps(image, exposure.variance, found.x, found.y, found.snr, size)
+    psf = _refined_psf(stars, exposure.shape, order, sigma, min_stars)
+    # once more with the neighbours' light taken out of the stamps: in a broad PSF most stars have another within
+    # their stamp (a Moffat field of FWHM 8 px, star pairs 2.5-3 FWHM apart: NEA +10 to +18% -> -2 to -3%)
+    neighbours = find_neighbours(exposure, image, psf, stars.x, stars.y, size // 2 + psf.default_size // 2 + 1)
+    if neighbours is not None:
+        stars = cut_star_stamps(image, exposure.variance, found.x, found.y, found.snr, size, neighbours=neighbours)
+        psf = _refined_psf(stars, exposure.shape, order, sigma, min_stars)
+    psf.from_stars = True
+    return psf
+
+
+def _refined_psf(stars: StarStamps, shape: tuple[int, int], order: int, sigma: float, min_stars: int) -> Psf:
+    """The model from the stars in up to three rounds, each dropping the sources whose excess residual against it is
+    an outlier (a galaxy, blend or cosmic ray that passed the size cut)."""
     for _ in range(3):
-        psf = _sane_psf_from_stars(stars, exposure.shape, order)
+        psf = _sane_psf_from_stars(stars, shape, order)
         model = np.array([psf.stamp(x=x, y=y) for x, y in zip(stars.x, stars.y)])
         excess = _excess_residual(stars, model, max(2.0, 2.0 * FWHM_PER_SIGMA * sigma / 2))
         med = np.median(excess)
@@ -746,7 +824,6 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
         if keep.all() or keep.sum() < min_stars:
             break
         stars = stars.select(keep)
-    psf.from_stars = True
     return psf
 
 
