@@ -235,7 +235,7 @@ def _stands_alone(det, fp, i: int, fwhm_pix: float, min_prominence: float) -> bo
     stronger = fp.peaks[:i][fp.peaks[:i, 3] == sign]
     reach = max(PROMINENCE_REACH_FWHM * fwhm_pix, PROMINENCE_REACH_MIN_PIX)
     d = np.hypot(stronger[:, 0] - x, stronger[:, 1] - y)
-    stronger = stronger[d <= reach]
+    stronger, d = stronger[d <= reach], d[d <= reach]
     if len(stronger) == 0:
         return True
     if not np.isfinite(min_prominence) or d.min() <= fwhm_pix:

@@ -18,7 +18,7 @@ from .background import sky_background, sky_subtracted
 from .exposure import Exposure
 from .imageops import aperture_sum, stamp_index
 from .lazy import lazy_module
-from .psf import ApertureCorrection, GridPsf, Psf, shift_stamps, shifted_centres
+from .psf import ApertureCorrection, GridPsf, Psf, resize_stamp, shift_stamps, shifted_centres
 from .stars import locus_stars, peak_positions, psf_filter_sigma
 
 pd = lazy_module("pandas")
@@ -63,12 +63,11 @@ def psf_fluxes(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int | None = N
 
 
 def _fitted_flux(exp: Exposure, x: np.ndarray, y: np.ndarray, size: int, image) -> tuple[np.ndarray, np.ndarray]:
-    psf, full, h = exp.psf, exp.psf.default_size, size // 2
+    psf, h = exp.psf, size // 2
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     # The fit window is cropped from the full, unit-sum model: fluxes are totals, not window sums.
     model = psf.draw_many(x - ix, y - iy, x, y)
-    o = (full - size) // 2
-    model = model[:, o : o + size, o : o + size] if full > size else np.pad(model, ((0, 0), (-o, -o), (-o, -o)))
+    model = resize_stamp(model, size)
     at, inside = stamp_index(ix, iy, h, exp.shape)
     w = np.where(inside & ~exp.unusable[at], 1.0 / np.maximum(exp.variance[at], np.float32(1e-30)), np.float32(0))
     denom = np.einsum("kij,kij,kij->k", model, model, w)

@@ -21,7 +21,7 @@ from .background import sky_background, sky_subtracted
 from .errors import BadInputError, PsfMeasurementError
 from .imageops import Chebyshev2D, stamp_index
 from .moments import adaptive_moments
-from .stars import ArrayColumns, peak_positions, select_psf_stars
+from .stars import ArrayColumns, peak_positions, psf_filter_sigma, select_psf_stars
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -340,17 +340,17 @@ def _check_odd(size: int) -> int:
     return size
 
 
-def _resize(stamp: np.ndarray, size: int) -> np.ndarray:
-    """Crop or zero-pad a centred odd stamp to ``size``."""
-    n = stamp.shape[0]
+def resize_stamp(stamp: np.ndarray, size: int) -> np.ndarray:
+    """Crop or zero-pad a centred odd stamp (or a stack of them, (..., n, n)) to ``size``."""
+    n = stamp.shape[-1]
     if size == n:
         return stamp
     if size < n:
         o = (n - size) // 2
-        return stamp[o : o + size, o : o + size]
-    out = np.zeros((size, size), dtype=stamp.dtype)
+        return stamp[..., o : o + size, o : o + size]
+    out = np.zeros((*stamp.shape[:-2], size, size), dtype=stamp.dtype)
     o = (size - n) // 2
-    out[o : o + n, o : o + n] = stamp
+    out[..., o : o + n, o : o + n] = stamp
     return out
 
 
@@ -377,7 +377,7 @@ class ImagePsf(Psf):
 
     def stamp(self, size=None, x=None, y=None):
         size = self.default_size if size is None else _check_odd(size)
-        p = _resize(self.image, size)
+        p = resize_stamp(self.image, size)
         return p / p.sum()
 
     def stamps_at(self, x, y):
@@ -437,7 +437,7 @@ class GridPsf(Psf):
         y = cy if y is None else y
         p = self.interpolated(x, y)
         if size is not None:
-            p = _resize(p, _check_odd(size))
+            p = resize_stamp(p, _check_odd(size))
         return p / p.sum()
 
     def at(self, x, y):
@@ -489,30 +489,29 @@ class StarStamps(ArrayColumns):
 
 @dataclass(frozen=True)
 class Neighbours:
-    """Sources with PSF-fit fluxes from a model: their modelled light can be taken out of a star's stamp (as
-    DAOPHOT takes the neighbours out of its PSF stars; Stetson 1987)."""
+    """Sources with PSF-fit fluxes from a model, and the model drawn at each (once, however many stars' stamps it
+    reaches): their modelled light can be taken out of a star's stamp (as DAOPHOT takes the neighbours out of its
+    PSF stars; Stetson 1987)."""
 
     x: np.ndarray
     y: np.ndarray
     flux: np.ndarray
     psf: Psf
+    stamps: np.ndarray  # (n, s, s) the model at each source's sub-pixel position, centred on its nearest pixel
 
     def light(self, shape: tuple[int, int], x0: int, y0: int, star: tuple[float, float]) -> np.ndarray:
         """Their light on a box of ``shape`` whose first pixel is (x0, y0), less the source at ``star`` itself
-        (within half a FWHM): each flux times the model at its sub-pixel position."""
+        (within half a FWHM): each flux times its model stamp."""
         ny, nx = shape
-        s = self.psf.default_size
+        s = self.stamps.shape[-1]
         h = s // 2
         ix, iy = np.rint(self.x).astype(int) - x0, np.rint(self.y).astype(int) - y0  # on the box
         near = ((ix >= -h) & (ix < nx + h) & (iy >= -h) & (iy < ny + h) & (self.flux > 0)
                 & (np.hypot(self.x - star[0], self.y - star[1]) > max(0.5 * self.psf.fwhm, 1.5)))
         out = np.zeros((ny + 2 * s, nx + 2 * s))  # the box with a stamp's margin on every side
-        idx = np.flatnonzero(near)
-        if len(idx):
-            stamps = self.psf.draw_many(self.x[idx] - (ix[idx] + x0), self.y[idx] - (iy[idx] + y0), self.x[idx],
-                                        self.y[idx])
-            for stamp, f, cx, cy in zip(stamps, self.flux[idx], ix[idx] + s - h, iy[idx] + s - h):
-                out[cy : cy + s, cx : cx + s] += f * stamp
+        for k in np.flatnonzero(near):
+            cx, cy = ix[k] + s - h, iy[k] + s - h
+            out[cy : cy + s, cx : cx + s] += self.flux[k] * self.stamps[k]
         return out[s : s + ny, s : s + nx]
 
 
@@ -520,7 +519,7 @@ def find_neighbours(exposure, image, psf: Psf, xs: np.ndarray, ys: np.ndarray, r
     """The image's 5-sigma peaks (found with the PSF's filter) within ``reach`` (in x and y) of any of the stars at
     (xs, ys), the stars among them (each is the others' neighbour), with unweighted PSF-fit fluxes on ``image``
     (sky-subtracted, read in windows); None when there are none."""
-    px, py = peak_positions(exposure, max(psf.sigma, 1.0))
+    px, py = peak_positions(exposure, psf_filter_sigma(psf))
     if not len(px) or not len(xs):
         return None
     dx, dy = np.abs(px[:, None] - np.asarray(xs)[None]), np.abs(py[:, None] - np.asarray(ys)[None])
@@ -528,7 +527,9 @@ def find_neighbours(exposure, image, psf: Psf, xs: np.ndarray, ys: np.ndarray, r
     if not near.any():
         return None
     px, py = px[near].astype(float), py[near].astype(float)
-    return Neighbours(px, py, _fitted_fluxes(image, psf, px, py), psf)
+    ix, iy = np.rint(px), np.rint(py)
+    stamps = psf.draw_many(px - ix, py - iy, px, py)
+    return Neighbours(px, py, _fitted_fluxes(image, stamps, px, py), psf, stamps)
 
 
 def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: int,
@@ -570,19 +571,19 @@ def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: 
     return StarStamps(np.array(cols[0]), np.array(cols[1]), *(np.array(c, float) for c in cols[2:]))
 
 
-def _fitted_fluxes(image, psf: Psf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Unweighted PSF-fit fluxes at (x, y) on ``image`` (read in windows), 0 where the model's window leaves it:
-    enough to take a neighbour's light out of a star's stamp."""
+def _fitted_fluxes(image, models: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Unweighted PSF-fit fluxes with the ``models`` (n, s, s) centred on the pixels nearest (x, y), on ``image``
+    (read in windows); 0 where a model's window leaves it: enough to take a neighbour's light out of a star's
+    stamp."""
     ny, nx = image.shape
-    h = psf.default_size // 2
+    h = models.shape[-1] // 2
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-    ok = (ix >= h) & (ix < nx - h) & (iy >= h) & (iy < ny - h)
+    ok = np.flatnonzero((ix >= h) & (ix < nx - h) & (iy >= h) & (iy < ny - h))
     flux = np.zeros(len(x))
-    for start in range(0, int(ok.sum()), 512):
-        idx = np.flatnonzero(ok)[start : start + 512]
-        model = psf.draw_many(x[idx] - ix[idx], y[idx] - iy[idx], x[idx], y[idx])
+    for start in range(0, len(ok), 512):
+        idx = ok[start : start + 512]
         at, _ = stamp_index(ix[idx], iy[idx], h, image.shape)
-        flux[idx] = np.einsum("kij,kij->k", model, image[at]) / np.einsum("kij,kij->k", model, model)
+        flux[idx] = np.einsum("kij,kij->k", models[idx], image[at]) / np.einsum("kij,kij->k", models[idx], models[idx])
     return flux
 
 
@@ -853,5 +854,5 @@ def check_given_psf(exposure, given: Psf, tolerance: float = 0.1) -> Psf:
     base = given.stamp()
     n, m = base.shape[0], measured.default_size
     size = max(n, m)
-    stamps = [_resize(base, size) + _resize(s - constant, size) for s in measured.stamps]
+    stamps = [resize_stamp(base, size) + resize_stamp(s - constant, size) for s in measured.stamps]
     return GridPsf(np.array(stamps), measured.xs, measured.ys)

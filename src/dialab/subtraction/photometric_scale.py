@@ -19,6 +19,7 @@ import numpy as np
 
 from ..background import sky_background, sky_subtracted
 from ..imageops import aperture_sum, stamp_index
+from ..psf import resize_stamp
 from ..stars import find_stars, psf_filter_sigma
 
 
@@ -198,15 +199,6 @@ def _smoothed(stamps: np.ndarray, sigma: float, h: int) -> np.ndarray:
     return np.einsum("ab,kbc,dc->kad", g, stamps, g, optimize=True)
 
 
-def _on_grid(stamps: np.ndarray, h: int) -> np.ndarray:
-    """(n, s, s) stamps cut or zero-padded to (n, 2h + 1, 2h + 1) about their centre."""
-    n = stamps.shape[1] // 2
-    m = min(n, h)
-    out = np.zeros((len(stamps), 2 * h + 1, 2 * h + 1))
-    out[:, h - m : h + m + 1, h - m : h + m + 1] = stamps[:, n - m : n + m + 1, n - m : n + m + 1]
-    return out
-
-
 def cross_weighted_fluxes(target_img, target_var, target_psf, conv_img, conv_var, conv_psf, centres: np.ndarray,
                           sigma_g: float, h: int):
     """Fluxes of point sources in two images, each weighted by the *other* image's PSF (at the source's sub-pixel
@@ -234,7 +226,7 @@ def cross_weighted_fluxes(target_img, target_var, target_psf, conv_img, conv_var
     p_c = conv_psf.draw_many(dx, dy, x, y).astype(float)
     w_t = _smoothed(p_c, sigma_g, h)[:, ::-1, ::-1]
     w_c = _smoothed(p_t, sigma_g, h)[:, ::-1, ::-1]
-    norm = np.einsum("kij,kij->k", w_t, _on_grid(p_t, h))
+    norm = np.einsum("kij,kij->k", w_t, resize_stamp(p_t, 2 * h + 1))
     at, _ = stamp_index(ix, iy, h, target_img.shape)  # every window lies on the image
     for row, (img, var, w) in enumerate(((target_img, target_var, w_t), (conv_img, conv_var, w_c))):
         out[2 * row, inside] = np.einsum("kij,kij->k", w, img[at]) / norm
