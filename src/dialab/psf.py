@@ -21,7 +21,7 @@ from .background import sky_background, sky_subtracted
 from .errors import BadInputError, PsfMeasurementError
 from .imageops import Chebyshev2D, stamp_index
 from .moments import adaptive_moments
-from .stars import ArrayColumns, peak_positions, psf_filter_sigma, select_psf_stars
+from .stars import ArrayColumns, peak_positions, psf_filter_sigma, select_psf_stars, stellar_locus
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -478,13 +478,15 @@ def map_stamps(psf: Psf, fn) -> Psf:
 
 @dataclass(frozen=True)
 class StarStamps(ArrayColumns):
-    """Recentred star stamps normalised to unit sum, with their positions and noise (same units)."""
+    """Star stamps normalised to unit flux, recentred and as they fall on their pixels, with their positions and
+    noise (same units)."""
 
-    stamps: np.ndarray  # (n, size, size)
-    sigma: np.ndarray  # (n, size, size) 1-sigma noise of each normalised pixel
+    stamps: np.ndarray  # (n, size, size) each shifted so its centroid falls on the central pixel
+    sigma: np.ndarray  # (n, size, size) 1-sigma noise of each normalised pixel (where it falls: not shifted)
     x: np.ndarray
     y: np.ndarray
     snr: np.ndarray
+    on_pixels: np.ndarray  # (n, size, size) unshifted: the star at (x - round(x), y - round(y)) from the centre
 
 
 @dataclass(frozen=True)
@@ -536,8 +538,9 @@ def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: 
                     norm_radius: float | None = None, neighbours: Neighbours | None = None) -> StarStamps:
     """Each star cut from the sky-subtracted ``image``, the modelled light of the ``neighbours`` subtracted, the
     remaining light of other sources around it (``neighbour_light``) removed, shifted by cubic spline so its
-    centroid falls on the central pixel, and normalised by its flux within ``norm_radius`` (default: the stamp's
-    inscribed circle's third; in a crowded field the whole stamp's sum is mostly neighbours and sky error).
+    centroid falls on the central pixel (and also kept unshifted), and normalised by its flux within
+    ``norm_radius`` (default: the stamp's inscribed circle's third; in a crowded field the whole stamp's sum is
+    mostly neighbours and sky error).
 
     No sky is measured per star: any local estimate around a star holds the star's own wings and its
     neighbours' (a stamp-border median takes half the light beyond 2 FWHM away from the model).
@@ -564,11 +567,12 @@ def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: 
             shifted = ndimage.shift(box - light, offset, order=3, mode="nearest")[3:-3, 3:-3]
             total = shifted[core].sum()
             if total > 0:
-                out.append((shifted / total, noise / total, *star))
+                out.append((shifted / total, noise / total, *star, (box - light)[3:-3, 3:-3] / total))
     if not out:
-        return StarStamps(np.zeros((0, size, size)), np.zeros((0, size, size)), *np.zeros((3, 0)))
-    cols = list(zip(*out))
-    return StarStamps(np.array(cols[0]), np.array(cols[1]), *(np.array(c, float) for c in cols[2:]))
+        return StarStamps(np.zeros((0, size, size)), np.zeros((0, size, size)), *np.zeros((3, 0)),
+                          np.zeros((0, size, size)))
+    stamps, noise, x, y, snr, on_pixels = (np.array(c, float) for c in zip(*out))
+    return StarStamps(stamps, noise, x, y, snr, on_pixels)
 
 
 def _fitted_fluxes(image, models: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -651,13 +655,15 @@ def _fit_spatial_stamps(stars: StarStamps, terms: np.ndarray, clip: float = 4.0)
     return coef.T.reshape(len(terms), size, size)
 
 
-def _excess_residual(stars: StarStamps, model_stamps: np.ndarray, radius: float) -> np.ndarray:
+def _excess_residual(stars: StarStamps, model_stamps: np.ndarray, radius: float, stamps=None) -> np.ndarray:
     """Per star, (residual power - noise power) / model power inside ``radius``: ~0 for a star, large for a
-    galaxy, a blend or a cosmic ray, and independent of brightness."""
-    size = stars.stamps.shape[1]
+    galaxy, a blend or a cosmic ray, and independent of brightness (``stamps``: the stars as the model is
+    drawn, default the recentred ones)."""
+    stamps = stars.stamps if stamps is None else stamps
+    size = stamps.shape[1]
     yy, xx = np.mgrid[:size, :size] - size // 2
     core = (xx**2 + yy**2) <= radius**2
-    resid2 = ((stars.stamps - model_stamps)[:, core] ** 2).sum(axis=1)
+    resid2 = ((stamps - model_stamps)[:, core] ** 2).sum(axis=1)
     noise2 = (stars.sigma[:, core] ** 2).sum(axis=1)
     return (resid2 - noise2) / (model_stamps[:, core] ** 2).sum(axis=1)
 
@@ -676,13 +682,24 @@ def _smooth_wings(stamps: np.ndarray, fwhm: float) -> np.ndarray:
     return (1 - ramp) * stamps + ramp * smooth
 
 
-def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int) -> Psf:
+def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
+                    effective: tuple[np.ndarray, np.ndarray, int] | None = None) -> tuple[Psf, np.ndarray]:
     """A constant (order 0) or polynomially varying PSF fitted to the stars, as a GridPsf on nodes that
     reproduce the polynomial, spread over the stars' extent (beyond it GridPsf holds the edge value rather
-    than extrapolate)."""
+    than extrapolate); and the model at each star, to judge it by. With an ``effective`` PSF (``_effective_psf``:
+    undersampled stars) the model's mean is that, and it is drawn at each star as the star falls on its pixels."""
     ny, nx = shape
     cheb = Chebyshev2D(order, nx, ny)
-    coef = _fit_spatial_stamps(stars, cheb.terms(stars.x, stars.y))
+    terms = cheb.terms(stars.x, stars.y)
+    coef, model = _fit_spatial_stamps(stars, terms), None
+    if effective is not None:
+        # the core's mean from the stars on their pixels, its variation and the wings from the interpolated stars
+        # (smooth there, so interpolation does not broaden them); joined over the core's outer 40%
+        core, model, extent = effective
+        h = coef.shape[1] // 2
+        yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+        join = np.clip((extent - np.hypot(xx, yy)) / (0.4 * extent), 0.0, 1.0)
+        coef[0] += join * (core - np.einsum("k,kij->ij", terms.mean(axis=1), coef))
     # a negative pedestal left by sky estimates biased by neighbours (crowded fields) would dominate the sum
     h = coef.shape[1] // 2
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
@@ -701,25 +718,45 @@ def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int) -> Ps
     # fitted to noise and neighbours (NEA errors of +-5% across the CCD); the wings there are the mean's
     coef[1:] *= np.clip(3.5 - r / fwhm, 0.0, 1.0)
     if order == 0:
-        return ImagePsf(coef[0])
-    nodes = 2 * order + 1
-    gx, gy = np.meshgrid(np.linspace(stars.x.min(), stars.x.max(), nodes),
-                         np.linspace(stars.y.min(), stars.y.max(), nodes))
-    stamps = np.einsum("kn,kyx->nyx", cheb.terms(gx.ravel(), gy.ravel()), coef)
-    return GridPsf(stamps, gx.ravel(), gy.ravel())
+        psf = ImagePsf(coef[0])
+    else:
+        nodes = 2 * order + 1
+        gx, gy = np.meshgrid(np.linspace(stars.x.min(), stars.x.max(), nodes),
+                             np.linspace(stars.y.min(), stars.y.max(), nodes))
+        psf = GridPsf(np.einsum("kn,kyx->nyx", cheb.terms(gx.ravel(), gy.ravel()), coef), gx.ravel(), gy.ravel())
+    if model is None:
+        model = np.array([psf.stamp(x=x, y=y) for x, y in zip(stars.x, stars.y)])
+    return psf, model
 
 
-def _sane_psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int) -> Psf:
+def _effective_psf(stars: StarStamps) -> tuple[np.ndarray, np.ndarray, int]:
+    """The core (six FWHM) of the stars' mean effective PSF (``epsf.fit_effective_psf``, each star's weight its S/N
+    squared, capped as in ``_fit_spatial_stamps``) as a stamp normalised like theirs, and the model at each star on
+    its pixels, both zero beyond the core; and the core's half-size."""
+    from .epsf import fit_effective_psf
+
+    size = stars.stamps.shape[-1]
+    weights = np.minimum(stars.snr, np.percentile(stars.snr, 75)) ** 2
+    fwhm = FWHM_PER_SIGMA * float(np.median([stamp_sigma(st) for st in stars.stamps[:20]]))
+    inner = min(odd_size(2 * math.ceil(3 * fwhm) + 1), size)
+    fit = fit_effective_psf(resize_stamp(stars.on_pixels, inner), resize_stamp(stars.sigma, inner),
+                            stars.x - np.rint(stars.x), stars.y - np.rint(stars.y), weights / weights.mean(), fwhm)
+    return resize_stamp(fit.grid.native_stamp(inner), size), resize_stamp(fit.model, size), inner // 2
+
+
+def _sane_psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
+                         oversampled: bool = False) -> tuple[Psf, np.ndarray]:
     """``_psf_from_stars`` at the highest order (up to ``order``) whose every node is a PSF: positive sum, a
     size within 30% of the constant model's. Few or unevenly spread stars can make a polynomial swing."""
-    constant = _psf_from_stars(stars, shape, 0)
+    effective = _effective_psf(stars) if oversampled else None
+    constant = _psf_from_stars(stars, shape, 0, effective)
     for o in range(order, 0, -1):
         try:
-            psf = _psf_from_stars(stars, shape, o)
+            psf, model = _psf_from_stars(stars, shape, o, effective)
         except BadInputError:
             continue
-        if all(abs(ImagePsf(st).sigma / constant.sigma - 1) < 0.3 for st in psf.stamps):
-            return psf
+        if all(abs(ImagePsf(st).sigma / constant[0].sigma - 1) < 0.3 for st in psf.stamps):
+            return psf, model
     return constant
 
 
@@ -751,6 +788,14 @@ def variation_order(x: np.ndarray, y: np.ndarray, sizes: np.ndarray, shape: tupl
 #: do not follow the stars' own wings). Moffat star fields with two bright galaxy halos: NEA +5.7% and -2.1% with
 #: the image's 64-px sky, +1.6% and +0.2% with 32 px; galaxy-rich fields slightly better too.
 PSF_SKY_MESH = 32
+#: Stars' FWHM (pixels) below which the PSF's core is fitted as an effective PSF on a finer grid (``epsf``).
+UNDERSAMPLED_FWHM = 3.0
+#: Smallest stamp (pixels) of an undersampled PSF measured from stars: the light beyond it leaves its NEA 2.0% short
+#: for Kolmogorov x Airy at FWHM 2.1 px, 3.5-5.6% for an unobscured Airy of FWHM 1.6-2.6 px (25 px: 2.6, 4.3-6.9%).
+UNDERSAMPLED_SIZE = 31
+#: Fewest stars for an effective PSF on the finer grid (16 nodes per pixel): the 8 stars of a 900^2 NIRCam stamp
+#: made it 4-37% broader than their interpolated stack, where it should be narrower.
+EPSF_MIN_STARS = 30
 
 
 def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_stars: int = 5,
@@ -792,40 +837,71 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
             f"{exposure.path or 'image'}: only {len(found)} usable stars for the PSF (need {min_stars}); give the "
             "PSF as a stamp file (dialab subtract --science-psf/--template-psf, a manifest's science_psf/template_psf)")
     sigma = float(np.median(found.sigma))
+    # an undersampled PSF's core on a finer grid, where the stars sample enough sub-pixel positions for it
+    oversampled = FWHM_PER_SIGMA * sigma < UNDERSAMPLED_FWHM and len(found) >= EPSF_MIN_STARS
     if size is None:
-        size = odd_size(2 * math.ceil(3 * FWHM_PER_SIGMA * sigma) + 1, minimum=11, maximum=75)
+        # six FWHM; an undersampled PSF's wings hold more light beyond that than a sampled one's (Kolmogorov x Airy
+        # at FWHM 2.1 px: a 15-px stamp holds 97.5% of it, and its NEA is 4.8% short)
+        size = odd_size(2 * math.ceil(3 * FWHM_PER_SIGMA * sigma) + 1, minimum=UNDERSAMPLED_SIZE if oversampled else 11,
+                        maximum=75)
     # the sky under the stamps on cells of the stamp's size: the image's own 64-px sky leaves smaller structure
     # (a bright galaxy's halo under some of the stars) in them, and no star has a sky of its own here
     sky = sky_background(exposure, max(PSF_SKY_MESH, size))
     image = sky_subtracted(exposure.image, sky)
-    if order is None:
-        order = variation_order(found.x, found.y, found.sigma, exposure.shape)
+    variation = variation_order(found.x, found.y, found.sigma, exposure.shape) if order is None else order
     stars = cut_star_stamps(image, exposure.variance, found.x, found.y, found.snr, size)
-    psf = _refined_psf(stars, exposure.shape, order, sigma, min_stars)
+    psf = _refined_psf(stars, exposure.shape, variation, sigma, min_stars)
     # once more with the neighbours' light taken out of the stamps: in a broad PSF most stars have another within
-    # their stamp (a Moffat field of FWHM 8 px, star pairs 2.5-3 FWHM apart: NEA +10 to +18% -> -2 to -3%)
+    # their stamp (a Moffat field of FWHM 8 px, star pairs 2.5-3 FWHM apart: NEA +10 to +18% -> -2 to -3%); and an
+    # undersampled PSF fitted on a finer grid to the stars as they fall on their pixels: interpolated to a common
+    # centre they are broadened (FWHM 1.8 px: +9-11%). The first model is good enough for the neighbours' fluxes.
     neighbours = find_neighbours(exposure, image, psf, stars.x, stars.y, size // 2 + psf.default_size // 2 + 1)
-    if neighbours is not None:
+    if neighbours is not None or oversampled:
         stars = cut_star_stamps(image, exposure.variance, found.x, found.y, found.snr, size, neighbours=neighbours)
-        psf = _refined_psf(stars, exposure.shape, order, sigma, min_stars)
+        psf = _refined_psf(stars, exposure.shape, variation, sigma, min_stars, oversampled, fixed_order=order is not None)
     psf.from_stars = True
     return psf
 
 
-def _refined_psf(stars: StarStamps, shape: tuple[int, int], order: int, sigma: float, min_stars: int) -> Psf:
+def _refined_psf(stars: StarStamps, shape: tuple[int, int], order: int, sigma: float, min_stars: int,
+                 oversampled: bool = False, fixed_order: bool = True) -> Psf:
     """The model from the stars in up to three rounds, each dropping the sources whose excess residual against it is
-    an outlier (a galaxy, blend or cosmic ray that passed the size cut)."""
+    an outlier (a galaxy, blend or cosmic ray that passed the size cut); an undersampled star also when its size,
+    against the model's at its sub-pixel position, is off the stellar locus. Unless ``fixed_order``, those sizes
+    then also decide the variation's order: the pixel phase's scatter hid it in the sizes measured on the pixels."""
     for _ in range(3):
-        psf = _sane_psf_from_stars(stars, shape, order)
-        model = np.array([psf.stamp(x=x, y=y) for x, y in zip(stars.x, stars.y)])
-        excess = _excess_residual(stars, model, max(2.0, 2.0 * FWHM_PER_SIGMA * sigma / 2))
+        effective = oversampled and len(stars) >= EPSF_MIN_STARS
+        psf, model = _sane_psf_from_stars(stars, shape, order, effective)
+        excess = _excess_residual(stars, model, max(2.0, 2.0 * FWHM_PER_SIGMA * sigma / 2),
+                                  stars.on_pixels if effective else None)
         med = np.median(excess)
         spread = 1.4826 * np.median(np.abs(excess - med)) + 1e-4
         keep = excess < med + 4 * spread
-        if keep.all() or keep.sum() < min_stars:
+        settled = True
+        if effective:
+            sizes = _phase_corrected_sizes(stars, model, sigma)
+            keep &= stellar_locus(sizes, stars.x, stars.y)
+            if not fixed_order:
+                new = variation_order(stars.x[keep], stars.y[keep], sizes[keep], shape)
+                settled, order = new == order, new
+        if (keep.all() and settled) or keep.sum() < min_stars:
             break
         stars = stars.select(keep)
     return psf
+
+
+def _phase_corrected_sizes(stars: StarStamps, model: np.ndarray, sigma: float) -> np.ndarray:
+    """Each undersampled star's moment size times the model's size centred on a pixel over the model's at the
+    star's own sub-pixel position: where a star falls on its pixel changes its measured size by up to ~10% at FWHM
+    2 px, which hides a compact galaxy among the stars until the pixel phase is taken out."""
+    h = stars.stamps.shape[-1] // 2
+    cx, cy = h + stars.x - np.rint(stars.x), h + stars.y - np.rint(stars.y)
+
+    def sizes(stamps):
+        return np.array([adaptive_moments(st, x, y, sigma, upsample_on_failure=True).sigma
+                         for st, x, y in zip(stamps, cx, cy)])
+    model_sizes = sizes(model)
+    return sizes(stars.on_pixels) * np.nanmedian(model_sizes) / model_sizes
 
 
 def check_given_psf(exposure, given: Psf, tolerance: float = 0.1) -> Psf:
