@@ -669,17 +669,29 @@ def _excess_residual(stars: StarStamps, model_stamps: np.ndarray, radius: float,
 
 
 def _smooth_wings(stamps: np.ndarray, fwhm: float) -> np.ndarray:
-    """Stamps with the wings (beyond 1.5 FWHM, fully from 2.5) replaced by a Gaussian smoothing of width FWHM / 3.
+    """Stamps with the wings (beyond 1.5 FWHM, fully from 2.5) replaced by a Gaussian smoothing of width FWHM / 3,
+    and the far wings (beyond 4.5 FWHM, fully from 5.5) by their azimuthal mean.
 
     Each pixel of a stacked PSF carries the stars' noise; in the wings, where the profile is smooth and
-    faint, that noise is most of sum(p^2), so an unsmoothed model understates the NEA by ~10%.
+    faint, that noise is most of sum(p^2), so an unsmoothed model understates the NEA by ~10%. Only an undersampled
+    PSF's stamp reaches 4.5 FWHM (it is 31 px); there its noise was 2-6x the profile, and preconvolution's filter put
+    that speckle into every bright star, where the kernel cannot match it: false detections in rings around them.
     """
     h = stamps.shape[-1] // 2
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
     r = np.hypot(xx, yy)
     ramp = np.clip((r - 1.5 * fwhm) / fwhm, 0.0, 1.0)
     smooth = ndimage.gaussian_filter(stamps, (0,) * (stamps.ndim - 2) + (max(fwhm / 3, 0.7),) * 2, mode="constant")
-    return (1 - ramp) * stamps + ramp * smooth
+    out = (1 - ramp) * stamps + ramp * smooth
+    far = np.clip((r - 4.5 * fwhm) / fwhm, 0.0, 1.0)  # a six-FWHM stamp's corners are at 4.24 FWHM: untouched
+    if far.any():
+        ring = np.rint(r).astype(int)
+        counts = np.bincount(ring.ravel())
+        flat = out.reshape(-1, r.size)
+        mean = np.array([np.bincount(ring.ravel(), st) / counts for st in flat])  # (stamps, radii)
+        radial = np.array([np.interp(r.ravel(), np.arange(len(m)), m) for m in mean]).reshape(out.shape)
+        out = (1 - far) * out + far * radial
+    return out
 
 
 def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
