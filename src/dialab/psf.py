@@ -668,13 +668,13 @@ def _excess_residual(stars: StarStamps, model_stamps: np.ndarray, radius: float,
     return (resid2 - noise2) / (model_stamps[:, core] ** 2).sum(axis=1)
 
 
-def _smooth_wings(stamps: np.ndarray, fwhm: float) -> np.ndarray:
+def _smooth_wings(stamps: np.ndarray, fwhm: float, far_wings: bool = False) -> np.ndarray:
     """Stamps with the wings (beyond 1.5 FWHM, fully from 2.5) replaced by a Gaussian smoothing of width FWHM / 3,
-    and the far wings (beyond 4.5 FWHM, fully from 5.5) by their azimuthal mean.
+    and with ``far_wings`` the far wings (beyond 4.5 FWHM, fully from 5.5) by their azimuthal mean.
 
     Each pixel of a stacked PSF carries the stars' noise; in the wings, where the profile is smooth and
-    faint, that noise is most of sum(p^2), so an unsmoothed model understates the NEA by ~10%. Only an undersampled
-    PSF's stamp reaches 4.5 FWHM (it is 31 px); there its noise was 2-6x the profile, and preconvolution's filter put
+    faint, that noise is most of sum(p^2), so an unsmoothed model understates the NEA by ~10%. An undersampled
+    PSF's stamp reaches far beyond 4.5 FWHM (it is 31 px); there its noise was 2-6x the profile, and preconvolution's filter put
     that speckle into every bright star, where the kernel cannot match it: false detections in rings around them.
     """
     h = stamps.shape[-1] // 2
@@ -683,8 +683,8 @@ def _smooth_wings(stamps: np.ndarray, fwhm: float) -> np.ndarray:
     ramp = np.clip((r - 1.5 * fwhm) / fwhm, 0.0, 1.0)
     smooth = ndimage.gaussian_filter(stamps, (0,) * (stamps.ndim - 2) + (max(fwhm / 3, 0.7),) * 2, mode="constant")
     out = (1 - ramp) * stamps + ramp * smooth
-    far = np.clip((r - 4.5 * fwhm) / fwhm, 0.0, 1.0)  # a six-FWHM stamp's corners are at 4.24 FWHM: untouched
-    if far.any():
+    far = np.clip((r - 4.5 * fwhm) / fwhm, 0.0, 1.0)
+    if far_wings and far.any():
         ring = np.rint(r).astype(int)
         counts = np.bincount(ring.ravel())
         flat = out.reshape(-1, r.size)
@@ -725,7 +725,7 @@ def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
     if len(nonpositive):
         coef[:, ring > nonpositive[0] + 1] = 0.0
     fwhm = stamp_fwhm(coef[0])
-    coef = _smooth_wings(coef, fwhm)
+    coef = _smooth_wings(coef, fwhm, far_wings=effective is not None)
     # the variation is measured where the stars have signal: beyond 2.5 FWHM each pixel's polynomial would be
     # fitted to noise and neighbours (NEA errors of +-5% across the CCD); the wings there are the mean's
     coef[1:] *= np.clip(3.5 - r / fwhm, 0.0, 1.0)
