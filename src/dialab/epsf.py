@@ -120,7 +120,7 @@ def _solve_grid(values: np.ndarray, weights: np.ndarray, design, penalty, m: int
     diagonal = normal.diagonal()
     jacobi = LinearOperator(normal.shape, matvec=lambda v: v / diagonal)
     x0 = None if start is None else start.coef.ravel()
-    coef, _ = cg(normal, wd.T @ values, x0=x0, rtol=1e-8, maxiter=2000, M=jacobi)
+    coef, _ = cg(normal, wd.T @ values, x0=x0, rtol=1e-7, maxiter=2000, M=jacobi)
     return SplineGrid(coef.reshape(m, m), centre)
 
 

@@ -741,15 +741,14 @@ def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
     return psf, model
 
 
-def _effective_psf(stars: StarStamps) -> tuple[np.ndarray, np.ndarray, int]:
+def _effective_psf(stars: StarStamps, fwhm: float) -> tuple[np.ndarray, np.ndarray, int]:
     """The core (six FWHM) of the stars' mean effective PSF (``epsf.fit_effective_psf``, each star's weight its S/N
     squared, capped as in ``_fit_spatial_stamps``) as a stamp normalised like theirs, and the model at each star on
-    its pixels, both zero beyond the core; and the core's half-size."""
+    its pixels, both zero beyond the core; and the core's half-size (``fwhm``: the stars' estimate)."""
     from .epsf import fit_effective_psf
 
     size = stars.stamps.shape[-1]
     weights = np.minimum(stars.snr, np.percentile(stars.snr, 75)) ** 2
-    fwhm = FWHM_PER_SIGMA * float(np.median([stamp_sigma(st) for st in stars.stamps[:20]]))
     inner = min(odd_size(2 * math.ceil(3 * fwhm) + 1), size)
     fit = fit_effective_psf(resize_stamp(stars.on_pixels, inner), resize_stamp(stars.sigma, inner),
                             stars.x - np.rint(stars.x), stars.y - np.rint(stars.y), weights / weights.mean(), fwhm)
@@ -757,10 +756,9 @@ def _effective_psf(stars: StarStamps) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _sane_psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
-                         oversampled: bool = False) -> tuple[Psf, np.ndarray]:
+                         effective: tuple[np.ndarray, np.ndarray, int] | None = None) -> tuple[Psf, np.ndarray]:
     """``_psf_from_stars`` at the highest order (up to ``order``) whose every node is a PSF: positive sum, a
     size within 30% of the constant model's. Few or unevenly spread stars can make a polynomial swing."""
-    effective = _effective_psf(stars) if oversampled else None
     constant = _psf_from_stars(stars, shape, 0, effective)
     for o in range(order, 0, -1):
         try:
@@ -883,7 +881,8 @@ def _refined_psf(stars: StarStamps, shape: tuple[int, int], order: int, sigma: f
     then also decide the variation's order: the pixel phase's scatter hid it in the sizes measured on the pixels."""
     for _ in range(3):
         effective = oversampled and len(stars) >= EPSF_MIN_STARS
-        psf, model = _sane_psf_from_stars(stars, shape, order, effective)
+        core = _effective_psf(stars, FWHM_PER_SIGMA * sigma) if effective else None
+        psf, model = _sane_psf_from_stars(stars, shape, order, core)
         excess = _excess_residual(stars, model, max(2.0, 2.0 * FWHM_PER_SIGMA * sigma / 2),
                                   stars.on_pixels if effective else None)
         med = np.median(excess)
