@@ -674,8 +674,9 @@ def _smooth_wings(stamps: np.ndarray, fwhm: float, far_wings: bool = False) -> n
 
     Each pixel of a stacked PSF carries the stars' noise; in the wings, where the profile is smooth and
     faint, that noise is most of sum(p^2), so an unsmoothed model understates the NEA by ~10%. An undersampled
-    PSF's stamp reaches far beyond 4.5 FWHM (it is 31 px); there its noise was 2-6x the profile, and preconvolution's filter put
-    that speckle into every bright star, where the kernel cannot match it: false detections in rings around them.
+    PSF's stamp reaches far beyond 4.5 FWHM (it is 31 px); there its noise was 2-6x the profile, and
+    preconvolution's filter put that speckle into every bright star, where the kernel cannot match it: false
+    detections in rings around them.
     """
     h = stamps.shape[-1] // 2
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
