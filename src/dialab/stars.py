@@ -154,7 +154,9 @@ class _Peaks:
                 continue
             window = np.s_[y0 - radius : y0 + radius + 1, x0 - radius : x0 + radius + 1]  # no full-size copies
             cut = image[window] - level[window]
-            m = adaptive_moments(cut, radius, radius, self.sigma)
+            # an undersampled star centred on a pixel defeats HSM on the pixels: measured on a finer grid, or
+            # every star of a 1.5-px PSF would be lost (and compact galaxies taken for the stars)
+            m = adaptive_moments(cut, radius, radius, self.sigma, upsample_on_failure=True)
             if not (m.converged and np.isfinite(m.sigma)) or abs(m.x - radius) > 2 or abs(m.y - radius) > 2:
                 continue
             others = np.array([j for j in near[k - start] if j != k], int)
