@@ -876,11 +876,14 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
 
 def _refined_psf(stars: StarStamps, shape: tuple[int, int], order: int, sigma: float, min_stars: int,
                  oversampled: bool = False, fixed_order: bool = True) -> Psf:
-    """The model from the stars in up to three rounds, each dropping the sources whose excess residual against it is
-    an outlier (a galaxy, blend or cosmic ray that passed the size cut); an undersampled star also when its size,
-    against the model's at its sub-pixel position, is off the stellar locus. Unless ``fixed_order``, those sizes
-    then also decide the variation's order: the pixel phase's scatter hid it in the sizes measured on the pixels."""
-    for _ in range(3):
+    """The model from the stars in up to three rounds (six undersampled), each dropping the sources whose excess
+    residual against it is an outlier (a galaxy, blend or cosmic ray that passed the size cut); an undersampled star
+    also when its size, against the model's at its sub-pixel position, is off the stellar locus. Unless
+    ``fixed_order``, those sizes then also decide the variation's order: the pixel phase's scatter hid it in the
+    sizes measured on the pixels."""
+    # an undersampled field's compact galaxies differ from its stars by little: each round's sharper model shows more
+    # of them (FWHM 1.5 px, galaxies 3:1: NEA +27% after three rounds, +11% after six)
+    for _ in range(6 if oversampled else 3):
         effective = oversampled and len(stars) >= EPSF_MIN_STARS
         core = _effective_psf(stars, FWHM_PER_SIGMA * sigma) if effective else None
         psf, model = _sane_psf_from_stars(stars, shape, order, core)
