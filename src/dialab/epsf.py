@@ -154,21 +154,28 @@ def _centroid(grid: SplineGrid, fwhm: float) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class EffectivePsf:
-    """The fitted grid, and per star its flux scale, refined centre (from its stamp's central pixel) and the model
-    drawn there (flux included)."""
+    """The fitted grid, and per star its flux scale, refined centre (from its stamp's central pixel), the model
+    drawn there (flux included) and the pixels the fit kept."""
 
     grid: SplineGrid
     flux: np.ndarray
     dx: np.ndarray
     dy: np.ndarray
     model: np.ndarray
+    keep: np.ndarray
+
+    def select(self, stars: np.ndarray) -> EffectivePsf:
+        """The fit with only some of its stars: where a refit of them starts."""
+        return EffectivePsf(self.grid, self.flux[stars], self.dx[stars], self.dy[stars], self.model[stars],
+                            self.keep[stars])
 
 
 def fit_effective_psf(stamps: np.ndarray, noise: np.ndarray, dx: np.ndarray, dy: np.ndarray, weights: np.ndarray,
-                      fwhm: float, clip: float = 5.0) -> EffectivePsf:
+                      fwhm: float, clip: float = 5.0, start: EffectivePsf | None = None) -> EffectivePsf:
     """The mean effective PSF of stars cut without shifting (``stamps``: (n, s, s), each normalised to about unit
     flux, ``noise`` its pixels' 1-sigma, its centre (dx, dy) from the central pixel, ``weights`` per star), ``fwhm``
-    a first guess of its size.
+    a first guess of its size; ``start``: a fit of these stars (with others since dropped), from which two rounds
+    suffice (centres, fluxes and clipped pixels are taken from it).
 
     Pixels far off the model (a cosmic ray, a neighbour) are left out: beyond ``clip`` sigma of their noise, or of
     the stars' spread at that pixel where that is wider (bright stars all differ from a mean model a little).
@@ -177,16 +184,16 @@ def fit_effective_psf(stamps: np.ndarray, noise: np.ndarray, dx: np.ndarray, dy:
     centre = OVERSAMPLE * (size // 2 + 1) + 2  # the samples and the spline's reach, with a node to spare
     m = 2 * centre + 1
     penalty = _curvature_penalty(m)
-    flux = np.ones(n)
-    keep = np.ones(stamps.shape, bool)
+    flux, keep, grid, rounds = np.ones(n), np.ones(stamps.shape, bool), None, ROUNDS
     dx, dy = np.asarray(dx, float), np.asarray(dy, float)
-    grid = None
-    for round_ in range(ROUNDS):
+    if start is not None:
+        flux, keep, grid, rounds, dx, dy = start.flux, start.keep, start.grid, 2, start.dx, start.dy
+    for round_ in range(rounds):
         ox, oy = _offsets(size, dx, dy)
         data = stamps / flux[:, None, None]
         sample_weights = np.repeat(weights, size * size) * keep.ravel()
         grid = _solve_grid(data.ravel(), sample_weights, _design(m, centre, ox, oy), penalty, m, centre, grid)
-        if round_ < ROUNDS - 1:  # judged again each round: the first model holds what is clipped, and spreads it
+        if round_ < rounds - 1:  # judged again each round: the first model holds what is clipped, and spreads it
             z = (data - grid.evaluate(ox, oy)) * flux[:, None, None] / np.maximum(noise, 1e-30)
             z -= np.median(z, axis=0)
             keep = np.abs(z) < clip * np.maximum(1.4826 * np.median(np.abs(z), axis=0), 1.0)
@@ -195,8 +202,8 @@ def fit_effective_psf(stamps: np.ndarray, noise: np.ndarray, dx: np.ndarray, dy:
         # the model's scale and the fluxes' are one degeneracy: held where the stars' normalisation put it
         scale = float(np.average(flux, weights=weights))
         grid, flux = SplineGrid(grid.coef * scale, centre), flux / scale
-        if round_ < ROUNDS - 1:
+        if round_ < rounds - 1:
             cx, cy = _centroid(grid, fwhm)
             dx, dy = np.clip(dx + cx, -1, 1), np.clip(dy + cy, -1, 1)
     model = flux[:, None, None] * grid.evaluate(*_offsets(size, dx, dy))
-    return EffectivePsf(grid, flux, dx, dy, model)
+    return EffectivePsf(grid, flux, dx, dy, model, keep)

@@ -696,7 +696,7 @@ def _smooth_wings(stamps: np.ndarray, fwhm: float, far_wings: bool = False) -> n
 
 
 def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
-                    effective: tuple[np.ndarray, np.ndarray, int] | None = None) -> tuple[Psf, np.ndarray]:
+                    effective: EffectiveCore | None = None) -> tuple[Psf, np.ndarray]:
     """A constant (order 0) or polynomially varying PSF fitted to the stars, as a GridPsf on nodes that
     reproduce the polynomial, spread over the stars' extent (beyond it GridPsf holds the edge value rather
     than extrapolate); and the model at each star, to judge it by. With an ``effective`` PSF (``_effective_psf``:
@@ -708,7 +708,7 @@ def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
     if effective is not None:
         # the core's mean from the stars on their pixels, its variation and the wings from the interpolated stars
         # (smooth there, so interpolation does not broaden them); joined over the core's outer 40%
-        core, model, extent = effective
+        core, model, extent = effective.stamp, effective.model, effective.extent
         h = coef.shape[1] // 2
         yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
         join = np.clip((extent - np.hypot(xx, yy)) / (0.4 * extent), 0.0, 1.0)
@@ -742,22 +742,34 @@ def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
     return psf, model
 
 
-def _effective_psf(stars: StarStamps, fwhm: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """The core (six FWHM) of the stars' mean effective PSF (``epsf.fit_effective_psf``, each star's weight its S/N
-    squared, capped as in ``_fit_spatial_stamps``) as a stamp normalised like theirs, and the model at each star on
-    its pixels, both zero beyond the core; and the core's half-size (``fwhm``: the stars' estimate)."""
+@dataclass(frozen=True)
+class EffectiveCore:
+    """The core of undersampled stars' effective PSF as a stamp normalised like theirs, the model at each star on
+    its pixels (both zero beyond the core), the core's half-size, and the fit they came from."""
+
+    stamp: np.ndarray
+    model: np.ndarray
+    extent: int
+    fit: object  # epsf.EffectivePsf
+
+
+def _effective_psf(stars: StarStamps, fwhm: float, start=None) -> EffectiveCore:
+    """The core (six FWHM, ``fwhm`` the stars' estimate) of the stars' mean effective PSF (``epsf.fit_effective_psf``
+    from ``start`` if given, each star's weight its S/N squared, capped as in ``_fit_spatial_stamps``)."""
     from .epsf import fit_effective_psf
 
     size = stars.stamps.shape[-1]
     weights = np.minimum(stars.snr, np.percentile(stars.snr, 75)) ** 2
     inner = min(odd_size(2 * math.ceil(3 * fwhm) + 1), size)
     fit = fit_effective_psf(resize_stamp(stars.on_pixels, inner), resize_stamp(stars.sigma, inner),
-                            stars.x - np.rint(stars.x), stars.y - np.rint(stars.y), weights / weights.mean(), fwhm)
-    return resize_stamp(fit.grid.native_stamp(inner), size), resize_stamp(fit.model, size), inner // 2
+                            stars.x - np.rint(stars.x), stars.y - np.rint(stars.y), weights / weights.mean(), fwhm,
+                            start=start)
+    return EffectiveCore(resize_stamp(fit.grid.native_stamp(inner), size), resize_stamp(fit.model, size), inner // 2,
+                         fit)
 
 
 def _sane_psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
-                         effective: tuple[np.ndarray, np.ndarray, int] | None = None) -> tuple[Psf, np.ndarray]:
+                         effective: EffectiveCore | None = None) -> tuple[Psf, np.ndarray]:
     """``_psf_from_stars`` at the highest order (up to ``order``) whose every node is a PSF: positive sum, a
     size within 30% of the constant model's. Few or unevenly spread stars can make a polynomial swing."""
     constant = _psf_from_stars(stars, shape, 0, effective)
@@ -883,9 +895,10 @@ def _refined_psf(stars: StarStamps, shape: tuple[int, int], order: int, sigma: f
     sizes measured on the pixels."""
     # an undersampled field's compact galaxies differ from its stars by little: each round's sharper model shows more
     # of them (FWHM 1.5 px, galaxies 3:1: NEA +27% after three rounds, +11% after six)
+    fit = None
     for _ in range(6 if oversampled else 3):
         effective = oversampled and len(stars) >= EPSF_MIN_STARS
-        core = _effective_psf(stars, FWHM_PER_SIGMA * sigma) if effective else None
+        core = _effective_psf(stars, FWHM_PER_SIGMA * sigma, fit) if effective else None
         psf, model = _sane_psf_from_stars(stars, shape, order, core)
         excess = _excess_residual(stars, model, max(2.0, 2.0 * FWHM_PER_SIGMA * sigma / 2),
                                   stars.on_pixels if effective else None)
@@ -902,6 +915,7 @@ def _refined_psf(stars: StarStamps, shape: tuple[int, int], order: int, sigma: f
         if (keep.all() and settled) or keep.sum() < min_stars:
             break
         stars = stars.select(keep)
+        fit = core.fit.select(keep) if core is not None else None
     return psf
 
 
