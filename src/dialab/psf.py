@@ -897,16 +897,16 @@ def _refined_psf(stars: StarStamps, shape: tuple[int, int], order: int, sigma: f
     # of them (FWHM 1.5 px, galaxies 3:1: NEA +27% after three rounds, +11% after six)
     fit = None
     for _ in range(6 if oversampled else 3):
-        effective = oversampled and len(stars) >= EPSF_MIN_STARS
-        core = _effective_psf(stars, FWHM_PER_SIGMA * sigma, fit) if effective else None
+        on_grid = oversampled and len(stars) >= EPSF_MIN_STARS
+        core = _effective_psf(stars, FWHM_PER_SIGMA * sigma, fit) if on_grid else None
         psf, model = _sane_psf_from_stars(stars, shape, order, core)
         excess = _excess_residual(stars, model, max(2.0, 2.0 * FWHM_PER_SIGMA * sigma / 2),
-                                  stars.on_pixels if effective else None)
+                                  stars.on_pixels if on_grid else None)
         med = np.median(excess)
         spread = 1.4826 * np.median(np.abs(excess - med)) + 1e-4
         keep = excess < med + 4 * spread
         settled = True
-        if effective:
+        if on_grid:
             sizes = _phase_corrected_sizes(stars, model, sigma)
             keep &= stellar_locus(sizes, stars.x, stars.y)
             if not fixed_order:
