@@ -877,7 +877,8 @@ def measure_psf(exposure, size: int | None = None, max_stars: int = 300, min_sta
     # once more with the neighbours' light taken out of the stamps: in a broad PSF most stars have another within
     # their stamp (a Moffat field of FWHM 8 px, star pairs 2.5-3 FWHM apart: NEA +10 to +18% -> -2 to -3%); and an
     # undersampled PSF fitted on a finer grid to the stars as they fall on their pixels: interpolated to a common
-    # centre they are broadened (FWHM 1.8 px: +9-11%). The first model is good enough for the neighbours' fluxes.
+    # centre they are broadened (FWHM 2.1 px: +7%; ``epsf``). The first model is good enough for the neighbours'
+    # fluxes.
     neighbours = find_neighbours(exposure, image, psf, stars.x, stars.y, size // 2 + psf.default_size // 2 + 1)
     if neighbours is not None or oversampled:
         stars = cut_star_stamps(image, exposure.variance, found.x, found.y, found.snr, size, neighbours=neighbours)
