@@ -3,10 +3,11 @@
 A star's pixels sample its effective PSF (the optics' PSF convolved with the pixel) at offsets set by its sub-pixel
 position. When the FWHM is near 2 px, a star shifted by interpolation so that its centre falls on a pixel centre is
 broadened (no interpolant restores what the pixel grid aliased), and so is the stack of such stars: with their true
-centres, FWHM +15% at 1.5 px, +10% at 1.7, +7% at 2.1, +2.5% at 2.5 (Kolmogorov x Airy, pixel included). Stars at many sub-pixel positions sample the effective PSF finely together, so it is fitted here as a cubic
-B-spline on a grid ``OVERSAMPLE`` times finer than the pixels, alternately with each star's flux and centre, with a
-curvature penalty that ties the nodes the stars sample sparsely to their neighbours. Its values at pixel centres are
-the model's stamp.
+centres, FWHM +15% at 1.5 px, +10% at 1.7, +7% at 2.1, +2.5% at 2.5 (Kolmogorov x Airy, pixel included). Stars at
+many sub-pixel positions sample the effective PSF finely together, so it is fitted here as a cubic B-spline on a
+grid ``OVERSAMPLE`` times finer than the pixels, alternately with each star's flux and centre, with a curvature
+penalty that ties the nodes the stars sample sparsely to their neighbours. Its values at pixel centres are the
+model's stamp.
 
 The grid is one PSF for all the stars (their mean): a spatially varying one would multiply its unknowns by the
 polynomial's terms, and its solve time by ~50. The variation across the image is second order in the broadening, so
