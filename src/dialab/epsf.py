@@ -56,9 +56,11 @@ class SplineGrid:
     centre: int
 
     def evaluate(self, ox: np.ndarray, oy: np.ndarray, gradient: bool = False):
-        """The PSF at offsets (ox, oy) (pixels, any shape, within the grid) from its centre; with ``gradient``, also
-        its derivatives along x and y."""
-        ty, tx = self.centre + OVERSAMPLE * oy.ravel(), self.centre + OVERSAMPLE * ox.ravel()
+        """The PSF at offsets (ox, oy) (pixels, any shape; beyond the grid, its edge) from its centre; with
+        ``gradient``, also its derivatives along x and y."""
+        last = self.coef.shape[0] - 3 - 1e-9  # the last coordinate whose four nodes are on the grid
+        ty = np.clip(self.centre + OVERSAMPLE * oy.ravel(), 1.0, last)
+        tx = np.clip(self.centre + OVERSAMPLE * ox.ravel(), 1.0, last)
         (fy, wy), (fx, wx) = bspline_weights(ty), bspline_weights(tx)
         four = np.arange(4)
         c = self.coef[(fy[:, None] + four)[:, :, None], (fx[:, None] + four)[:, None, :]]  # (samples, 4, 4)
@@ -140,8 +142,9 @@ def _refit_stars(grid: SplineGrid, stamps: np.ndarray, dx: np.ndarray, dy: np.nd
     sol = np.linalg.solve(normal, np.einsum("npi,np->ni", basis, stamps[:, core])[..., None])[..., 0]
     ok = sol[:, 0] > 0
     flux = np.where(ok, sol[:, 0], 1.0)
-    dx = dx + np.where(ok, np.clip(sol[:, 1] / flux, -0.5, 0.5), 0.0)
-    dy = dy + np.where(ok, np.clip(sol[:, 2] / flux, -0.5, 0.5), 0.0)
+    # steps of at most half a pixel, and never more than a pixel from the stamp's centre, where the grid ends
+    dx = np.clip(dx + np.where(ok, np.clip(sol[:, 1] / flux, -0.5, 0.5), 0.0), -1.0, 1.0)
+    dy = np.clip(dy + np.where(ok, np.clip(sol[:, 2] / flux, -0.5, 0.5), 0.0), -1.0, 1.0)
     return flux, dx, dy
 
 
@@ -186,7 +189,7 @@ def fit_effective_psf(stamps: np.ndarray, noise: np.ndarray, dx: np.ndarray, dy:
     m = 2 * centre + 1
     penalty = _curvature_penalty(m)
     flux, keep, grid, rounds = np.ones(n), np.ones(stamps.shape, bool), None, ROUNDS
-    dx, dy = np.asarray(dx, float), np.asarray(dy, float)
+    dx, dy = np.clip(np.asarray(dx, float), -1.0, 1.0), np.clip(np.asarray(dy, float), -1.0, 1.0)
     if start is not None:
         flux, keep, grid, rounds, dx, dy = start.flux, start.keep, start.grid, 2, start.dx, start.dy
     for round_ in range(rounds):
