@@ -58,9 +58,8 @@ class SplineGrid:
     def evaluate(self, ox: np.ndarray, oy: np.ndarray, gradient: bool = False):
         """The PSF at offsets (ox, oy) (pixels, any shape; beyond the grid, its edge) from its centre; with
         ``gradient``, also its derivatives along x and y."""
-        last = self.coef.shape[0] - 3 - 1e-9  # the last coordinate whose four nodes are on the grid
-        ty = np.clip(self.centre + OVERSAMPLE * oy.ravel(), 1.0, last)
-        tx = np.clip(self.centre + OVERSAMPLE * ox.ravel(), 1.0, last)
+        m = self.coef.shape[0]
+        ty, tx = _grid_coordinates(self.centre, m, oy), _grid_coordinates(self.centre, m, ox)
         (fy, wy), (fx, wx) = bspline_weights(ty), bspline_weights(tx)
         four = np.arange(4)
         c = self.coef[(fy[:, None] + four)[:, :, None], (fx[:, None] + four)[:, None, :]]  # (samples, 4, 4)
@@ -85,6 +84,12 @@ class SplineGrid:
                                   mode="constant")
 
 
+def _grid_coordinates(centre: int, m: int, offsets: np.ndarray) -> np.ndarray:
+    """Grid coordinates of offsets (pixels) from the PSF's centre, flattened, held where a cubic spline's four nodes
+    are on an m-node grid (beyond it, its edge)."""
+    return np.clip(centre + OVERSAMPLE * np.ravel(offsets), 1.0, m - 3 - 1e-9)
+
+
 def _offsets(size: int, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each stamp pixel's offset (n, s, s) from its star's centre, the star at (dx, dy) from the central pixel."""
     h = size // 2
@@ -94,8 +99,8 @@ def _offsets(size: int, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.
 
 def _design(m: int, centre: int, ox: np.ndarray, oy: np.ndarray) -> sparse.csr_matrix:
     """The linear map from the coefficients (m * m) to the model at every sample."""
-    fy, wy = bspline_weights(centre + OVERSAMPLE * oy.ravel())
-    fx, wx = bspline_weights(centre + OVERSAMPLE * ox.ravel())
+    fy, wy = bspline_weights(_grid_coordinates(centre, m, oy))
+    fx, wx = bspline_weights(_grid_coordinates(centre, m, ox))
     a, b = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
     cols = (fy[:, None] + a.ravel()) * m + (fx[:, None] + b.ravel())  # (samples, 16)
     vals = wy[:, a.ravel()] * wx[:, b.ravel()]

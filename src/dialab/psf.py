@@ -564,10 +564,11 @@ def cut_star_stamps(image: np.ndarray, variance: np.ndarray, xs, ys, snr, size: 
     if cut:
         light = neighbour_light(np.array([c[0][3:-3, 3:-3] for c in cut]), core_radius)
         for box, noise, offset, star in cut:
-            shifted = ndimage.shift(box - light, offset, order=3, mode="nearest")[3:-3, 3:-3]
+            box = box - light
+            shifted = ndimage.shift(box, offset, order=3, mode="nearest")[3:-3, 3:-3]
             total = shifted[core].sum()
             if total > 0:
-                out.append((shifted / total, noise / total, *star, (box - light)[3:-3, 3:-3] / total))
+                out.append((shifted / total, noise / total, *star, box[3:-3, 3:-3] / total))
     if not out:
         return StarStamps(np.zeros((0, size, size)), np.zeros((0, size, size)), *np.zeros((3, 0)),
                           np.zeros((0, size, size)))
@@ -633,13 +634,18 @@ def neighbour_light(boxes: np.ndarray, core_radius: float) -> float:
     return float(min(coef[-1], np.median(levels[:, -1])))
 
 
+def _star_weights(snr: np.ndarray) -> np.ndarray:
+    """Each PSF star's weight: its S/N squared, capped so that the few brightest stars do not decide the model
+    alone."""
+    return np.minimum(snr, np.percentile(snr, 75)) ** 2
+
+
 def _fit_spatial_stamps(stars: StarStamps, terms: np.ndarray, clip: float = 4.0) -> np.ndarray:
     """Per pixel, the weighted least-squares polynomial (``terms``: (n_terms, n_stars)) through the stars'
     normalised values, with one round of clipping of outlying pixels (neighbours, cosmic rays)."""
     n, size, _ = stars.stamps.shape
     values = stars.stamps.reshape(n, -1)
-    # weight by S/N^2, capped so that the few brightest stars do not decide the model alone
-    w = np.minimum(stars.snr, np.percentile(stars.snr, 75)) ** 2
+    w = _star_weights(stars.snr)
     # outliers first judged against the per-pixel median (robust to a neighbour in a few stamps), then
     # against the weighted fit itself
     resid = values - np.median(values, axis=0)
@@ -755,11 +761,11 @@ class EffectiveCore:
 
 def _effective_psf(stars: StarStamps, fwhm: float, start=None) -> EffectiveCore:
     """The core (six FWHM, ``fwhm`` the stars' estimate) of the stars' mean effective PSF (``epsf.fit_effective_psf``
-    from ``start`` if given, each star's weight its S/N squared, capped as in ``_fit_spatial_stamps``)."""
+    from ``start`` if given, the stars weighted by ``_star_weights``)."""
     from .epsf import fit_effective_psf
 
     size = stars.stamps.shape[-1]
-    weights = np.minimum(stars.snr, np.percentile(stars.snr, 75)) ** 2
+    weights = _star_weights(stars.snr)
     inner = min(odd_size(2 * math.ceil(3 * fwhm) + 1), size)
     fit = fit_effective_psf(resize_stamp(stars.on_pixels, inner), resize_stamp(stars.sigma, inner),
                             stars.x - np.rint(stars.x), stars.y - np.rint(stars.y), weights / weights.mean(), fwhm,
