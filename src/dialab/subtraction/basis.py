@@ -1,5 +1,6 @@
 """Kernel bases: Alard-Lupton Gaussians times polynomials (Alard & Lupton 1998), or one delta function per
-kernel pixel (Bramich 2008), for PSFs no sum of Gaussians can match (diffraction spikes, sharp cores).
+kernel pixel (Bramich 2008; in blocks beyond a broad kernel's core), for PSFs no sum of Gaussians can match
+(diffraction spikes, sharp cores).
 
 Every raw basis function is separable, g_i(x) x^p * g_i(y) y^q (a delta function is too), which is what
 makes per-stamp convolution cheap. The fitted basis is a fixed linear map of the raw one: basis 0 has
@@ -65,7 +66,10 @@ class KernelBasis:
         if self.name == "delta":
             # the convolution with the delta at kernel pixel (p, q) is the cut shifted by (p, q) - centre
             windows = sliding_window_view(cut, (L, L))[:, :, ::-1, ::-1]
-            raw = np.moveaxis(windows.reshape(*windows.shape[:2], L * L), -1, 0)
+            m = windows.shape[0]
+            if self.n < L * L:  # blocks of pixels: each function's convolution a sum of shifted cuts
+                return (self._sparse_transform @ windows.reshape(m * m, L * L).T).reshape(self.n, m, m)
+            raw = np.moveaxis(windows.reshape(m, m, L * L), -1, 0)
             c = (L * L) // 2
             out = raw[_delta_order(L)]
             out[1:] -= raw[c]
@@ -74,6 +78,12 @@ class KernelBasis:
         # the pass along y: one banded (m, M) matrix per raw function, a batched matrix product (BLAS)
         raw = np.matmul(self._along_y(cut.shape[0]), along_x.transpose(2, 0, 1))  # (n_raw, m, m): [k, y, x]
         return np.tensordot(self.transform, raw, axes=1)
+
+    @cached_property
+    def _sparse_transform(self):
+        from scipy.sparse import csr_matrix
+
+        return csr_matrix(self.transform)
 
     @cached_property
     def _banded(self) -> dict:
@@ -98,9 +108,14 @@ def _delta_order(size: int) -> np.ndarray:
     return np.concatenate([[c], np.delete(np.arange(size * size), c)])
 
 
-def delta_basis(size: int) -> KernelBasis:
+def delta_basis(size: int, core: int | None = None) -> KernelBasis:
     """One function per kernel pixel: basis 0 the delta at the centre, basis j the delta at pixel p_j minus it
-    (sum 0), so that the kernel sum is coefficient 0 as in the Alard-Lupton basis."""
+    (sum 0), so that the kernel sum is coefficient 0 as in the Alard-Lupton basis.
+
+    With ``core`` (odd, smaller than ``size``) only the central ``core`` x ``core`` pixels are free one by one; beyond
+    it the pixels are grouped in ``DELTA_BLOCK`` x ``DELTA_BLOCK`` blocks of one value each (the mixed-resolution
+    delta basis of Bramich et al. 2013): where a matching kernel is smooth, a third to a half as many parameters,
+    fewer for the stamps of a broad PSF to constrain and for the fit to solve."""
     if size % 2 == 0 or size < 3:
         raise ValueError(f"delta kernel size must be odd and >= 3, not {size}")
     n = size * size
@@ -108,10 +123,44 @@ def delta_basis(size: int) -> KernelBasis:
     eye = np.eye(size)
     factors_y = eye[np.arange(n) // size]
     factors_x = eye[np.arange(n) % size]
-    transform = np.zeros((n, n))
-    transform[np.arange(n), order] = 1.0
-    transform[1:, order[0]] = -1.0
+    if core is None or core >= size:
+        transform = np.zeros((n, n))
+        transform[np.arange(n), order] = 1.0
+        transform[1:, order[0]] = -1.0
+    else:
+        groups = _pixel_groups(size, core)
+        transform = np.zeros((groups.max() + 1, n))
+        transform[groups.ravel(), np.arange(n)] = 1.0
+        transform[1:, order[0]] -= transform[1:].sum(axis=1)
     return KernelBasis((), (), size, factors_x, factors_y, transform, name="delta")
+
+
+#: Smallest side of a delta kernel's central box of single-pixel functions; a larger box (a broad PSF's: up to 31
+#: px, 961 pixels) has blocks beyond it. On hsc-sprint-mini's broader-science units (FWHM 4.3-6.5 px, boxes of 25-31
+#: px) the stamps' matrix budget held 40-90 stamps, too few for three spatial terms of 625-961 values each.
+DELTA_CORE = 15
+
+
+def delta_core_size(sigma_target: float, sigma_convolved: float) -> int:
+    """The central box of single pixels: the matching kernel (of width sqrt(|s_t^2 - s_c^2|)) to 4 of its sigmas
+    (beyond, a Gaussian kernel is below 3e-4 of its peak), odd, at least ``DELTA_CORE``."""
+    s = math.sqrt(abs(sigma_target**2 - sigma_convolved**2))
+    return max(int(math.ceil(2 * 4 * s)) | 1, DELTA_CORE)
+
+#: Side of the blocks of a mixed-resolution delta basis (odd: blocks centred on multiples of it from the kernel's centre).
+DELTA_BLOCK = 3
+
+
+def _pixel_groups(size: int, core: int) -> np.ndarray:
+    """(size, size) function index of each kernel pixel: 0 the centre, then each pixel of the central ``core`` box,
+    then each block of ``DELTA_BLOCK`` pixels beyond it (cut by the box's edges), in raster order."""
+    h, c = size // 2, core // 2
+    v, u = np.mgrid[-h : h + 1, -h : h + 1]
+    inner = (np.abs(u) <= c) & (np.abs(v) <= c)
+    block = np.rint(v / DELTA_BLOCK).astype(int) * (2 * size + 1) + np.rint(u / DELTA_BLOCK).astype(int)
+    key = np.where(inner, (v + h) * size + (u + h) - 10 * size * size, block)  # inner pixels first, raster order
+    key[h, h] = key.min() - 1  # the centre first of all
+    return np.unique(key, return_inverse=True)[1].reshape(size, size)
 
 
 def laplacian_penalty(basis: KernelBasis, prior: np.ndarray | None = None, variation: bool = False) -> np.ndarray:
@@ -120,6 +169,8 @@ def laplacian_penalty(basis: KernelBasis, prior: np.ndarray | None = None, varia
     without a prior; with a unit-sum ``prior`` kernel, a pull towards that shape at the fitted kernel sum. With
     ``variation``, K is a spatial term of the kernel (its coefficients 1.. are that term's, coefficient 0 the
     kernel sum) and ``prior`` that term's zero-sum share of the models' kernel, which the fitted sum scales."""
+    if prior is not None and basis.n < basis.size**2:  # blocks: the prior as they can hold it, or the penalty
+        prior = _in_span(basis, prior)  # would pull the kernel sum down to shrink a difference no kernel can close
     imgs = np.pad(basis.images(), ((0, 0), (1, 1), (1, 1)))
     if variation:
         imgs[0] = np.pad(-prior, 1)
@@ -128,6 +179,13 @@ def laplacian_penalty(basis: KernelBasis, prior: np.ndarray | None = None, varia
     lap = (imgs[:, :-2, 1:-1] + imgs[:, 2:, 1:-1] + imgs[:, 1:-1, :-2] + imgs[:, 1:-1, 2:]
            - 4 * imgs[:, 1:-1, 1:-1]).reshape(basis.n, -1)
     return lap @ lap.T
+
+
+def _in_span(basis: KernelBasis, image: np.ndarray) -> np.ndarray:
+    """The least-squares representation of a kernel image in the basis (a mixed-resolution delta basis: its block means)."""
+    flat = basis.images().reshape(basis.n, -1)
+    coeffs, *_ = np.linalg.lstsq(flat.T, image.ravel(), rcond=None)
+    return (coeffs @ flat).reshape(image.shape)
 
 
 def delta_kernel_size(sigma_target: float, sigma_convolved: float) -> int:

@@ -29,7 +29,7 @@ from ..photometry import with_aperture_correction
 from ..psf import Psf, map_stamps, measure_psf
 from ..stars import psf_filter_sigma
 from ..timing import timed
-from .basis import KernelBasis, alard_lupton_basis, delta_basis, delta_kernel_size, laplacian_penalty
+from .basis import KernelBasis, alard_lupton_basis, delta_basis, delta_core_size, delta_kernel_size, laplacian_penalty
 from .config import FLAVORS, Flavor, SubtractConfig  # noqa: F401 (the flavor names live with the configuration)
 from .convolve import NOT_SPREAD, convolve_image, convolve_mask, convolve_variance, kernel_footprint_radius
 from .decorrelation import apply_filter, filter_stamp
@@ -253,9 +253,10 @@ def matching_problem(pair: PreparedPair, cfg: SubtractConfig) -> MatchingProblem
         return MatchingProblem(*target, *conv, basis, v, None, correlation)
     size = cfg.kernel_size or delta_kernel_size(target[2].sigma, conv[2].sigma)
     size |= 1
-    pixels = delta_basis(size)  # the model kernel is solved in it, and a delta fit uses it
+    pixels = delta_basis(size)  # the model kernel is solved in it, pixel by pixel
     model = psf_matching_kernel(target[2], conv[2], pixels)
-    basis = pixels if cfg.kernel_basis == "delta" else model_basis(model)
+    basis = (delta_basis(size, delta_core_size(target[2].sigma, conv[2].sigma)) if cfg.kernel_basis == "delta"
+             else model_basis(model))
     return MatchingProblem(*target, *conv, basis, v, model, correlation)
 
 
@@ -294,7 +295,7 @@ def _pixel_penalty(problem: MatchingProblem, cfg: SubtractConfig) -> Penalty:
     if not (cfg.kernel_prior and not problem.deconvolving):
         return Penalty(laplacian_penalty(problem.basis), relative=cfg.regularization)
     ny, nx = problem.target_image.shape
-    terms = model_kernel_terms(problem.target_psf, problem.convolved_psf, problem.basis,
+    terms = model_kernel_terms(problem.target_psf, problem.convolved_psf, delta_basis(problem.basis.size),
                                Chebyshev2D(cfg.spatial_order, nx, ny), problem.model_kernel)
     return Penalty(laplacian_penalty(problem.basis, terms[0]), relative=cfg.regularization,
                    variation=tuple(laplacian_penalty(problem.basis, t, variation=True) for t in terms[1:]))
