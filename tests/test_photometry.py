@@ -41,6 +41,24 @@ def test_correction_is_the_apertures_share_over_a_truncated_models():
     assert corr.value > 1.02  # the box misses that much: a test that tells a correction from none
 
 
+def test_a_given_model_a_little_short_of_the_aperture_has_its_own_correction():
+    """A 41-px model of FWHM 6.8 px (an HSC stamp in 1.1" seeing; Kolmogorov): the 3-FWHM aperture (20.4 px)
+    reaches past the stamp's inscribed circle, and the model's own correction used to be none, so a dozen bright
+    stars in apertures full of neighbours set it (1-1.4% errors, 3.5% off on truth images). Taken on the stamp
+    padded with zeros, it is the true profile's aperture light over the stamp's within 0.2%."""
+    from dialab.photometry import model_aperture_correction
+
+    kolmogorov = galsim.Kolmogorov(fwhm=6.8)
+    box = kolmogorov.drawImage(nx=41, ny=41, scale=1.0).array
+    psf = ImagePsf(box)
+    radius = APCORR_RADIUS_FWHM * psf.fwhm
+    assert radius > 20  # beyond the stamp's inscribed circle
+    own = model_aperture_correction(psf, (512, 512), radius)
+    assert own is not None
+    assert own.value == pytest.approx(_encircled(kolmogorov, radius) / box.sum(), rel=0.002)
+    assert model_aperture_correction(psf, (512, 512), radius + 1.5) is None  # too far: light the model cannot know
+
+
 @pytest.mark.parametrize("seed", [1, 3])
 def test_measured_and_given_models_give_the_same_calibrated_fluxes(seed):
     """A galaxy-rich truth image (Kolmogorov x Airy PSF varying across the CCD): with the true model and with a

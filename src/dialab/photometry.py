@@ -142,14 +142,24 @@ def aperture_correction(exp: Exposure, radius_fwhm: float = APCORR_RADIUS_FWHM, 
 MODEL_AGREEMENT = 0.02
 
 
+#: Most pixels by which a given model's own aperture correction may reach past its stamp (``model_aperture_correction``).
+APERTURE_MARGIN = 2
+
+
 def model_aperture_correction(psf: Psf, shape: tuple[int, int], radius: float) -> ApertureCorrection | None:
     """A given model's own aperture / PSF flux: the share of its light inside the aperture, averaged over the
     sub-pixel phases a star can have, as a plane over the image (from nine positions when it varies). None when the
-    aperture does not fit in the model's stamp: the light between them is unknown to the model."""
+    aperture does not fit in the model's stamp: the light between them is unknown to the model. An aperture that
+    reaches at most a pixel past the stamp's inscribed circle (a 41-px model of FWHM 6.8 px, an HSC stamp in 1.1"
+    seeing, at 3 FWHM: 20.5 px) is taken on the stamp padded with zeros (``APERTURE_MARGIN``, a pixel more for the
+    sub-pixel shifts): the model puts its whole unit sum inside, and the light of the true PSF in that sliver is
+    ~0.1%, where the stars' correction, from a dozen bright stars in apertures full of neighbours, was 1-1.4%
+    uncertain and 3.5% off."""
     size = psf.default_size
-    centre = (size - 1) / 2
-    if centre < radius + 1:
+    pad = max(0, math.ceil(radius + 1 - (size - 1) / 2))
+    if pad > APERTURE_MARGIN:
         return None
+    centre = (size - 1) / 2 + pad
     ny, nx = shape
     phases = (np.arange(4) + 0.5) / 4 - 0.5
     dx, dy = (a.ravel() for a in np.meshgrid(phases, phases))
@@ -158,7 +168,7 @@ def model_aperture_correction(psf: Psf, shape: tuple[int, int], radius: float) -
         xs, ys = xs[4:5], ys[4:5]  # one model everywhere
     values = []
     for x, y in zip(xs, ys):
-        moved = shift_stamps(np.repeat(psf.stamp(size, x, y)[None], len(dx), axis=0), dx, dy)
+        moved = shift_stamps(np.repeat(np.pad(psf.stamp(size, x, y), pad)[None], len(dx), axis=0), dx, dy)
         values.append(np.mean([aperture_sum(m, m, centre + a, centre + b, radius)[0] for m, a, b in zip(moved, dx, dy)]))
     design = np.column_stack([np.ones_like(xs), xs - 0.5 * nx, ys - 0.5 * ny])[:, : 1 if len(xs) == 1 else 3]
     coef = np.r_[np.linalg.lstsq(design, np.array(values), rcond=None)[0], 0.0, 0.0][:3]
