@@ -114,7 +114,7 @@ def delta_basis(size: int, core: int | None = None) -> KernelBasis:
 
     With ``core`` (odd, smaller than ``size``) only the central ``core`` x ``core`` pixels are free one by one; beyond
     it the pixels are grouped in ``DELTA_BLOCK`` x ``DELTA_BLOCK`` blocks of one value each (the mixed-resolution
-    delta basis of Bramich et al. 2013): where a matching kernel is smooth, a third to a half as many parameters,
+    delta basis of Bramich et al. 2013): where a matching kernel is smooth, half as many parameters or fewer,
     fewer for the stamps of a broad PSF to constrain and for the fit to solve."""
     if size % 2 == 0 or size < 3:
         raise ValueError(f"delta kernel size must be odd and >= 3, not {size}")
@@ -135,10 +135,12 @@ def delta_basis(size: int, core: int | None = None) -> KernelBasis:
     return KernelBasis((), (), size, factors_x, factors_y, transform, name="delta")
 
 
-#: Smallest side of a delta kernel's central box of single-pixel functions; a larger box (a broad PSF's: up to 31
-#: px, 961 pixels) has blocks beyond it. On hsc-sprint-mini's broader-science units (FWHM 4.3-6.5 px, boxes of 25-31
-#: px) the stamps' matrix budget held 40-90 stamps, too few for three spatial terms of 625-961 values each.
-DELTA_CORE = 15
+#: Smallest side of a delta kernel's central box of single-pixel functions: a box up to this size is all single
+#: pixels; a larger one (a broad PSF's: up to 31 px, 961 pixels) has blocks beyond its core. On hsc-sprint-mini's
+#: broader-science units (FWHM 4.3-6.5 px, boxes of 25-31 px) the stamps' matrix budget held 40-90 stamps, too few
+#: for three spatial terms of 625-961 values each. (With a 15-px core, blocks at the edge of a 17-px box made the
+#: deconvolving convolveTemplate fits of sharper-science truth pairs leave 10-13 false detections per 4 Mpix, not 3-7.)
+DELTA_CORE = 21
 
 
 def delta_core_size(sigma_target: float, sigma_convolved: float) -> int:
@@ -146,6 +148,7 @@ def delta_core_size(sigma_target: float, sigma_convolved: float) -> int:
     (beyond, a Gaussian kernel is below 3e-4 of its peak), odd, at least ``DELTA_CORE``."""
     s = math.sqrt(abs(sigma_target**2 - sigma_convolved**2))
     return max(int(math.ceil(2 * 4 * s)) | 1, DELTA_CORE)
+
 
 #: Side of the blocks of a mixed-resolution delta basis (odd: blocks centred on multiples of it from the kernel's centre).
 DELTA_BLOCK = 3
