@@ -100,11 +100,12 @@ def _gaussian_pair(sci_noise, tpl_noise, seed=7, ratio=1.3, sigmas=(2.4, 2.0)):
     return sci, tpl, stars
 
 
-@pytest.mark.parametrize("sigmas,box,functions", [((2.4, 2.0), 25, 441 + 32), ((3.0, 1.8), 31, 441 + 72)],
+@pytest.mark.parametrize("sigmas,box,functions", [((2.4, 2.0), 25, 441 + 32), ((3.0, 1.8), 31, 625 + 72)],
                          ids=["similar", "broad science"])
 def test_delta_basis_recovers_the_quadrature_kernel_without_fitting_the_noise(sigmas, box, functions):
     """Gaussian PSFs 2.4 (science) and 2.0 (template), and a broad science PSF (3.0 against 1.8: a 31-px box, 961
-    pixels), each box single pixels in its central 21 x 21 and blocks of 3x3 beyond, stars of S/N up to ~500: the
+    pixels), each box single pixels in its core (21 and 25 px: five of the kernel's sigmas, at least 21) and
+    blocks of 3x3 beyond, stars of S/N up to ~500: the
     regularized delta kernel, convolved with the template PSF, is the science PSF to 2% of its peak; its sum is the
     flux ratio within 0.3%; the difference's noise in source-free pixels is what its variance plane says within
     3% (a kernel that fitted the stamps' noise would leave less noise there and more elsewhere)."""

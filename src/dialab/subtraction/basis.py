@@ -114,7 +114,7 @@ def delta_basis(size: int, core: int | None = None) -> KernelBasis:
 
     With ``core`` (odd, smaller than ``size``) only the central ``core`` x ``core`` pixels are free one by one; beyond
     it the pixels are grouped in ``DELTA_BLOCK`` x ``DELTA_BLOCK`` blocks of one value each (the mixed-resolution
-    delta basis of Bramich et al. 2013): where a matching kernel is smooth, half as many parameters or fewer,
+    delta basis of Bramich et al. 2013): where a matching kernel is smooth, a half to three quarters as many parameters,
     fewer for the stamps of a broad PSF to constrain and for the fit to solve."""
     if size % 2 == 0 or size < 3:
         raise ValueError(f"delta kernel size must be odd and >= 3, not {size}")
@@ -139,15 +139,16 @@ def delta_basis(size: int, core: int | None = None) -> KernelBasis:
 #: pixels; a larger one (a broad PSF's: up to 31 px, 961 pixels) has blocks beyond its core. On hsc-sprint-mini's
 #: broader-science units (FWHM 4.3-6.5 px, boxes of 25-31 px) the stamps' matrix budget held 40-90 stamps, too few
 #: for three spatial terms of 625-961 values each. (With a 15-px core, blocks at the edge of a 17-px box made the
-#: deconvolving convolveTemplate fits of sharper-science truth pairs leave 10-13 false detections per 4 Mpix, not 3-7.)
+#: deconvolving convolveTemplate fits of sharper-science truth pairs leave 10-13 false detections per 4 Mpix, not 2-7.)
 DELTA_CORE = 21
 
 
 def delta_core_size(sigma_target: float, sigma_convolved: float) -> int:
-    """The central box of single pixels: the matching kernel (of width sqrt(|s_t^2 - s_c^2|)) to 4 of its sigmas
-    (beyond, a Gaussian kernel is below 3e-4 of its peak), odd, at least ``DELTA_CORE``."""
+    """The central box of single pixels: the matching kernel (of width sqrt(|s_t^2 - s_c^2|)) to 5 of its sigmas,
+    odd, at least ``DELTA_CORE``. (To 4 sigmas, preconvolution's kernel, whose target carries the PSF's wings twice,
+    left 19 and 18 good contaminants in two hsc-sprint-mini units where single pixels left 6 and 9.)"""
     s = math.sqrt(abs(sigma_target**2 - sigma_convolved**2))
-    return max(int(math.ceil(2 * 4 * s)) | 1, DELTA_CORE)
+    return max(int(math.ceil(2 * 5 * s)) | 1, DELTA_CORE)
 
 
 #: Side of the blocks of a mixed-resolution delta basis (odd: blocks centred on multiples of it from the kernel's centre).
