@@ -144,7 +144,7 @@ DELTA_CORE = 21
 
 
 def delta_core_size(sigma_target: float, sigma_convolved: float) -> int:
-    """The central box of single pixels: the matching kernel (of width sqrt(|s_t^2 - s_c^2|)) to 5 of its sigmas,
+    """The central box of single pixels: the matching kernel (of width sqrt(abs(s_t^2 - s_c^2))) to 5 of its sigmas,
     odd, at least ``DELTA_CORE``. (To 4 sigmas, preconvolution's kernel, whose target carries the PSF's wings twice,
     left 19 and 18 good contaminants in two hsc-sprint-mini units where single pixels left 6 and 9.)"""
     s = math.sqrt(abs(sigma_target**2 - sigma_convolved**2))
