@@ -66,7 +66,8 @@ def test_psf_model_kernel_of_two_gaussians_is_the_quadrature_gaussian(target, co
     assert np.abs(matched - psf).max() < 5e-4 * psf.max()
 
 
-@pytest.mark.parametrize("basis", [delta_basis(7), alard_lupton_basis(2.0, 1.5)], ids=["delta", "alard-lupton"])
+@pytest.mark.parametrize("basis", [delta_basis(7), delta_basis(9, 5), alard_lupton_basis(2.0, 1.5)],
+                         ids=["delta", "delta in blocks", "alard-lupton"])
 @pytest.mark.parametrize("smooth", [False, True], ids=["white", "correlated"])
 def test_noise_power_is_what_pure_noise_puts_in_the_normal_matrix(basis, smooth):
     """A convolved image of pure noise (white, or smoothed as resampling does): the stamps' A^T W A averages to
