@@ -705,8 +705,9 @@ def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
                     effective: EffectiveCore | None = None) -> tuple[Psf, np.ndarray]:
     """A constant (order 0) or polynomially varying PSF fitted to the stars, as a GridPsf on nodes that
     reproduce the polynomial, spread over the stars' extent (beyond it GridPsf holds the edge value rather
-    than extrapolate); and the model at each star, to judge it by. With an ``effective`` PSF (``_effective_psf``:
-    undersampled stars) the model's mean is that, and it is drawn at each star as the star falls on its pixels."""
+    than extrapolate). With an ``effective`` PSF (``_effective_psf``: undersampled stars) the model's mean is that,
+    and it also returns the model drawn at each star as the star falls on its pixels (else None: ``_star_models``
+    draws the chosen model)."""
     ny, nx = shape
     cheb = Chebyshev2D(order, nx, ny)
     terms = cheb.terms(stars.x, stars.y)
@@ -743,9 +744,12 @@ def _psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
         gx, gy = np.meshgrid(np.linspace(stars.x.min(), stars.x.max(), nodes),
                              np.linspace(stars.y.min(), stars.y.max(), nodes))
         psf = GridPsf(np.einsum("kn,kyx->nyx", cheb.terms(gx.ravel(), gy.ravel()), coef), gx.ravel(), gy.ravel())
-    if model is None:
-        model = np.array([psf.stamp(x=x, y=y) for x, y in zip(stars.x, stars.y)])
     return psf, model
+
+
+def _star_models(psf: Psf, stars: StarStamps) -> np.ndarray:
+    """The model at each star, to judge it by."""
+    return np.array([psf.stamp(x=x, y=y) for x, y in zip(stars.x, stars.y)])
 
 
 @dataclass(frozen=True)
@@ -777,16 +781,18 @@ def _effective_psf(stars: StarStamps, fwhm: float, start=None) -> EffectiveCore:
 def _sane_psf_from_stars(stars: StarStamps, shape: tuple[int, int], order: int,
                          effective: EffectiveCore | None = None) -> tuple[Psf, np.ndarray]:
     """``_psf_from_stars`` at the highest order (up to ``order``) whose every node is a PSF: positive sum, a
-    size within 30% of the constant model's. Few or unevenly spread stars can make a polynomial swing."""
-    constant = _psf_from_stars(stars, shape, 0, effective)
+    size within 30% of the constant model's. Few or unevenly spread stars can make a polynomial swing. Returns
+    the model at each star too."""
+    chosen, model = _psf_from_stars(stars, shape, 0, effective)
     for o in range(order, 0, -1):
         try:
-            psf, model = _psf_from_stars(stars, shape, o, effective)
+            psf, varying_model = _psf_from_stars(stars, shape, o, effective)
         except BadInputError:
             continue
-        if all(abs(ImagePsf(st).sigma / constant[0].sigma - 1) < 0.3 for st in psf.stamps):
-            return psf, model
-    return constant
+        if all(abs(ImagePsf(st).sigma / chosen.sigma - 1) < 0.3 for st in psf.stamps):
+            chosen, model = psf, varying_model
+            break
+    return chosen, _star_models(chosen, stars) if model is None else model
 
 
 def variation_order(x: np.ndarray, y: np.ndarray, sizes: np.ndarray, shape: tuple[int, int],

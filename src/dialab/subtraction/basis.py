@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -108,6 +108,7 @@ def _delta_order(size: int) -> np.ndarray:
     return np.concatenate([[c], np.delete(np.arange(size * size), c)])
 
 
+@lru_cache(maxsize=4)  # read-only once made: a fit, its prior and the models' kernel share one (images: a matrix product)
 def delta_basis(size: int, core: int | None = None) -> KernelBasis:
     """One function per kernel pixel: basis 0 the delta at the centre, basis j the delta at pixel p_j minus it
     (sum 0), so that the kernel sum is coefficient 0 as in the Alard-Lupton basis.
