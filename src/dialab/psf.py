@@ -946,12 +946,47 @@ def _phase_corrected_sizes(stars: StarStamps, model: np.ndarray, sigma: float) -
     return sizes(stars.on_pixels) * np.nanmedian(model_sizes) / model_sizes
 
 
-def check_given_psf(exposure, given: Psf, tolerance: float = 0.1) -> Psf:
+def gaussian_broadened(stamp: np.ndarray, sigma: float, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """``stamp`` convolved with a Gaussian of ``sigma`` px and shifted by (dx, dy), in Fourier space (exact for a
+    band-limited stamp, as an effective PSF sampled at or above Nyquist is), padded by four sigmas and renormalised."""
+    pad = int(math.ceil(4 * sigma))
+    padded = resize_stamp(np.asarray(stamp, float), stamp.shape[0] + 2 * pad)
+    f = np.fft.fftfreq(padded.shape[0])
+    fx, fy = np.meshgrid(f, f)
+    transfer = np.exp(-2 * math.pi**2 * sigma**2 * (fx**2 + fy**2) - 2j * math.pi * (fx * dx + fy * dy))
+    out = np.fft.fftshift(np.fft.ifft2(np.fft.fft2(np.fft.ifftshift(padded)) * transfer).real)
+    return out / out.sum()
+
+
+def broadening_sigma(given: np.ndarray, stars: np.ndarray) -> float:
+    """The sigma (px) of the Gaussian that, convolved with the ``given`` stamp, best fits the model made from the
+    stars (least squares over the stars' stamp, with a free scale and a free sub-pixel offset, so a model centred a
+    fraction of a pixel off is not taken for a broader one)."""
+    from scipy.optimize import least_squares
+
+    n = stars.shape[0]
+    target = stars / stars.sum()
+
+    def residuals(p):
+        model = resize_stamp(gaussian_broadened(given, p[0], p[1], p[2]), n)
+        scale = np.sum(model * target) / np.sum(model * model)
+        return (scale * model - target).ravel()
+
+    limit = stamp_sigma(stars) * 2
+    fit = least_squares(residuals, [0.5, 0.0, 0.0], bounds=([0.0, -1.0, -1.0], [limit, 1.0, 1.0]))
+    return float(fit.x[0])
+
+
+def check_given_psf(exposure, given: Psf, tolerance: float = 0.1, broaden_above: float = 0.05) -> Psf:
     """A given PSF checked against the exposure's stars, with their spatial variation added to it.
 
-    A size differing from the stars' by more than ``tolerance`` is logged as a warning (a WebbPSF model of a
-    drizzled NIRCam image is ~20% sharper than its stars); when the stars show significant variation, the
-    measured model's departure from its own constant part is added to the given stamp at each grid node.
+    A given stamp sharper than the stars by more than ``broaden_above`` in FWHM (its measurement's error is 1-3%) is
+    convolved with the Gaussian that makes it fit them, keeping the shape (spikes, far wings) the stars are too few
+    to show. A WebbPSF model of a drizzled NIRCam image lacks the drizzle's, the jitter's and the detector's blur:
+    each of its stars is the model convolved with a Gaussian of sigma 0.55-0.8 px, fitted with half the chi^2 of
+    the model as given. One broader than the stars by more than ``tolerance`` is logged as a warning (no blur turns
+    it into them). When the stars show significant variation, the measured model's departure from its own constant
+    part is added to the stamp at each grid node.
     """
     import logging
 
@@ -962,15 +997,23 @@ def check_given_psf(exposure, given: Psf, tolerance: float = 0.1) -> Psf:
         measured = measure_psf(exposure)
     except PsfMeasurementError:
         return given  # too few stars to check anything
-    ratio = measured.fwhm / given.fwhm
-    if abs(ratio - 1) > tolerance:
-        log.warning("%s: the given PSF's FWHM %.2f px differs from the stars' %.2f px by %+.0f%%",
-                    exposure.path or "image", given.fwhm, measured.fwhm, 100 * (ratio - 1))
+    constant = measure_psf(exposure, order=0) if isinstance(measured, GridPsf) else measured
+    given_fwhm = given.fwhm
+    ratio = measured.fwhm / given_fwhm
+    base = given.stamp()
+    name = exposure.path or "image"
+    if ratio > 1 + broaden_above:
+        sigma = broadening_sigma(base, constant.stamp())
+        base = gaussian_broadened(base, sigma)
+        given = ImagePsf(base)
+        log.warning("%s: the given PSF (FWHM %.2f px) is sharper than the stars (%.2f px): convolved with a Gaussian "
+                    "of sigma %.2f px to fit them (FWHM %.2f px)", name, given_fwhm, measured.fwhm, sigma, given.fwhm)
+    elif ratio < 1 - tolerance:
+        log.warning("%s: the given PSF's FWHM %.2f px is broader than the stars' %.2f px by %.0f%%", name, given.fwhm,
+                    measured.fwhm, 100 * (1 / ratio - 1))
     if not isinstance(measured, GridPsf):
         return given
-    constant = measure_psf(exposure, order=0).stamp(measured.default_size)
-    base = given.stamp()
-    n, m = base.shape[0], measured.default_size
-    size = max(n, m)
-    stamps = [resize_stamp(base, size) + resize_stamp(s - constant, size) for s in measured.stamps]
+    constant_stamp = constant.stamp(measured.default_size)
+    size = max(base.shape[0], measured.default_size)
+    stamps = [resize_stamp(base, size) + resize_stamp(s - constant_stamp, size) for s in measured.stamps]
     return GridPsf(np.array(stamps), measured.xs, measured.ys)
