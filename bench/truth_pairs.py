@@ -17,7 +17,7 @@ puts more in each pair (but 400 per 1024^2 crowd the kernel fit: its noise ratio
 several seeds the forced pulls are also printed pooled over them, by S/N and by distance to the nearest source.
 
 Run: python bench/truth_pairs.py [--size 1024] [--seeds 1 2 3] [--psfs given measured] [--kernel-basis delta]
-[--transients N] (default: one 768^2 seed, the Alard-Lupton basis, 60 transients per Mpix)
+[--transients N] [--spatial-order auto] (default: one 768^2 seed, the Alard-Lupton basis, 60 transients per Mpix)
 """
 
 from __future__ import annotations
@@ -73,11 +73,13 @@ def psf_errors(spec: TruthPairSpec, psf) -> tuple[float, float]:
     return 100 * worst[0], 100 * worst[1]
 
 
-def one_case(spec: TruthPairSpec, psfs: str, flavor: str, pair, basis: str = "alard-lupton") -> dict:
+def one_case(spec: TruthPairSpec, psfs: str, flavor: str, pair, basis: str = "alard-lupton",
+             spatial_order="1") -> dict:
     science, template, transients, static = pair
     if psfs == "measured":
         science, template = (dataclasses.replace(e, psf=None) for e in (science, template))
-    res = subtract(science, template, SubtractConfig(flavor=flavor, kernel_basis=basis))
+    order = spatial_order if spatial_order == "auto" else int(spatial_order)
+    res = subtract(science, template, SubtractConfig(flavor=flavor, kernel_basis=basis, spatial_order=order))
     d = res.diagnostics
     truth_sum = spec.flux_ratio if d.convolved == "template" else 1 / spec.flux_ratio
     cat, det, sky = detect_and_measure(res, science, res.matched_image, DetectConfig(n_sky_sources=300))
@@ -129,9 +131,12 @@ def main() -> None:
     parser.add_argument("--psfs", nargs="+", default=["given", "measured"], choices=["given", "measured"])
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--kernel-basis", default="alard-lupton", choices=["alard-lupton", "delta", "psf-models"])
+    parser.add_argument("--spatial-order", default="1", choices=["0", "1", "2", "auto"],
+                        help="the kernel's spatial order (SubtractConfig.spatial_order)")
     args = parser.parse_args()
     scale = args.size / 1024
-    print(f"truth pairs {args.size}^2, seeds {args.seeds}, {args.kernel_basis} basis, {args.transients} transients "
+    print(f"truth pairs {args.size}^2, seeds {args.seeds}, {args.kernel_basis} basis, spatial order {args.spatial_order}, "
+          f"{args.transients} transients "
           "per 1024^2, one core")
     print(f"{'regime':6} {'seed':>4} {'psfs':9} {'flavor':17} {'ksum%':>6} {'fwhm%':>6} {'nea%':>6} {'ratio3':>6} "
           f"{'pull3 med/std':>13} {'forced ratio, pull':>20} {'sky med/std':>12} {'false':>5} {'noise':>6} {'s':>5}")
@@ -146,7 +151,7 @@ def main() -> None:
             for psfs in args.psfs:
                 for flavor in flavors:
                     t0 = time.perf_counter()
-                    r = one_case(spec, psfs, flavor, pair, args.kernel_basis)
+                    r = one_case(spec, psfs, flavor, pair, args.kernel_basis, args.spatial_order)
                     pooled.setdefault((regime, psfs, flavor), []).append(r["forced"])
                     print(f"{regime:6} {seed:4d} {psfs:9} {flavor:17} {r['ksum']:+6.2f} {r['fwhm']:+6.1f} "
                           f"{r['nea']:+6.1f} {r['ratio3']:6.3f} {r['pull3'][0]:+6.2f}/{r['pull3'][1]:5.2f} "

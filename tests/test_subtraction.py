@@ -458,3 +458,27 @@ def test_galaxies_carry_the_kernel_where_stars_are_few():
     science = 1.3 * GaussianPsf(sigma_pix=2.4).stamp(41)
     assert np.abs(matched - science).max() < 0.02 * science.max()
     assert res.diagnostics.kernel_sum == pytest.approx(1.3, rel=0.005)
+
+
+@pytest.mark.parametrize("variation, expected", [("none", 0), ("linear", 1), ("quadratic", 2)])
+def test_auto_spatial_order_is_the_one_the_psf_variation_needs(variation, expected):
+    """A science PSF (Gaussian, sigma 2.3 px in the middle, template 1.6 px) constant, widening from one side of
+    the image to the other (the matching kernel's variance linear in x, 2.5 -> 3.0 px^2), or towards both sides
+    (2.7 -> 4.7 px^2 at the edges): ``spatial_order: auto`` picks order 0, 1 and 2 from the held-out stamps."""
+    import galsim
+
+    from dialab.exposure import Exposure
+    from dialab.simulate.render import draw_point_sources
+
+    rng = np.random.default_rng(5)
+    x, y, f = star_positions(SHAPE, 300, rng, (1000.0, 20000.0))
+    width = {"none": lambda u: 2.3, "linear": lambda u: np.sqrt(2.3**2 + 0.25 * u),
+             "quadratic": lambda u: 2.3 + 0.4 * u**2}
+    model = draw_point_sources(SHAPE, x, y, f, lambda a, b: galsim.Gaussian(sigma=width[variation](2 * a / SHAPE[1] - 1)),
+                               method="no_pixel")
+    sci = Exposure(image=model + rng.normal(0.0, 2.0, SHAPE), mask=np.zeros(SHAPE, np.int32),
+                   variance=np.full(SHAPE, 4.0), psf=GaussianPsf(sigma_pix=2.3))
+    tpl = gaussian_exposure(SHAPE, (x, y, f), 1.6, 1.0, rng)
+    res = subtract(sci, tpl, SubtractConfig(spatial_order="auto", scale_from_stars=False, candidate_snr_max=1e9))
+    assert res.kernel.spatial.order == expected
+    assert res.diagnostics.kernel_spatial_order == expected

@@ -136,6 +136,8 @@ def write_difference(result, path: str | Path, compression: str = "none", quanti
     header["KERNBAS"] = (d.kernel_basis if result.kernel is not None else "none", "matching kernel basis")
     if d.kernel_basis == "delta":
         header["KERNREG"] = (float(d.regularization), "delta kernel penalty strength (relative)")
+    if result.kernel is not None:
+        header["KERNSPO"] = (int(d.kernel_spatial_order), "matching kernel's spatial (Chebyshev) order")
     header["KERNSUM"] = (float(d.kernel_sum), "matching kernel sum (photometric scale)")
     header["KSUMSRC"] = (d.sum_source, "what set it: the free fit, or the stars' flux ratio")
     header["NOISERAT"] = (float(d.noise_ratio), "measured / propagated noise of the difference")

@@ -30,7 +30,8 @@ class SubtractConfig(BaseModel):
     kernel_prior: bool = Field(True, description="delta basis: penalise the kernel's departure from the shape the "
                                                  "two PSF models imply where that kernel convolves (off, or where it would "
                                                  "deconvolve: from smoothness alone)")
-    spatial_order: int = Field(1, ge=0, le=2, description="Chebyshev order of the kernel's spatial variation")
+    spatial_order: Literal[0, 1, 2, "auto"] = Field(1, description="Chebyshev order of the kernel's spatial variation "
+                                                    "('auto': 0-2, the one that best predicts held-out stamps)")
     background_order: int = Field(2, ge=0, le=3, description="Chebyshev order of the differential background")
     correct_convolved_noise: bool = Field(True, description="take the convolved image's expected noise power (with "
                                           "its measured pixel correlation) out of the kernel fit's normal "

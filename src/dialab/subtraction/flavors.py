@@ -288,6 +288,10 @@ def select_sources(pair: PreparedPair, problem: MatchingProblem, cfg: SubtractCo
                          candidates.counterparts)
 
 
+#: The highest spatial order ``spatial_order: auto`` tries.
+MAX_SPATIAL_ORDER = 2
+
+
 def _pixel_penalty(problem: MatchingProblem, cfg: SubtractConfig) -> Penalty:
     """A delta kernel's penalty: smoothness, and a pull towards the PSF models' kernel (its spatial variation
     included) only where that kernel convolves: a deconvolving one rings, and pulled the kernel sum of a sharper
@@ -296,7 +300,7 @@ def _pixel_penalty(problem: MatchingProblem, cfg: SubtractConfig) -> Penalty:
         return Penalty(laplacian_penalty(problem.basis), relative=cfg.regularization)
     ny, nx = problem.target_image.shape
     terms = model_kernel_terms(problem.target_psf, problem.convolved_psf, delta_basis(problem.basis.size),
-                               Chebyshev2D(cfg.spatial_order, nx, ny), problem.model_kernel)
+                               Chebyshev2D(highest_spatial_order(cfg), nx, ny), problem.model_kernel)
     return Penalty(laplacian_penalty(problem.basis, terms[0]), relative=cfg.regularization,
                    variation=tuple(laplacian_penalty(problem.basis, t, variation=True) for t in terms[1:]))
 
@@ -308,11 +312,18 @@ def fit_kernel(problem: MatchingProblem, sources: KernelSources, cfg: SubtractCo
     penalty = _pixel_penalty(problem, cfg) if problem.basis.name == "delta" else None
     return fit_matching_kernel(
         problem.target_image, problem.target_variance, problem.convolved_image, problem.convolved_variance,
-        sources.positions, problem.basis, problem.half_stamp, cfg.spatial_order, cfg.background_order,
+        sources.positions, problem.basis, problem.half_stamp, highest_spatial_order(cfg), cfg.background_order,
         cfg.max_rejection_rounds, cfg.residual_mean_max, cfg.residual_rms_max, min_candidates=cfg.min_candidates,
         kernel_sum=scale.scale if cfg.scale_from_stars and scale.overrides(problem.deconvolving) else None,
         kernel_sum_error=float(np.hypot(scale.error, FLUX_RATIO_SYSTEMATIC * scale.scale)), penalty=penalty,
-        noise_correlation=problem.convolved_correlation, correct_noise=cfg.correct_convolved_noise)
+        noise_correlation=problem.convolved_correlation, correct_noise=cfg.correct_convolved_noise,
+        choose_order=cfg.spatial_order == "auto")
+
+
+def highest_spatial_order(cfg: SubtractConfig) -> int:
+    """The kernel's spatial order, or the highest one tried when it is chosen from the stamps (a prior's variation
+    for it holds those of the lower orders: the spatial terms are ordered by degree)."""
+    return MAX_SPATIAL_ORDER if cfg.spatial_order == "auto" else cfg.spatial_order
 
 
 def merge_masks(science_mask: np.ndarray, planes: MaskPlanes, template_mask: np.ndarray,
@@ -446,6 +457,7 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
         variance_scale_difference=diff_scale, star_flux_ratio=sources.scale.scale, scale_error=sources.scale.error,
         scale_stars=sources.scale.n_used, scale_method=sources.scale.method, free_kernel_sum=fit.free_sum,
         kernel_basis=problem.basis.name, kernel_size=problem.basis.size, regularization=fit.regularization,
+        kernel_spatial_order=fit.kernel.spatial.order,
         bright_in_template=sources.counterparts[0], bright_sources=sources.counterparts[1])
     log.info("%s", diag.summary())
     check_subtraction(diag, science, pair.template, cfg, science.path)

@@ -36,6 +36,7 @@ class SubtractionDiagnostics:
     kernel_basis: str = "alard-lupton"
     kernel_size: int = 0
     regularization: float = 0.0  # delta basis: the penalty strength, relative to the data's
+    kernel_spatial_order: int = 0  # the Chebyshev order of the kernel's variation over the image (given or chosen)
     bright_sources: int = 0  # usable science sources of S/N >= 100 (kernel_fit.BRIGHT_SNR) ...
     bright_in_template: int = 0  # ... and those with a template counterpart (another field's template shows few)
 
