@@ -563,7 +563,8 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
     shape and the background fitted, whenever the free fit's sum disagrees with it beyond its error. With a
     ``penalty`` (the delta basis), its strength is chosen by cross-validation over the stamps. With
     ``correct_noise`` the convolved image's expected noise power (pixel correlation ``noise_correlation``,
-    default white) is taken out of the normal equations.
+    default white) is taken out of the normal equations. With ``choose_order`` the spatial order is chosen from
+    the stamps (``choose_spatial_order``), ``spatial_order`` being the highest tried.
     """
     ny, nx = target_img.shape
     full_bg = Chebyshev2D(background_order, nx, ny)
