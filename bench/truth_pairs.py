@@ -107,20 +107,23 @@ def one_case(spec: TruthPairSpec, psfs: str, flavor: str, pair, basis: str = "al
             "forced_ratio3": float(np.median(f_flux[f_bright] / f_true[f_bright])) if f_bright.any() else float("nan"),
             "forced_pull3": robust((f_flux - f_true) / f_err),
             "ratio3": float(np.median(flux[bright] / true3[bright])) if bright.any() else float("nan"),
-            "pull3": robust((flux - true3) / err), "sky": robust((sky.psfFlux / sky.psfFluxErr).to_numpy()),
+            "pull3": robust((flux - true3) / err), "sky_z": (sky.psfFlux / sky.psfFluxErr).to_numpy(),
             "false": 4e6 * int((~matched).sum()) / (spec.shape[0] * spec.shape[1]),
             "noise": d.noise_ratio}
 
 
 def print_pooled(pooled: dict) -> None:
     """Forced pulls of each (regime, PSFs, flavor) pooled over the seeds: median / robust std, by true S/N, and
-    apart from (> 4 FWHM) or next to (< 2 FWHM) another source, whose residual the errors do not carry."""
-    print("forced pulls pooled over the seeds (median/std, n): all; S/N < 20, 20-60, > 60; isolated; near")
+    apart from (> 4 FWHM) or next to (< 2 FWHM) another source, whose residual the errors do not carry; then the
+    sky sources' flux / error pooled (a robust std's own error is about 1.1 / sqrt(n))."""
+    print("forced pulls pooled over the seeds (median/std, n): all; S/N < 20, 20-60, > 60; isolated; near; "
+          "sky sources")
     for (regime, psfs, flavor), parts in pooled.items():
-        pull, snr, near = (np.concatenate(p) for p in zip(*parts))
+        pull, snr, near, sky = (np.concatenate(p) for p in zip(*parts))
         cells = [np.ones(len(pull), bool), snr < 20, (snr >= 20) & (snr < 60), snr >= 60, near > 4, near < 2]
         print(f"{regime:6} {psfs:9} {flavor:17}" + "".join(
-            f" {robust(pull[c])[0]:+5.2f}/{robust(pull[c])[1]:4.2f} ({c.sum()})" for c in cells))
+            f" {robust(pull[c])[0]:+5.2f}/{robust(pull[c])[1]:4.2f} ({c.sum()})" for c in cells)
+            + f" {robust(sky)[0]:+5.2f}/{robust(sky)[1]:4.2f} ({len(sky)})")
 
 
 def main() -> None:
@@ -152,7 +155,8 @@ def main() -> None:
                 for flavor in flavors:
                     t0 = time.perf_counter()
                     r = one_case(spec, psfs, flavor, pair, args.kernel_basis, args.spatial_order)
-                    pooled.setdefault((regime, psfs, flavor), []).append(r["forced"])
+                    r["sky"] = robust(r["sky_z"])
+                    pooled.setdefault((regime, psfs, flavor), []).append((*r["forced"], r["sky_z"]))
                     print(f"{regime:6} {seed:4d} {psfs:9} {flavor:17} {r['ksum']:+6.2f} {r['fwhm']:+6.1f} "
                           f"{r['nea']:+6.1f} {r['ratio3']:6.3f} {r['pull3'][0]:+6.2f}/{r['pull3'][1]:5.2f} "
                           f"{r['forced_ratio3']:7.3f} {r['forced_pull3'][0]:+6.2f}/{r['forced_pull3'][1]:5.2f} "
