@@ -205,6 +205,11 @@ def test_narrow_science_psf_needs_auto_or_preconvolution():
     results = {f: subtract(sci, tpl, SubtractConfig(flavor=f))
                for f in ("convolveTemplate", "auto", "preconvolution")}
     base = _star_residual(results["convolveTemplate"], stars)
+    assert results["convolveTemplate"].diagnostics.deconvolving  # said in its summary and header
+    assert "deconvolving" in results["convolveTemplate"].diagnostics.summary()
+    assert not results["auto"].diagnostics.deconvolving
+    # the preconvolved science (sigma 1.6 sqrt 2 = 2.26 px) is still a little sharper than the template
+    assert results["preconvolution"].diagnostics.deconvolving == (2 * 1.6**2 < 2.4**2)
     for flavor in ("auto", "preconvolution"):
         r = results[flavor]
         far = source_free(r.difference, stars, 12)

@@ -88,7 +88,9 @@ def _cmd_subtract(args: argparse.Namespace) -> int:
     with timed("write"):
         write_difference(result, args.output, args.compress)
     d = result.diagnostics
-    print(f"{args.output}: flavor {d.flavor} (convolved {d.convolved}), kernel sum {d.kernel_sum:.4f}, "
+    # a kernel that deconvolves is a fit, not a match: said where the user looks (auto convolves the sharper image)
+    deconvolving = ", deconvolving: --flavor auto convolves the sharper image" if d.deconvolving else ""
+    print(f"{args.output}: flavor {d.flavor} (convolved {d.convolved}{deconvolving}), kernel sum {d.kernel_sum:.4f}, "
           f"candidates {d.n_used}/{d.n_candidates}, noise ratio {d.noise_ratio:.3f}")
     return 0
 

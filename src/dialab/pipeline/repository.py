@@ -138,6 +138,7 @@ def write_difference(result, path: str | Path, compression: str = "none", quanti
         header["KERNREG"] = (float(d.regularization), "delta kernel penalty strength (relative)")
     if result.kernel is not None:
         header["KERNSPO"] = (int(d.kernel_spatial_order), "matching kernel's spatial (Chebyshev) order")
+        header["DECONV"] = (bool(d.deconvolving), "the kernel narrows the convolved image's PSF somewhere")
     header["KERNSUM"] = (float(d.kernel_sum), "matching kernel sum (photometric scale)")
     header["KSUMSRC"] = (d.sum_source, "what set it: the free fit, or the stars' flux ratio")
     header["NOISERAT"] = (float(d.noise_ratio), "measured / propagated noise of the difference")

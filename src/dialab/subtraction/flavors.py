@@ -457,7 +457,7 @@ def finalize(pair: PreparedPair, problem: MatchingProblem, sources: KernelSource
         variance_scale_difference=diff_scale, star_flux_ratio=sources.scale.scale, scale_error=sources.scale.error,
         scale_stars=sources.scale.n_used, scale_method=sources.scale.method, free_kernel_sum=fit.free_sum,
         kernel_basis=problem.basis.name, kernel_size=problem.basis.size, regularization=fit.regularization,
-        kernel_spatial_order=fit.kernel.spatial.order,
+        kernel_spatial_order=fit.kernel.spatial.order, deconvolving=problem.deconvolving,
         bright_in_template=sources.counterparts[0], bright_sources=sources.counterparts[1])
     log.info("%s", diag.summary())
     check_subtraction(diag, science, pair.template, cfg, science.path)

@@ -37,6 +37,7 @@ class SubtractionDiagnostics:
     kernel_size: int = 0
     regularization: float = 0.0  # delta basis: the penalty strength, relative to the data's
     kernel_spatial_order: int = 0  # the Chebyshev order of the kernel's variation over the image (given or chosen)
+    deconvolving: bool = False  # the convolved image's PSF was the broader along some direction: no exact kernel
     bright_sources: int = 0  # usable science sources of S/N >= 100 (kernel_fit.BRIGHT_SNR) ...
     bright_in_template: int = 0  # ... and those with a template counterpart (another field's template shows few)
 
@@ -52,7 +53,8 @@ class SubtractionDiagnostics:
             f", {self.kernel_basis} kernel {self.kernel_size}x{self.kernel_size}"
             + (f" regularization {self.regularization:.2g}" if self.kernel_basis == "delta" else ""))
         apertures = " in common apertures" if self.scale_method == "aperture" else ""
-        return (f"flavor {self.flavor} (convolved {self.convolved}){basis}, kernel sum {self.kernel_sum:.4f} "
+        return (f"flavor {self.flavor} (convolved {self.convolved}{', deconvolving' if self.deconvolving else ''})"
+                f"{basis}, kernel sum {self.kernel_sum:.4f} "
                 f"(set by the {self.sum_source}; free fit {self.free_kernel_sum:.4f}, stars' flux ratio{apertures} "
                 f"{self.star_flux_ratio:.4f} +- {self.scale_error:.4f} from {self.scale_stars} stars), "
                 f"candidates {self.n_used}/{self.n_candidates} used, PSF FWHM science {self.science_fwhm:.2f} "
