@@ -92,11 +92,12 @@ class _Stamps:
             padded[:n, :n] = noise.sum(axis=0) if noise.ndim == 3 else noise
         return G, padded, h
 
-    def chi2(self, c: np.ndarray) -> np.ndarray:
-        """sum w (t - A c)^2 per stamp for column coefficients c, (S, k) with k <= q (zero-padded)."""
+    def chi2(self, c: np.ndarray, select=slice(None)) -> np.ndarray:
+        """sum w (t - A c)^2 per stamp for column coefficients c, (S, k) with k <= q (zero-padded), of the
+        ``select``-ed stamps (c then holds their rows only)."""
         k = c.shape[1]
-        quad = np.einsum("si,sij,sj->s", c, self.G[:, :k, :k], c)
-        return self.tt - 2 * np.einsum("si,si->s", c, self.h[:, :k]) + quad
+        quad = np.einsum("si,sij,sj->s", c, self.G[select, :k, :k], c)
+        return self.tt[select] - 2 * np.einsum("si,si->s", c, self.h[select, :k]) + quad
 
     def residual_stats(self, c: np.ndarray) -> np.ndarray:
         """(S, 2): mean and rms of sqrt(w) (t - A c) for column coefficients c, (S, k)."""
@@ -530,13 +531,9 @@ def choose_spatial_order(stamps: _Stamps, good: np.ndarray, n_basis: int, penalt
         penalised = penalty is not None and penalty.strength > 0
         prior = penalty.strength * penalty.matrix(n_basis, n_sp, n_bg) if penalised else 0.0
         for f, (m_f, _, b_f) in enumerate(parts):
-            train = m_all[sub] - m_f[sub]
-            train += prior
-            sol, _ = _solve_with_sum(train, (b_all - b_f)[keep], None, 0.0, penalised)
+            sol = _solve(m_all[sub] - m_f[sub] + prior, (b_all - b_f)[keep], penalised)
             held = fold == f
-            coeffs = _stamp_coefficients(sol, n_basis, terms[held, :n_sp], n_bg)
-            scores[f, j] = (stamps.tt[held] - 2 * np.einsum("si,si->s", coeffs, stamps.h[held])
-                            + np.einsum("si,sij,sj->s", coeffs, stamps.G[held], coeffs)).sum()
+            scores[f, j] = stamps.chi2(_stamp_coefficients(sol, n_basis, terms[held, :n_sp], n_bg), held).sum()
     lowest = int(np.argmin(scores.sum(axis=0)))
     excess = scores - scores[:, [lowest]]
     error = np.sqrt(folds) * excess.std(axis=0, ddof=1)
@@ -548,6 +545,11 @@ def choose_spatial_order(stamps: _Stamps, good: np.ndarray, n_basis: int, penalt
     log.info("kernel spatial order %d (held-out chi^2 by order %s)", chosen,
              ", ".join(f"{o}: {s:.0f}" for o, s in zip(orders, scores.sum(axis=0))))
     return chosen
+
+
+def _background_for(n_stamps: int, full: Chebyshev2D) -> Chebyshev2D:
+    """The differential background's polynomial: ``full`` with two stamps per term, else a constant."""
+    return full if n_stamps >= 2 * full.n_terms else Chebyshev2D(0, full.width, full.height)
 
 
 def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: np.ndarray, basis: KernelBasis,
@@ -598,15 +600,15 @@ def fit_matching_kernel(target_img, target_var, conv_img, conv_var, positions: n
     if penalty is not None:  # again without the outliers
         penalty = choose_strength(stamps, good, n_basis, replace(penalty, strength=0.0, relative=given))
     if choose_order:
-        n_bg = Chebyshev2D(background_order if good.sum() >= 2 * full_bg.n_terms else 0, nx, ny).n_terms
-        spatial_order = choose_spatial_order(stamps, good, n_basis, penalty, spatial_order, n_bg, (ny, nx))
+        spatial_order = choose_spatial_order(stamps, good, n_basis, penalty, spatial_order,
+                                             _background_for(int(good.sum()), full_bg).n_terms, (ny, nx))
     for round_ in range(max_rounds + 1):
         n_used = int(good.sum())
         order = spatial_order
         while order > 0 and n_used < 3 * Chebyshev2D(order, nx, ny).n_terms:
             order -= 1
         spatial = Chebyshev2D(order, nx, ny)
-        bg = Chebyshev2D(background_order if n_used >= 2 * full_bg.n_terms else 0, nx, ny)
+        bg = _background_for(n_used, full_bg)
         terms = spatial.terms(stamps.x, stamps.y).T if spatial.n_terms > 1 else ones
         m, noise, b = _spatial_system(stamps, good.astype(float), n_basis, terms, bg.n_terms)
         sol, free_sum = _penalised_solve(corrected(m, noise), b, penalty, n_basis, spatial.n_terms, bg.n_terms, kernel_sum,
