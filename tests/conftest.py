@@ -15,7 +15,7 @@ SHARED = Path(os.environ.get("DIALAB_SHARED", REPO.parent / "shared"))
 REAL = SHARED / "data" / "real"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_data() -> Path:
     """The real telescope images; skipped (with the reason) where ../shared is absent, never in CI."""
     if not REAL.is_dir():

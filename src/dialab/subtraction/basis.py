@@ -67,13 +67,15 @@ class KernelBasis:
             # the convolution with the delta at kernel pixel (p, q) is the cut shifted by (p, q) - centre
             windows = sliding_window_view(cut, (L, L))[:, :, ::-1, ::-1]
             m = windows.shape[0]
+            # one contiguous copy, a row per kernel pixel (a 2-d slice of the cut each): 9x faster than copying
+            # the windows pixel by pixel, which took most of a 25-px kernel's stamp building
+            raw = np.ascontiguousarray(np.moveaxis(windows, (2, 3), (0, 1))).reshape(L * L, m * m)
             if self.n < L * L:  # blocks of pixels: each function's convolution a sum of shifted cuts
-                return (self._sparse_transform @ windows.reshape(m * m, L * L).T).reshape(self.n, m, m)
-            raw = np.moveaxis(windows.reshape(m, m, L * L), -1, 0)
+                return (self._sparse_transform @ raw).reshape(self.n, m, m)
             c = (L * L) // 2
             out = raw[_delta_order(L)]
             out[1:] -= raw[c]
-            return out
+            return out.reshape(self.n, m, m)
         along_x = sliding_window_view(cut, L, axis=1) @ self.factors_x[:, ::-1].T  # (M, m, n_raw): [y', x, k]
         # the pass along y: one banded (m, M) matrix per raw function, a batched matrix product (BLAS)
         raw = np.matmul(self._along_y(cut.shape[0]), along_x.transpose(2, 0, 1))  # (n_raw, m, m): [k, y, x]
@@ -146,10 +148,11 @@ DELTA_CORE = 21
 
 def delta_core_size(sigma_target: float, sigma_convolved: float) -> int:
     """The central box of single pixels: the matching kernel (of width sqrt(abs(s_t^2 - s_c^2))) to 5 of its sigmas,
-    odd, at least ``DELTA_CORE``. (To 4 sigmas, preconvolution's kernel, whose target carries the PSF's wings twice,
-    left 19 and 18 good contaminants in two hsc-sprint-mini units where single pixels left 6 and 9.)"""
+    odd, at least ``DELTA_CORE``, and no more than the PSFs' cores need (``_core_box``): a box widened to reach
+    bright wings has blocks there. (To 4 sigmas, preconvolution's kernel, whose target carries the PSF's wings
+    twice, left 19 and 18 good contaminants in two hsc-sprint-mini units where single pixels left 6 and 9.)"""
     s = math.sqrt(abs(sigma_target**2 - sigma_convolved**2))
-    return max(int(math.ceil(2 * 5 * s)) | 1, DELTA_CORE)
+    return min(max(int(math.ceil(2 * 5 * s)) | 1, DELTA_CORE), _core_box(sigma_target, sigma_convolved))
 
 
 #: Side of the blocks of a mixed-resolution delta basis (odd: blocks centred on multiples of it from the kernel's centre).
@@ -193,13 +196,26 @@ def _in_span(basis: KernelBasis, image: np.ndarray) -> np.ndarray:
     return (coeffs @ flat).reshape(image.shape)
 
 
-def delta_kernel_size(sigma_target: float, sigma_convolved: float) -> int:
-    """A delta kernel's box: it must hold the matching kernel (of width sqrt(|s_t^2 - s_c^2|)) and the
-    differences of the PSFs' cores, which reach a few sigma of the broader PSF: 5 sigma, odd, within [11, 31]
-    (every pixel is a free parameter: a larger box costs time and needs more regularization)."""
+#: Largest side of a delta kernel's box.
+MAX_DELTA_SIZE = 31
+
+
+def _core_box(sigma_target: float, sigma_convolved: float) -> int:
+    """The box that holds the matching kernel (of width sqrt(|s_t^2 - s_c^2|)) and the differences of the PSFs'
+    cores, which reach a few sigma of the broader PSF: 5 sigma, odd, within [11, ``MAX_DELTA_SIZE``]."""
     s = max(sigma_target, sigma_convolved, math.sqrt(abs(sigma_target**2 - sigma_convolved**2)))
-    n = int(math.ceil(2 * 5 * s)) | 1
-    return min(max(n, 11), 31)
+    return min(max(int(math.ceil(2 * 5 * s)) | 1, 11), MAX_DELTA_SIZE)
+
+
+def delta_kernel_size(sigma_target: float, sigma_convolved: float, reach: float = 0.0) -> int:
+    """A delta kernel's box: the cores' box (``_core_box``), widened to ``reach`` pixels from the centre (the PSFs'
+    radius of 90% of their light, ``psf.light_radius``) when their wings hold that much light further out than
+    5 sigma (Airy rings, diffraction spikes: a kernel that cannot reach a spike cannot turn it), within
+    ``MAX_DELTA_SIZE``. On the NIRCam pair (WebbPSF models, 90% of the light within 9 px, 8 sigma) the residual
+    power on the sources fell from 0.75 to 0.31 (13 to 19 px); on Gaussian, Moffat and Kolmogorov PSFs (90% within
+    2.2-3.4 sigma) nothing changes."""
+    n = max(_core_box(sigma_target, sigma_convolved), 2 * int(math.ceil(reach)) + 1)
+    return min(n, MAX_DELTA_SIZE)
 
 
 def basis_sigmas(sigma_target: float, sigma_convolved: float, n_gauss: int = 3) -> tuple[float, ...]:

@@ -26,7 +26,7 @@ from ..exposure import Exposure, MaskPlanes, bits_present, bits_set
 from ..imageops import Chebyshev2D, PlaneSum, convolve_full, fft_convolve, grow_mask, interpolate_masked
 from ..moments import adaptive_moments
 from ..photometry import with_aperture_correction
-from ..psf import Psf, map_stamps, measure_psf
+from ..psf import Psf, light_radius, map_stamps, measure_psf
 from ..stars import psf_filter_sigma
 from ..timing import timed
 from .basis import KernelBasis, alard_lupton_basis, delta_basis, delta_core_size, delta_kernel_size, laplacian_penalty
@@ -251,7 +251,8 @@ def matching_problem(pair: PreparedPair, cfg: SubtractConfig) -> MatchingProblem
     if cfg.kernel_basis == "alard-lupton":
         basis = alard_lupton_basis(target[2].sigma, conv[2].sigma, tuple(cfg.kernel_degrees))
         return MatchingProblem(*target, *conv, basis, v, None, correlation)
-    size = cfg.kernel_size or delta_kernel_size(target[2].sigma, conv[2].sigma)
+    reach = max(light_radius(target[2].stamp()), light_radius(conv[2].stamp()))
+    size = cfg.kernel_size or delta_kernel_size(target[2].sigma, conv[2].sigma, reach)
     size |= 1
     pixels = delta_basis(size)  # the model kernel is solved in it, pixel by pixel
     model = psf_matching_kernel(target[2], conv[2], pixels)

@@ -10,6 +10,7 @@ photometric scale) and the differential background.
 from __future__ import annotations
 
 import numpy as np
+from scipy.signal import fftconvolve
 
 from ..imageops import Chebyshev2D
 from ..psf import Psf
@@ -21,16 +22,25 @@ MODEL_STRENGTH = 1e-4
 
 
 def psf_matching_kernel(target_psf: Psf, convolved_psf: Psf, basis: KernelBasis) -> np.ndarray:
-    """The unit-sum kernel K, on the box of the delta ``basis`` (``basis.delta_basis``), minimising
-    ``sum (P_t - K * P_c)^2 + lambda sum (Laplacian K)^2`` at the image centre."""
+    """The unit-sum kernel K, on the box of the single-pixel delta ``basis`` (``basis.delta_basis``), minimising
+    ``sum (P_t - K * P_c)^2 + lambda sum (Laplacian K)^2`` at the image centre, the sum over the whole plane.
+
+    Pixel k of K shifts P_c by its offset u_k, so the normal matrix of the raw pixels is P_c's autocorrelation
+    at u_j - u_i and the right-hand side P_t's correlation with P_c at u_k: two FFTs of the stamps, where
+    products of the shifted stamps took 2.5 s for a 25-px box on 211-px WebbPSF models.
+    """
     m = max(target_psf.default_size, convolved_psf.default_size, basis.size) | 1
-    target = target_psf.stamp(m)
-    conv = np.pad(convolved_psf.stamp(m), basis.half)
-    a = basis.convolve_valid(conv).reshape(basis.n, -1)
-    normal = a @ a.T
+    target, conv = target_psf.stamp(m), convolved_psf.stamp(m)
+    flipped = conv[::-1, ::-1]
+    auto, cross = fftconvolve(conv, flipped), fftconvolve(target, flipped)  # lag d at index m - 1 + d
+    L, h = basis.size, basis.half
+    v, u = np.divmod(np.arange(L * L), L)  # raw pixel k of the basis at kernel offset (v - h, u - h)
+    normal_raw = auto[m - 1 + v[None, :] - v[:, None], m - 1 + u[None, :] - u[:, None]]
+    T = basis.transform
+    normal = T @ normal_raw @ T.T
     R = laplacian_penalty(basis)
     lam = MODEL_STRENGTH * np.trace(normal) / np.trace(R)
-    coeffs = np.linalg.solve(normal + lam * R, a @ target.ravel())
+    coeffs = np.linalg.solve(normal + lam * R, T @ cross[m - 1 + v - h, m - 1 + u - h])
     kernel = np.tensordot(coeffs, basis.images(), axes=1)
     return kernel / kernel.sum()
 
