@@ -10,9 +10,8 @@ photometric scale) and the differential background.
 from __future__ import annotations
 
 import numpy as np
-from scipy.signal import fftconvolve
 
-from ..imageops import Chebyshev2D
+from ..imageops import Chebyshev2D, convolve_full
 from ..psf import Psf
 from .basis import KernelBasis, laplacian_penalty
 
@@ -32,7 +31,7 @@ def psf_matching_kernel(target_psf: Psf, convolved_psf: Psf, basis: KernelBasis)
     m = max(target_psf.default_size, convolved_psf.default_size, basis.size) | 1
     target, conv = target_psf.stamp(m), convolved_psf.stamp(m)
     flipped = conv[::-1, ::-1]
-    auto, cross = fftconvolve(conv, flipped), fftconvolve(target, flipped)  # lag d at index m - 1 + d
+    auto, cross = convolve_full(conv, flipped), convolve_full(target, flipped)  # lag d at index m - 1 + d
     L, h = basis.size, basis.half
     v, u = np.divmod(np.arange(L * L), L)  # raw pixel k of the basis at kernel offset (v - h, u - h)
     normal_raw = auto[m - 1 + v[None, :] - v[:, None], m - 1 + u[None, :] - u[:, None]]
