@@ -253,9 +253,10 @@ def test_noise_ratio_ignores_a_smooth_residual_background():
 
 def test_kernel_sum_is_the_true_flux_ratio_in_every_flavor():
     """Galaxy-rich field, Kolmogorov x Airy PSFs varying over the CCD, template 3x deeper at another zeropoint
-    (true ratio 0.8), science PSF the wider, the true PSFs given. A free least-squares sum is 1.0-2.7% off
-    here; with the stars' ratio every flavor's sum is within 0.3% of the truth (issue 13's target; the ratio
-    from one Gaussian weight per image was 0.34% off)."""
+    (true ratio 0.8), science PSF the wider, the true PSFs given. A free least-squares sum is 0.7-2.7% off
+    here (preconvolution's 1.3% before its filter was cut to a kernel's reach); with the stars' ratio every
+    flavor's sum is within 0.3% of the truth (issue 13's target; the ratio from one Gaussian weight per image was
+    0.34% off)."""
     from dialab.simulate.truthpair import TruthPairSpec, simulate_truth_pair
 
     spec = TruthPairSpec(shape=(768, 768), science_fwhm=4.0, template_fwhm=3.4, depth=3.0, flux_ratio=0.8)
@@ -264,7 +265,7 @@ def test_kernel_sum_is_the_true_flux_ratio_in_every_flavor():
         d = subtract(science, template, SubtractConfig(flavor=flavor)).diagnostics
         truth = spec.flux_ratio if d.convolved == "template" else 1 / spec.flux_ratio
         assert d.kernel_sum == pytest.approx(truth, rel=0.003), flavor
-        assert abs(d.free_kernel_sum / truth - 1) > 0.01, flavor  # the test tells the methods apart
+        assert abs(d.free_kernel_sum / truth - 1) > 0.005, flavor  # the test tells the methods apart
 
 
 def test_the_convolved_images_noise_does_not_bend_the_kernel():
