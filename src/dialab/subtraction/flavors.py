@@ -241,7 +241,7 @@ def _convolved_stamp(stamp: np.ndarray, kernel: np.ndarray, normalize: bool = Fa
     return out / out.sum() if normalize else out
 
 
-def prefilter(psf: Psf) -> np.ndarray:
+def preconvolution_filter(psf: Psf) -> np.ndarray:
     """Preconvolution's filter: the science PSF, reflected, cut to a kernel's largest box (``MAX_DELTA_SIZE``) and
     renormalised. The kernel must carry the filter's wings into the template (K ~ v * the matching kernel): beyond
     its reach they stay in the target only, the fitted sum falls short by their light and every star leaves a
@@ -257,7 +257,7 @@ def matching_problem(pair: PreparedPair, cfg: SubtractConfig) -> MatchingProblem
     template = (pair.template_image, pair.template_variance, pair.template_psf)
     v = None
     if cfg.flavor == "preconvolution":
-        v = prefilter(pair.science_psf)
+        v = preconvolution_filter(pair.science_psf)
         target = (fft_convolve(pair.science_image, v, cfg.workers),
                   fft_convolve(pair.science_variance, v**2, cfg.workers),
                   map_stamps(pair.science_psf, lambda st, x, y: _convolved_stamp(st, v)))
