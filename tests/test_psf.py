@@ -381,3 +381,15 @@ def test_stars_of_a_very_undersampled_psf_are_found_and_modelled():
     for x in (205, 512, 818):
         true = psf_profile(spec, spec.science_fwhm, x).drawImage(nx=61, ny=61, scale=1.0).array
         assert stamp_fwhm(measured.stamp(x=x, y=512)) == pytest.approx(stamp_fwhm(true), rel=0.04)
+
+
+def test_light_radius_is_the_analytic_one_and_sees_heavy_wings():
+    """A Gaussian holds 90% of its light within sqrt(2 ln 10) sigma = 2.15 sigma (to the pixel rings' 0.5 px); a
+    Moffat of beta 2 and the same FWHM reaches far further, which a delta kernel's box must follow."""
+    from dialab.psf import light_radius
+
+    gauss = GaussianPsf(sigma_pix=3.0)
+    assert abs(light_radius(gauss.stamp(61)) - np.sqrt(2 * np.log(10)) * 3.0) < 0.5
+    assert light_radius(gauss.stamp(61), 0.5) < light_radius(gauss.stamp(61))
+    moffat = MoffatPsf(fwhm_pix=gauss.fwhm, beta=2.0)
+    assert light_radius(moffat.stamp(101)) > 2 * light_radius(gauss.stamp(101))
