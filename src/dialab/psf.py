@@ -54,13 +54,22 @@ def stamp_sigma(stamp: np.ndarray) -> float:
     return adaptive_moments(stamp, c, c, guess, upsample_on_failure=True).sigma
 
 
+def _centre_distances(stamp: np.ndarray) -> np.ndarray:
+    """Each pixel centre's distance from the stamp's central pixel."""
+    h = stamp.shape[0] // 2
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    return np.hypot(xx, yy)
+
+
+def encircled_fraction(stamp: np.ndarray, radius: float) -> float:
+    """Fraction of a PSF stamp's flux whose pixel centres lie within ``radius`` of its centre."""
+    return float(stamp[_centre_distances(stamp) <= radius].sum() / stamp.sum())
+
+
 def light_radius(stamp: np.ndarray, fraction: float = 0.9) -> float:
-    """Radius (pixels, about the central pixel) of the smallest centred circle of pixels holding ``fraction``
-    of a stamp's light: how far a profile with bright structured wings (Airy rings, diffraction spikes)
-    reaches, which its sigma does not say."""
-    c = (stamp.shape[0] - 1) / 2
-    yy, xx = np.indices(stamp.shape)
-    r = np.hypot(xx - c, yy - c).ravel()
+    """The smallest radius at which ``encircled_fraction`` reaches ``fraction``: how far a profile with bright
+    structured wings (Airy rings, diffraction spikes) reaches, which its sigma does not say."""
+    r = _centre_distances(stamp).ravel()
     order = np.argsort(r, kind="stable")
     light = np.cumsum(np.asarray(stamp, float).ravel()[order])
     return float(r[order][min(np.searchsorted(light, fraction * light[-1]), len(r) - 1)])

@@ -269,8 +269,8 @@ def matching_problem(pair: PreparedPair, cfg: SubtractConfig) -> MatchingProblem
     if cfg.kernel_basis == "alard-lupton":
         basis = alard_lupton_basis(target[2].sigma, conv[2].sigma, tuple(cfg.kernel_degrees))
         return MatchingProblem(*target, *conv, basis, v, None, correlation)
-    reach = max(light_radius(target[2].stamp()), light_radius(conv[2].stamp()))
-    size = cfg.kernel_size or delta_kernel_size(target[2].sigma, conv[2].sigma, reach)
+    size = cfg.kernel_size or delta_kernel_size(target[2].sigma, conv[2].sigma,
+                                                max(light_radius(target[2].stamp()), light_radius(conv[2].stamp())))
     size |= 1
     pixels = delta_basis(size)  # the model kernel is solved in it, pixel by pixel
     model = psf_matching_kernel(target[2], conv[2], pixels)

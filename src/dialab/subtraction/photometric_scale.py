@@ -19,7 +19,7 @@ import numpy as np
 
 from ..background import sky_background, sky_subtracted
 from ..imageops import aperture_sum, stamp_index
-from ..psf import resize_stamp
+from ..psf import encircled_fraction, resize_stamp
 from ..stars import find_stars, psf_filter_sigma
 
 
@@ -76,13 +76,6 @@ MAX_TRUSTED_ERROR = 0.008
 #: The same against a kernel fit that deconvolves: such a fit has no right answer, and its free sum came out 3.3-4.5%
 #: high on truth pairs whose science PSF was 25% sharper, so a ratio good to 3% is the better scale.
 MAX_TRUSTED_ERROR_DECONVOLVING = 0.03
-
-
-def encircled_fraction(stamp: np.ndarray, radius: float) -> float:
-    """Fraction of a PSF stamp's flux whose pixel centres lie within ``radius`` of its centre."""
-    h = stamp.shape[0] // 2
-    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
-    return float(stamp[xx**2 + yy**2 <= radius**2].sum() / stamp.sum())
 
 
 def aperture_fluxes(image: np.ndarray, variance: np.ndarray, positions: np.ndarray,
